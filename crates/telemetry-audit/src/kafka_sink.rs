@@ -1,0 +1,149 @@
+//! Produces cleaned events and dead letters, retrying each record until Kafka acknowledged it.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use telemetry_core::event::CleanedRecord;
+use telemetry_core::names::headers;
+use telemetry_core::Rejection;
+use telemetry_kafka::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Result, RETRY_BACKOFF};
+
+/// A record to produce, owned so it can be produced again after a failure.
+pub(crate) struct OutgoingRecord {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: OwnedHeaders,
+}
+
+impl OutgoingRecord {
+    /// The cleaned-topic record of an accepted event: JSON, keyed by device id.
+    pub fn cleaned(topic: &str, record: &CleanedRecord) -> serde_json::Result<Self> {
+        Ok(OutgoingRecord {
+            topic: topic.to_string(),
+            key: Some(record.event.device_id.as_bytes().to_vec()),
+            payload: Some(serde_json::to_vec(record)?),
+            headers: OwnedHeaders::new(),
+        })
+    }
+
+    /// The DLQ record of a rejected one: its key, bytes and headers unchanged, plus the reason and
+    /// where it came from.
+    pub fn dead_letter(topic: &str, message: &OwnedMessage, rejection: &Rejection) -> Self {
+        let original = message.headers();
+        let mut record_headers =
+            OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 5);
+        if let Some(original) = original {
+            for header in original.iter() {
+                record_headers = record_headers.insert(header);
+            }
+        }
+        let error_message = rejection.to_string();
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        for (key, value) in [
+            (headers::ERROR_CODE, rejection.code()),
+            (headers::ERROR_MESSAGE, error_message.as_str()),
+            (headers::SOURCE_TOPIC, message.topic()),
+            (headers::SOURCE_PARTITION, partition.as_str()),
+            (headers::SOURCE_OFFSET, offset.as_str()),
+        ] {
+            record_headers = record_headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        OutgoingRecord {
+            topic: topic.to_string(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: record_headers,
+        }
+    }
+}
+
+pub(crate) struct OutcomeSink {
+    producer: FutureProducer,
+}
+
+impl OutcomeSink {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self> {
+        let producer = kafka
+            .client_config(&[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("compression.type", "lz4"),
+                ("message.max.bytes", "1048576"),
+            ])?
+            .create()
+            .map_err(telemetry_kafka::Error::from)?;
+        Ok(OutcomeSink { producer })
+    }
+
+    /// Produces every record and waits for Kafka's acknowledgements, producing failed ones again
+    /// with backoff. `false` if `shutdown` came first.
+    pub async fn produce_all(
+        &self,
+        records: Vec<OutgoingRecord>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let (mut backoff, max_backoff) = RETRY_BACKOFF;
+        let mut pending = records;
+        loop {
+            let results = join_all(pending.iter().map(|record| self.produce(record))).await;
+            let failed: Vec<OutgoingRecord> = pending
+                .into_iter()
+                .zip(results)
+                .filter_map(|(record, result)| match result {
+                    Ok(()) => None,
+                    Err(error) => {
+                        tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
+                        Some(record)
+                    }
+                })
+                .collect();
+            if failed.is_empty() {
+                return true;
+            }
+            pending = failed;
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    async fn produce(&self, record: &OutgoingRecord) -> Result<(), rdkafka::error::KafkaError> {
+        let mut future_record =
+            FutureRecord::<[u8], [u8]>::to(&record.topic).headers(record.headers.clone());
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key);
+        }
+        if let Some(payload) = &record.payload {
+            future_record = future_record.payload(payload);
+        }
+        let delivery = self
+            .producer
+            .send_result(future_record)
+            .map_err(|(error, _)| error)?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error),
+            Err(_canceled) => Err(rdkafka::error::KafkaError::Canceled),
+        }
+    }
+
+    /// Waits for anything still queued in the producer.
+    pub fn flush(&self) {
+        if let Err(error) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(%error, "Flushing the Kafka producer failed.");
+        }
+    }
+}

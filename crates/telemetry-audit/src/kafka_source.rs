@@ -1,0 +1,113 @@
+//! The raw-topic consumer: batches records and stores their offsets once they are durable.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::{AuditConfig, Result};
+
+/// Wait after a consumer error before reading again, so a broker outage does not spin.
+const ERROR_PAUSE: Duration = Duration::from_millis(500);
+
+pub(crate) struct KafkaSource {
+    consumer: StreamConsumer,
+}
+
+impl KafkaSource {
+    pub fn new(config: &AuditConfig) -> Result<Self> {
+        let consumer: StreamConsumer = config
+            .kafka
+            .client_config(&[
+                ("group.id", config.group_id.as_str()),
+                ("auto.offset.reset", "earliest"),
+                // Offsets are committed in the background, but only those we stored: stored only
+                // after a batch is durable, so a commit never runs ahead of the database.
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.commit.interval.ms", "1000"),
+            ])?
+            .create()
+            .map_err(telemetry_kafka::Error::from)?;
+        consumer
+            .subscribe(&[config.kafka.raw_topic.as_str()])
+            .map_err(telemetry_kafka::Error::from)?;
+        Ok(KafkaSource { consumer })
+    }
+
+    /// Waits for a first record, then collects up to `size` records or until `linger` passed.
+    /// `None` once `shutdown` is cancelled.
+    pub async fn next_batch(
+        &self,
+        size: usize,
+        linger: Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<OwnedMessage>> {
+        let mut batch = Vec::with_capacity(size);
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                received = self.consumer.recv() => received,
+            };
+            match received {
+                Ok(message) => {
+                    batch.push(message.detach());
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Reading from Kafka failed; retrying.");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < size {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                received = self.consumer.recv() => match received {
+                    Ok(message) => batch.push(message.detach()),
+                    Err(error) => {
+                        tracing::warn!(%error, "Reading from Kafka failed; handling the batch so far.");
+                        break;
+                    }
+                },
+            }
+        }
+        Some(batch)
+    }
+
+    /// Marks every record of `batch` as done: the next commit resumes after them.
+    pub fn store_offsets(&self, batch: &[OwnedMessage]) {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for message in batch {
+            let entry = next
+                .entry((message.topic(), message.partition()))
+                .or_insert(0);
+            *entry = (*entry).max(message.offset() + 1);
+        }
+        let mut offsets = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            if let Err(error) =
+                offsets.add_partition_offset(topic, partition, Offset::Offset(offset))
+            {
+                tracing::warn!(%error, topic, partition, "Could not record an offset.");
+            }
+        }
+        // Fails for partitions revoked meanwhile; their new owner re-reads those records, and the
+        // idempotent insert keeps the table free of duplicates.
+        if let Err(error) = self.consumer.store_offsets(&offsets) {
+            tracing::info!(%error, "Offsets not stored (partitions reassigned); the records will be re-read.");
+        }
+    }
+
+    /// Commits the stored offsets synchronously before the consumer leaves the group.
+    pub fn commit_on_shutdown(&self) {
+        if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit is reported as an error too.
+            tracing::debug!(%error, "Final offset commit did not happen.");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The audit service: the single writer of the telemetry table. It consumes the raw topic in a
+//! consumer group, validates and normalizes every record, writes the accepted ones to the
+//! database and the cleaned topic, and the rejected ones, with their original bytes and a reason
+//! code, to the DLQ.
+//!
+//! Delivery: records are handled in batches. A batch's offsets are stored (and later committed)
+//! only after its database transaction committed and every cleaned and DLQ record was
+//! acknowledged by Kafka (acks=all). A crash therefore means redelivery, never loss; the database
+//! insert is idempotent on the event identity, so redelivery adds no duplicate rows.
+//!
+//! # Layout
+//! - [`AuditConfig`]: every setting, with its flag and environment variable.
+//! - `kafka_source`: the consumer, batching and offset storage.
+//! - `kafka_sink`: the cleaned and DLQ producer, retried until acknowledged.
+//! - [`run`]: connect, migrate, create topics, then batch → validate → write → store offsets.
+
+mod kafka_sink;
+mod kafka_source;
+
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use telemetry_core::event::CleanedRecord;
+use telemetry_core::names::headers;
+use telemetry_core::{validate, Limits, Outcome, SourcePosition};
+use telemetry_kafka::KafkaConfig;
+use telemetry_store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka_sink::{OutcomeSink, OutgoingRecord};
+use crate::kafka_source::KafkaSource;
+
+/// Errors that stop the audit service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kafka set-up failed.
+    #[error(transparent)]
+    Kafka(#[from] telemetry_kafka::Error),
+    /// The database could not be set up.
+    #[error(transparent)]
+    Store(#[from] telemetry_store::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Audit service settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditConfig {
+    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_URL",
+        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+    )]
+    pub mysql_url: String,
+
+    /// Database connections in the pool.
+    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
+    pub mysql_max_connections: u32,
+
+    /// Kafka consumer group of the audit service. Instances in one group share the partitions.
+    #[arg(long, env = "TELEMETRY_AUDIT_GROUP", default_value = "telemetry-audit")]
+    pub group_id: String,
+
+    /// Most records handled (and written) per batch.
+    #[arg(long, env = "TELEMETRY_AUDIT_BATCH_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Longest wait for a batch to fill before it is handled anyway, in milliseconds.
+    #[arg(long, env = "TELEMETRY_AUDIT_BATCH_LINGER_MS", default_value_t = 20)]
+    pub batch_linger_ms: u64,
+
+    /// Largest payload accepted, in bytes; larger ones go to the DLQ as `payload_too_large`.
+    #[arg(long, env = "TELEMETRY_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
+    pub max_payload_bytes: usize,
+
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// Shortest and longest wait between retries of a failed database write or produce.
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
+
+/// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
+/// finished if it can be; its offsets are committed only if it was.
+pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
+    let Some(store) = connect_store(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    let kafka = &config.kafka;
+    telemetry_kafka::ensure_topics(
+        kafka,
+        &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
+    )
+    .await?;
+    let source = KafkaSource::new(&config)?;
+    let sink = OutcomeSink::new(kafka)?;
+    let limits = Limits {
+        max_payload_bytes: config.max_payload_bytes,
+        ..Limits::default()
+    };
+    tracing::info!(
+        raw_topic = %kafka.raw_topic,
+        group_id = %config.group_id,
+        "Audit service started."
+    );
+
+    let linger = Duration::from_millis(config.batch_linger_ms);
+    let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
+        let decided = decide(&batch, &limits, kafka);
+        let span = tracing::debug_span!(
+            "batch",
+            records = batch.len(),
+            accepted = decided.cleaned.len(),
+            rejected = decided.rejected
+        );
+        let _entered = span.enter();
+        let written = async {
+            retry("Writing to the database", &shutdown, || {
+                store.insert_events(&decided.cleaned)
+            })
+            .await
+        };
+        let produced = sink.produce_all(decided.outgoing, &shutdown);
+        let (written, produced) = tokio::join!(written, produced);
+        if written.is_none() || !produced {
+            // Stopped before the batch was durable: leave its offsets, it is redelivered.
+            break;
+        }
+        source.store_offsets(&batch);
+    }
+    source.commit_on_shutdown();
+    sink.flush();
+    tracing::info!("Audit service stopped.");
+    Ok(())
+}
+
+/// Connects and migrates, retrying while the database is unreachable. `None` when shut down first.
+async fn connect_store(
+    config: &AuditConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>> {
+    let connect = || async {
+        let store = Store::connect(&config.mysql_url, config.mysql_max_connections).await?;
+        store.migrate().await?;
+        Ok::<_, telemetry_store::Error>(store)
+    };
+    match connect().await {
+        Ok(store) => return Ok(Some(store)),
+        // A URL that does not parse will not parse later either.
+        Err(error @ telemetry_store::Error::InvalidUrl(_)) => return Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "The database is not reachable yet; retrying.");
+        }
+    }
+    Ok(retry("Connecting to the database", shutdown, connect).await)
+}
+
+/// Retries `attempt` with capped exponential backoff until it succeeds (`Some`) or `shutdown` is
+/// cancelled (`None`). Every failure is logged with `what`.
+async fn retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let (mut backoff, max_backoff) = RETRY_BACKOFF;
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying.");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// What one batch turns into.
+struct Decided {
+    /// Accepted events, for the database.
+    cleaned: Vec<CleanedRecord>,
+    /// Cleaned and DLQ records, for Kafka.
+    outgoing: Vec<OutgoingRecord>,
+    /// How many records were rejected.
+    rejected: usize,
+}
+
+/// Validates every record of the batch and builds what must be written for it.
+fn decide(batch: &[OwnedMessage], limits: &Limits, kafka: &KafkaConfig) -> Decided {
+    let mut decided = Decided {
+        cleaned: Vec::with_capacity(batch.len()),
+        outgoing: Vec::with_capacity(batch.len()),
+        rejected: 0,
+    };
+    for message in batch {
+        let payload = message.payload().unwrap_or_default();
+        let received_at = received_at(message);
+        let source = SourcePosition {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        match validate(payload, received_at, limits) {
+            Outcome::Accepted(event) => {
+                let record = CleanedRecord { event, source };
+                match OutgoingRecord::cleaned(&kafka.cleaned_topic, &record) {
+                    Ok(outgoing) => decided.outgoing.push(outgoing),
+                    Err(error) => {
+                        tracing::error!(%error, "Could not encode a cleaned event; it is in the table but not on the cleaned topic.");
+                    }
+                }
+                decided.cleaned.push(record);
+            }
+            Outcome::Rejected(rejection) => {
+                tracing::debug!(
+                    partition = source.partition,
+                    offset = source.offset,
+                    code = rejection.code(),
+                    "Rejected a record."
+                );
+                decided.rejected += 1;
+                decided.outgoing.push(OutgoingRecord::dead_letter(
+                    &kafka.dlq_topic,
+                    message,
+                    &rejection,
+                ));
+            }
+        }
+    }
+    decided
+}
+
+/// When the bridge received the record: its `received_at` header, else the Kafka timestamp
+/// (records from other producers), else now.
+fn received_at(message: &OwnedMessage) -> i64 {
+    let from_header = message.headers().and_then(|record_headers| {
+        record_headers
+            .iter()
+            .find(|header| header.key == headers::RECEIVED_AT)
+            .and_then(|header| header.value)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(|text| text.parse::<i64>().ok())
+    });
+    from_header
+        .or_else(|| message.timestamp().to_millis())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| {
+                    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+                })
+        })
+}

@@ -1,0 +1,172 @@
+//! Produces every MQTT message to the raw topic and acknowledges it to MQTT once Kafka confirmed
+//! it, in the order the messages arrived.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use telemetry_core::names::headers;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::mqtt_source::{Message, MqttHandle};
+use crate::websocket::{self, Frames};
+use crate::{BridgeConfig, Result};
+
+/// Wait before producing a message again after Kafka refused or failed it.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// A raw-topic producer. Cheap to clone: every clone shares one librdkafka producer.
+#[derive(Clone)]
+pub(crate) struct KafkaSink {
+    producer: FutureProducer,
+    topic: Arc<str>,
+    bridge_id: Arc<str>,
+}
+
+/// A message whose record Kafka has confirmed, or the error it failed with.
+type Delivered = (Message, Result<(), KafkaError>);
+
+impl KafkaSink {
+    pub fn new(config: &BridgeConfig) -> Result<Self> {
+        let producer = config
+            .kafka
+            .client_config(&[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("compression.type", "lz4"),
+                // Above the largest MQTT packet we accept, so no payload is too large to produce.
+                ("message.max.bytes", "1048576"),
+                // While Kafka is unreachable records wait this long before failing (and being
+                // produced again); meanwhile nothing is acknowledged and the MQTT broker buffers.
+                ("message.timeout.ms", "120000"),
+            ])?
+            .create()
+            .map_err(telemetry_kafka::Error::from)?;
+        Ok(KafkaSink {
+            producer,
+            topic: Arc::from(config.kafka.raw_topic.as_str()),
+            bridge_id: Arc::from(config.bridge_id.as_str()),
+        })
+    }
+
+    /// Moves messages from MQTT to Kafka until `shutdown`, then drains what is in flight for at
+    /// most `grace` and flushes the producer.
+    pub async fn run(
+        &self,
+        mut messages: mpsc::Receiver<Message>,
+        mqtt: &MqttHandle,
+        frames: &Frames,
+        max_in_flight: usize,
+        grace: Duration,
+        shutdown: CancellationToken,
+    ) {
+        // Ordered, so acknowledgements go out in the order the broker sent the messages.
+        let mut in_flight: FuturesOrdered<BoxFuture<'static, Delivered>> = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(delivered) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.settle(delivered, mqtt, &mut in_flight);
+                }
+                received = messages.recv(), if in_flight.len() < max_in_flight => match received {
+                    Some(message) => {
+                        websocket::broadcast(frames, &message);
+                        in_flight.push_back(self.produce(message));
+                    }
+                    None => break,
+                },
+            }
+        }
+        // Stop intake; what the MQTT task still receives stays unacknowledged and is redelivered.
+        messages.close();
+        let pending = in_flight.len();
+        let drain = async {
+            while let Some(delivered) = in_flight.next().await {
+                self.settle(delivered, mqtt, &mut in_flight);
+            }
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!(
+                pending,
+                "Kafka did not confirm every in-flight message within the grace period; the MQTT broker will redeliver them."
+            );
+        }
+        if let Err(error) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(%error, "Flushing the Kafka producer failed.");
+        }
+    }
+
+    /// Acknowledges a confirmed message, or produces a failed one again (first in line, keeping
+    /// the acknowledgement order).
+    fn settle(
+        &self,
+        (message, result): Delivered,
+        mqtt: &MqttHandle,
+        in_flight: &mut FuturesOrdered<BoxFuture<'static, Delivered>>,
+    ) {
+        match result {
+            Ok(()) => mqtt.ack(&message),
+            Err(error) => {
+                tracing::warn!(%error, mqtt_topic = %message.publish.topic, "Producing to Kafka failed; retrying.");
+                let sink = self.clone();
+                in_flight.push_front(
+                    async move {
+                        tokio::time::sleep(RETRY_DELAY).await;
+                        sink.produce(message).await
+                    }
+                    .boxed(),
+                );
+            }
+        }
+    }
+
+    /// Hands the message to the producer; the future resolves when Kafka confirmed or failed it.
+    fn produce(&self, message: Message) -> BoxFuture<'static, Delivered> {
+        let received_at = message.received_at.to_string();
+        let record_headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: headers::MQTT_TOPIC,
+                value: Some(message.publish.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: headers::RECEIVED_AT,
+                value: Some(received_at.as_bytes()),
+            })
+            .insert(Header {
+                key: headers::BRIDGE_ID,
+                value: Some(self.bridge_id.as_bytes()),
+            });
+        let mut record = FutureRecord::<str, [u8]>::to(&self.topic)
+            .payload(&message.publish.payload[..])
+            .headers(record_headers);
+        if let Some(device_id) = &message.device_id {
+            record = record.key(device_id.as_str());
+        }
+        // librdkafka copies key, payload and headers, so the record's borrows end here.
+        let sent = self
+            .producer
+            .send_result(record)
+            .map_err(|(error, _)| error);
+        match sent {
+            Ok(delivery) => async move {
+                let result = match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((error, _))) => Err(error),
+                    Err(_canceled) => Err(KafkaError::Canceled),
+                };
+                (message, result)
+            }
+            .boxed(),
+            // Refused at once (e.g. the local queue is full): report it so it is retried.
+            Err(error) => async move { (message, Err(error)) }.boxed(),
+        }
+    }
+}

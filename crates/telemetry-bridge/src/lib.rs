@@ -1,0 +1,211 @@
+//! The bridge: subscribes to device telemetry over MQTT, fans every message out to WebSocket
+//! clients for the live view, and produces it, byte for byte, to the Kafka raw topic.
+//!
+//! Delivery: subscriptions are QoS 1 on a persistent session with manual acknowledgements. A
+//! message is acknowledged to the MQTT broker only after Kafka confirmed its record (acks=all,
+//! idempotent producer), so if the bridge dies the broker redelivers what was not yet in Kafka.
+//! The bridge never touches the database.
+//!
+//! # Layout
+//! - [`BridgeConfig`]: every setting, with its flag and environment variable.
+//! - `mqtt_source`: the MQTT connection, run in its own task so it is always polled.
+//! - `kafka_sink`: the raw-record producer and acknowledgement order.
+//! - `websocket`: the HTTP server: `GET /ws` live frames, `/healthz`, `/readyz`.
+//! - [`Bridge`]: binds the listener ([`Bridge::bind`]) and runs until shutdown ([`Bridge::run`]).
+
+mod kafka_sink;
+mod mqtt_source;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use telemetry_kafka::KafkaConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use mqtt_source::device_id_from_topic;
+
+/// Errors that stop the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--mqtt-url` is not a usable MQTT URL.
+    #[error("TELEMETRY_MQTT_URL / --mqtt-url `{url}` is not valid: {reason}")]
+    InvalidMqttUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Kafka set-up failed.
+    #[error(transparent)]
+    Kafka(#[from] telemetry_kafka::Error),
+    /// The HTTP listener could not be bound or served.
+    #[error("HTTP listener on {address}: {source}")]
+    Listen {
+        /// The address that could not be bound.
+        address: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Bridge settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BridgeConfig {
+    /// MQTT broker URL, `mqtt://host:port` (port defaults to 1883).
+    #[arg(
+        long,
+        env = "TELEMETRY_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    pub mqtt_url: String,
+
+    /// MQTT topic filter to subscribe to (QoS 1). The segment matched by the first `+` is the
+    /// device id, used as the Kafka record key.
+    #[arg(
+        long,
+        env = "TELEMETRY_MQTT_TOPIC",
+        default_value = "devices/+/telemetry"
+    )]
+    pub mqtt_topic: String,
+
+    /// MQTT client id. Fixed, so the broker keeps this bridge's persistent session (and queues
+    /// messages for it) across restarts. Two bridges must not share it.
+    #[arg(
+        long,
+        env = "TELEMETRY_MQTT_CLIENT_ID",
+        default_value = "telemetry-bridge"
+    )]
+    pub mqtt_client_id: String,
+
+    /// Value of the `bridge.id` header on every raw record.
+    #[arg(long, env = "TELEMETRY_BRIDGE_ID", default_value = "telemetry-bridge")]
+    pub bridge_id: String,
+
+    /// Address of the HTTP server (`/ws`, `/healthz`, `/readyz`).
+    #[arg(
+        long = "bridge-listen",
+        env = "TELEMETRY_BRIDGE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: String,
+
+    /// Frames buffered per WebSocket client; a client further behind skips frames (counted)
+    /// instead of slowing the pipeline.
+    #[arg(long, env = "TELEMETRY_WS_BUFFER", default_value_t = 1024)]
+    pub ws_buffer: usize,
+
+    /// Most messages produced to Kafka but not yet acknowledged to MQTT. When reached, the
+    /// bridge stops reading from MQTT and the broker keeps the rest.
+    #[arg(long, env = "TELEMETRY_BRIDGE_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
+    /// How long shutdown waits for Kafka to confirm in-flight messages, in seconds.
+    #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// State shared between the MQTT side and the HTTP server.
+#[derive(Debug, Default)]
+struct Status {
+    /// Set once the broker confirmed our subscription on the current connection; cleared when
+    /// the connection drops. Read by `/readyz`.
+    subscribed: AtomicBool,
+}
+
+impl Status {
+    fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+}
+
+/// A bridge whose HTTP listener is bound. [`Bridge::local_addr`] tells the port when the
+/// configuration asked for port 0.
+#[derive(Debug)]
+pub struct Bridge {
+    config: BridgeConfig,
+    listener: TcpListener,
+}
+
+impl Bridge {
+    /// Checks the configuration and binds the HTTP listener.
+    pub async fn bind(config: BridgeConfig) -> Result<Self> {
+        mqtt_source::parse_mqtt_url(&config.mqtt_url)?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                address: config.listen.clone(),
+                source,
+            })?;
+        Ok(Bridge { config, listener })
+    }
+
+    /// The address the HTTP server listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener.local_addr().map_err(|source| Error::Listen {
+            address: self.config.listen.clone(),
+            source,
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops reading MQTT, waits (up to the grace
+    /// period) for Kafka to confirm what is in flight, acknowledges it and disconnects.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Bridge { config, listener } = self;
+        telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
+        let status = Arc::new(Status::default());
+        let (frames, _) = tokio::sync::broadcast::channel(config.ws_buffer.max(1));
+
+        let address = config.listen.clone();
+        let server = tokio::spawn(websocket::serve(
+            listener,
+            frames.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ));
+        let (mqtt, messages) = mqtt_source::start(&config, status.clone())?;
+        let sink = kafka_sink::KafkaSink::new(&config)?;
+        tracing::info!(
+            mqtt_url = %config.mqtt_url,
+            mqtt_topic = %config.mqtt_topic,
+            raw_topic = %config.kafka.raw_topic,
+            listen = %address,
+            "Bridge started."
+        );
+
+        let grace = Duration::from_secs(config.shutdown_grace_seconds);
+        sink.run(
+            messages,
+            &mqtt,
+            &frames,
+            config.max_in_flight,
+            grace,
+            shutdown.clone(),
+        )
+        .await;
+        mqtt.disconnect().await;
+        shutdown.cancel();
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(Error::Listen { address, source }),
+            Err(error) => tracing::error!(%error, "The HTTP server task failed."),
+        }
+        tracing::info!("Bridge stopped.");
+        Ok(())
+    }
+}
+
+/// Binds and runs a bridge until `shutdown` is cancelled.
+pub async fn run(config: BridgeConfig, shutdown: CancellationToken) -> Result<()> {
+    Bridge::bind(config).await?.run(shutdown).await
+}

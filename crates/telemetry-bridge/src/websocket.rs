@@ -1,0 +1,136 @@
+//! The bridge's HTTP server: live frames on `GET /ws`, liveness on `/healthz`, readiness on
+//! `/readyz`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::mqtt_source::Message;
+use crate::Status;
+
+/// The live-view channel: one JSON text frame per MQTT message, shared by every client.
+pub(crate) type Frames = broadcast::Sender<Utf8Bytes>;
+
+#[derive(Clone)]
+struct AppState {
+    frames: Frames,
+    status: Arc<Status>,
+}
+
+/// The JSON frame sent to WebSocket clients.
+#[derive(Serialize)]
+struct Frame<'a> {
+    topic: &'a str,
+    device_id: Option<&'a str>,
+    received_at: i64,
+    payload: Payload<'a>,
+}
+
+/// The payload as JSON when it is JSON, otherwise as (lossily decoded) text.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Payload<'a> {
+    Json(&'a RawValue),
+    Text(Cow<'a, str>),
+}
+
+/// Sends `message` to every connected client. Costs nothing when no client is connected.
+pub(crate) fn broadcast(frames: &Frames, message: &Message) {
+    if frames.receiver_count() == 0 {
+        return;
+    }
+    let bytes = &message.publish.payload[..];
+    let payload = match serde_json::from_slice::<&RawValue>(bytes) {
+        Ok(json) => Payload::Json(json),
+        Err(_) => Payload::Text(String::from_utf8_lossy(bytes)),
+    };
+    let frame = Frame {
+        topic: &message.publish.topic,
+        device_id: message.device_id.as_deref(),
+        received_at: message.received_at,
+        payload,
+    };
+    match serde_json::to_string(&frame) {
+        // No receiver left between the check and the send is fine: nobody is watching.
+        Ok(text) => drop(frames.send(Utf8Bytes::from(text))),
+        Err(error) => tracing::warn!(%error, "Could not encode a live-view frame."),
+    }
+}
+
+/// The router, separate from the listener so handlers can be tested without a socket.
+fn router(frames: Frames, status: Arc<Status>) -> Router {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState { frames, status })
+}
+
+/// Serves HTTP on `listener` until `shutdown` is cancelled.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    frames: Frames,
+    status: Arc<Status>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(frames, status))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    mqtt_subscribed: bool,
+}
+
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let mqtt_subscribed = state.status.is_subscribed();
+    let code = if mqtt_subscribed {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(Readiness { mqtt_subscribed }))
+}
+
+async fn upgrade(socket: WebSocketUpgrade, State(state): State<AppState>) -> impl IntoResponse {
+    let frames = state.frames.subscribe();
+    socket.on_upgrade(move |socket| forward(socket, frames))
+}
+
+/// Forwards frames to one client until it goes away. A client that falls behind by more than the
+/// buffer skips the oldest frames; the pipeline never waits for it.
+async fn forward(socket: WebSocket, mut frames: broadcast::Receiver<Utf8Bytes>) {
+    let (mut sender, mut receiver) = socket.split();
+    loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Ok(text) => {
+                    if sender.send(WsMessage::Text(text)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "A WebSocket client fell behind and skipped frames.");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            incoming = receiver.next() => match incoming {
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Kafka topic names and record header keys. Every service spells them from here.
+
+/// Default topic names; each can be overridden by configuration (tests use their own).
+pub mod topics {
+    /// Raw MQTT payloads exactly as received, produced by the bridge.
+    pub const RAW: &str = "telemetry.raw";
+    /// Validated, normalized events as JSON, produced by the audit service.
+    pub const CLEANED: &str = "telemetry.cleaned";
+    /// Rejected records: original bytes plus the reason, produced by the audit service.
+    pub const DLQ: &str = "telemetry.dlq";
+}
+
+/// Header keys on Kafka records.
+pub mod headers {
+    /// On raw records: the MQTT topic the payload was published to.
+    pub const MQTT_TOPIC: &str = "mqtt.topic";
+    /// On raw records: when the bridge received the payload, milliseconds since the Unix epoch (UTC),
+    /// as decimal ASCII.
+    pub const RECEIVED_AT: &str = "received_at";
+    /// On raw records: the id of the bridge instance that received the payload.
+    pub const BRIDGE_ID: &str = "bridge.id";
+    /// On DLQ records: the stable reason code, e.g. `invalid_json`.
+    pub const ERROR_CODE: &str = "error.code";
+    /// On DLQ records: a human-readable explanation naming the field and value.
+    pub const ERROR_MESSAGE: &str = "error.message";
+    /// On DLQ records: the topic the rejected record was read from.
+    pub const SOURCE_TOPIC: &str = "source.topic";
+    /// On DLQ records: the partition the rejected record was read from (decimal ASCII).
+    pub const SOURCE_PARTITION: &str = "source.partition";
+    /// On DLQ records: the offset of the rejected record (decimal ASCII).
+    pub const SOURCE_OFFSET: &str = "source.offset";
+}

@@ -1,0 +1,129 @@
+//! Kafka plumbing shared by the bridge and the audit service: the settings every Kafka client
+//! needs, the topic names, and creating those topics at start-up.
+//!
+//! Kept apart from `telemetry-core` so the model stays free of I/O, and shared so the two services
+//! spell their client settings once.
+//!
+//! # Layout
+//! - [`KafkaConfig`]: brokers, topic names, partitions, raw librdkafka options.
+//! - [`KafkaConfig::client_config`]: an rdkafka [`ClientConfig`] with all of that applied.
+//! - [`ensure_topics`]: create missing topics, leave existing ones alone.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use telemetry_core::names::topics;
+
+/// Errors from Kafka set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `--kafka-option` was not of the form `key=value`.
+    #[error("kafka option `{0}` is not of the form key=value")]
+    InvalidOption(String),
+    /// librdkafka refused the client configuration or the request.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The broker refused to create a topic.
+    #[error("creating topic `{topic}` failed: {code}")]
+    CreateTopic {
+        /// The topic that could not be created.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Kafka settings shared by every service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(
+        long = "kafka-brokers",
+        env = "TELEMETRY_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+
+    /// Topic of raw MQTT payloads (bridge produces, audit consumes).
+    #[arg(long = "raw-topic", env = "TELEMETRY_RAW_TOPIC", default_value = topics::RAW)]
+    pub raw_topic: String,
+
+    /// Topic of validated, normalized events (audit produces).
+    #[arg(long = "cleaned-topic", env = "TELEMETRY_CLEANED_TOPIC", default_value = topics::CLEANED)]
+    pub cleaned_topic: String,
+
+    /// Dead-letter topic of rejected records (audit produces).
+    #[arg(long = "dlq-topic", env = "TELEMETRY_DLQ_TOPIC", default_value = topics::DLQ)]
+    pub dlq_topic: String,
+
+    /// Partitions of each topic created at start-up (existing topics are left as they are).
+    #[arg(long = "topic-partitions", env = "TELEMETRY_TOPIC_PARTITIONS", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_partitions: i32,
+
+    /// Replication factor of each topic created at start-up.
+    #[arg(long = "topic-replication-factor", env = "TELEMETRY_TOPIC_REPLICATION_FACTOR",
+          default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_replication_factor: i32,
+
+    /// Raw librdkafka option for every client, as key=value (repeatable; env: comma-separated),
+    /// e.g. `security.protocol=SASL_SSL`. Applied last, so it overrides our defaults.
+    #[arg(
+        long = "kafka-option",
+        env = "TELEMETRY_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub options: Vec<String>,
+}
+
+impl KafkaConfig {
+    /// A client configuration with the brokers and the pass-through options applied over
+    /// `defaults` (the caller's settings for its kind of client).
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> Result<ClientConfig> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for option in &self.options {
+            let (key, value) = option
+                .split_once('=')
+                .filter(|(key, _)| !key.trim().is_empty())
+                .ok_or_else(|| Error::InvalidOption(option.clone()))?;
+            config.set(key.trim(), value.trim());
+        }
+        Ok(config)
+    }
+}
+
+/// Creates each of `names` that does not exist yet, with the configured partitions and
+/// replication; existing topics are left unchanged.
+pub async fn ensure_topics(config: &KafkaConfig, names: &[&str]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = config.client_config(&[])?.create()?;
+    let new_topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.topic_replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "Created Kafka topic."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(Error::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Helpers for integration tests against the real services (Mosquitto, Apache Kafka, MariaDB),
+//! started by `scripts/services.sh start`. Every helper isolates the calling test: its own topic
+//! names, consumer groups, MQTT topic prefix and database.
+//!
+//! The services' addresses come from the same environment variables the services read
+//! (`TELEMETRY_KAFKA_BROKERS`, `TELEMETRY_MQTT_URL`) plus `TELEMETRY_TEST_MYSQL_URL` for the
+//! database server, defaulting to what `scripts/services.sh` starts.
+//!
+//! # Layout
+//! - [`unique`]: a fresh name for topics, groups, client ids and databases.
+//! - [`kafka_brokers`], [`mqtt_url`], [`database_url`]: where the services are.
+//! - [`read_topic`], [`produce`]: read a whole topic / write records, as a user would check.
+//! - [`publish_qos1`]: publish over MQTT and wait for the broker's acknowledgements.
+//! - [`http_get`]: a minimal HTTP GET for health checks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use rand::distr::{Alphanumeric, SampleString};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A name no other test uses: `prefix` plus a random lowercase suffix.
+pub fn unique(prefix: &str) -> String {
+    let suffix = Alphanumeric
+        .sample_string(&mut rand::rng(), 10)
+        .to_lowercase();
+    format!("{prefix}_{suffix}")
+}
+
+/// Kafka bootstrap servers of the test broker.
+pub fn kafka_brokers() -> String {
+    std::env::var("TELEMETRY_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+/// URL of the test MQTT broker.
+pub fn mqtt_url() -> String {
+    std::env::var("TELEMETRY_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_string())
+}
+
+/// URL of a database of its own for the calling test, `test_<name>` (created by whoever connects
+/// first; `scripts/test.sh` drops the `test_` databases of earlier runs).
+pub fn database_url(name: &str) -> String {
+    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://telemetry:telemetry@127.0.0.1:3306".to_string());
+    format!("{}/test_{name}", server.trim_end_matches('/'))
+}
+
+/// Reads `topic` from the beginning with a fresh consumer group until `expected` records arrived
+/// or `timeout` passed, whichever is first, then keeps reading for `settle` more to catch records
+/// beyond `expected`. Returns every record read.
+pub async fn read_topic(
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while records.len() < expected {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => records.push(message.detach()),
+            // The topic may not exist yet: the service under test creates it.
+            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Ok(Err(error)) => panic!("reading {topic}: {error}"),
+            Err(_) => return records,
+        }
+    }
+    let settle_deadline = tokio::time::Instant::now() + settle;
+    while let Ok(Ok(message)) = tokio::time::timeout_at(settle_deadline, consumer.recv()).await {
+        records.push(message.detach());
+    }
+    records
+}
+
+/// A record for [`produce`].
+pub struct TestRecord {
+    /// Record key.
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Headers, key and value.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Produces `records` to `topic` (acks=all) and waits until Kafka confirmed all of them.
+pub async fn produce(topic: &str, records: &[TestRecord]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("acks", "all")
+        .create()
+        .expect("test producer");
+    for record in records {
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut future_record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&record.payload)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key);
+        }
+        producer
+            .send(future_record, Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("test produce");
+    }
+}
+
+/// Publishes each `(topic, payload)` with QoS 1 and returns once the broker acknowledged all.
+pub async fn publish_qos1(client_id: &str, messages: &[(String, Vec<u8>)]) {
+    let url = url_host_port(&mqtt_url());
+    let mut options = MqttOptions::new(client_id, url.0, url.1);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100)
+        .set_max_packet_size(2_000_000, 2_000_000);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let expected = messages.len();
+    let poller = tokio::spawn(async move {
+        let mut acknowledged = 0;
+        while acknowledged < expected {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acknowledged += 1,
+                Ok(_) => {}
+                Err(error) => panic!("test MQTT publisher: {error}"),
+            }
+        }
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .expect("queue publish");
+    }
+    tokio::time::timeout(Duration::from_secs(120), poller)
+        .await
+        .expect("the MQTT broker acknowledged every publish within 120 s")
+        .expect("test MQTT publisher task");
+}
+
+fn url_host_port(url: &str) -> (String, u16) {
+    let rest = url
+        .trim_start_matches("mqtt://")
+        .trim_start_matches("tcp://");
+    match rest.rsplit_once(':') {
+        Some((host, port)) => (host.to_string(), port.parse().expect("MQTT port")),
+        None => (rest.to_string(), 1883),
+    }
+}
+
+/// `GET path` on `address`; returns the status code and body. Enough for health checks.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes; returns its last answer.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

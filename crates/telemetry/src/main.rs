@@ -1,0 +1,93 @@
+//! `telemetry`: the one binary of telemetry-pipeline. Each subcommand runs one service; this file
+//! only parses arguments, sets up logging and signals, and calls the service's `run`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Telemetry pipeline: MQTT devices → Kafka → validated history in MySQL, plus a live view.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format: `text` for people, `json` for log collectors. Levels come from RUST_LOG
+    /// (default `info`).
+    #[arg(long, env = "TELEMETRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// MQTT → WebSocket live view + Kafka raw topic. Never writes the database.
+    Bridge(telemetry_bridge::BridgeConfig),
+    /// Kafka raw topic → validate → MySQL `telemetry` table + cleaned topic + DLQ.
+    Audit(telemetry_audit::AuditConfig),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match cli.command {
+        Command::Bridge(config) => telemetry_bridge::run(config, shutdown)
+            .await
+            .context("the bridge stopped with an error"),
+        Command::Audit(config) => telemetry_audit::run(config, shutdown)
+            .await
+            .context("the audit service stopped with an error"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("Shutting down; a second signal stops at once.");
+    shutdown.cancel();
+    wait_for_signal().await;
+    tracing::warn!("Second signal: exiting without finishing in-flight work.");
+    std::process::exit(130);
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops the service.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of telemetry-pipeline: starts (installing if needed) the real services the
+# integration tests use (Apache Kafka, MariaDB, Mosquitto on 127.0.0.1), then `cargo test`.
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p telemetry-core`.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/telemetry-pipeline/target}
+
+scripts/services.sh start
+
+# Each integration test makes a database of its own (named test_...); drop those of earlier runs.
+mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
+stale=$(mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry -ptelemetry -N -e \
+  "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'test\\_%'" || true)
+for database in $stale; do
+  mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry -ptelemetry -e "DROP DATABASE \`$database\`"
+done
+
+# cargo prints one result line per test binary; the last line sums them up for people and CI.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+if [ $# -eq 0 ]; then set -- --workspace; fi
+cargo test --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ {
+       for (i = 2; i <= NF; i++) {
+         if ($i ~ /^passed;?$/) passed += $(i - 1)
+         if ($i ~ /^failed;?$/) failed += $(i - 1)
+       }
+     }
+     END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
