@@ -7,7 +7,6 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
-use telemetry_core::Rejection;
 use telemetry_kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +33,7 @@ impl OutgoingRecord {
 
     /// The DLQ record of a rejected one: its key, bytes and headers unchanged, plus the reason and
     /// where it came from.
-    pub fn dead_letter(topic: &str, message: &OwnedMessage, rejection: &Rejection) -> Self {
+    pub fn dead_letter(topic: &str, message: &OwnedMessage, code: &str, reason: &str) -> Self {
         let original = message.headers();
         let mut record_headers =
             OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 5);
@@ -43,12 +42,11 @@ impl OutgoingRecord {
                 record_headers = record_headers.insert(header);
             }
         }
-        let error_message = rejection.to_string();
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
         for (key, value) in [
-            (headers::ERROR_CODE, rejection.code()),
-            (headers::ERROR_MESSAGE, error_message.as_str()),
+            (headers::ERROR_CODE, code),
+            (headers::ERROR_MESSAGE, reason),
             (headers::SOURCE_TOPIC, message.topic()),
             (headers::SOURCE_PARTITION, partition.as_str()),
             (headers::SOURCE_OFFSET, offset.as_str()),

@@ -22,7 +22,8 @@ use std::time::Duration;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
-use telemetry_core::{validate, Limits, Outcome, SourcePosition};
+use telemetry_core::validate::MAX_TIMESTAMP_MS;
+use telemetry_core::{validate, Limits, Outcome, Rejection, SourcePosition};
 use telemetry_kafka::KafkaConfig;
 use telemetry_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,10 @@ pub struct AuditConfig {
     pub kafka: KafkaConfig,
 }
 
+/// `error.code` of records that passed validation but that the database refused (for example a
+/// value outside a constraint an operator added).
+pub const DB_REJECTED: &str = "db_rejected";
+
 /// Shortest and longest wait between retries of a failed database write or produce.
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
 
@@ -111,24 +116,20 @@ pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()>
     let linger = Duration::from_millis(config.batch_linger_ms);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
     while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
-        let decided = decide(&batch, &limits, kafka);
+        let decided = decide(&batch, &limits);
         let span = tracing::debug_span!(
             "batch",
             records = batch.len(),
-            accepted = decided.cleaned.len(),
-            rejected = decided.rejected
+            accepted = decided.accepted.len(),
+            rejected = decided.rejected.len()
         );
         let _entered = span.enter();
-        let written = async {
-            retry("Writing to the database", &shutdown, || {
-                store.insert_events(&decided.cleaned)
-            })
-            .await
+        // The table first: what it refuses goes to the DLQ instead of the cleaned topic.
+        let Some(refused) = write_accepted(&store, &decided.accepted, &shutdown).await else {
+            break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
-        let produced = sink.produce_all(decided.outgoing, &shutdown);
-        let (written, produced) = tokio::join!(written, produced);
-        if written.is_none() || !produced {
-            // Stopped before the batch was durable: leave its offsets, it is redelivered.
+        let outgoing = outgoing_records(&batch, decided, refused, kafka);
+        if !sink.produce_all(outgoing, &shutdown).await {
             break;
         }
         source.store_offsets(&batch);
@@ -186,57 +187,123 @@ where
 
 /// What one batch turns into.
 struct Decided {
-    /// Accepted events, for the database.
-    cleaned: Vec<CleanedRecord>,
-    /// Cleaned and DLQ records, for Kafka.
-    outgoing: Vec<OutgoingRecord>,
-    /// How many records were rejected.
-    rejected: usize,
+    /// Accepted events, in batch order.
+    accepted: Vec<CleanedRecord>,
+    /// For each accepted event, the index of its record in the batch.
+    accepted_index: Vec<usize>,
+    /// Rejected records: index in the batch and reason.
+    rejected: Vec<(usize, Rejection)>,
 }
 
-/// Validates every record of the batch and builds what must be written for it.
-fn decide(batch: &[OwnedMessage], limits: &Limits, kafka: &KafkaConfig) -> Decided {
+/// Validates every record of the batch.
+fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
     let mut decided = Decided {
-        cleaned: Vec::with_capacity(batch.len()),
-        outgoing: Vec::with_capacity(batch.len()),
-        rejected: 0,
+        accepted: Vec::with_capacity(batch.len()),
+        accepted_index: Vec::with_capacity(batch.len()),
+        rejected: Vec::new(),
     };
-    for message in batch {
+    for (index, message) in batch.iter().enumerate() {
         let payload = message.payload().unwrap_or_default();
-        let received_at = received_at(message);
-        let source = SourcePosition {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        match validate(payload, received_at, limits) {
+        match validate(payload, received_at(message), limits) {
             Outcome::Accepted(event) => {
-                let record = CleanedRecord { event, source };
-                match OutgoingRecord::cleaned(&kafka.cleaned_topic, &record) {
-                    Ok(outgoing) => decided.outgoing.push(outgoing),
-                    Err(error) => {
-                        tracing::error!(%error, "Could not encode a cleaned event; it is in the table but not on the cleaned topic.");
-                    }
-                }
-                decided.cleaned.push(record);
+                let source = SourcePosition {
+                    topic: message.topic().to_string(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                };
+                decided.accepted.push(CleanedRecord { event, source });
+                decided.accepted_index.push(index);
             }
             Outcome::Rejected(rejection) => {
                 tracing::debug!(
-                    partition = source.partition,
-                    offset = source.offset,
+                    partition = message.partition(),
+                    offset = message.offset(),
                     code = rejection.code(),
                     "Rejected a record."
                 );
-                decided.rejected += 1;
-                decided.outgoing.push(OutgoingRecord::dead_letter(
-                    &kafka.dlq_topic,
-                    message,
-                    &rejection,
-                ));
+                decided.rejected.push((index, rejection));
             }
         }
     }
     decided
+}
+
+/// Inserts the accepted events, retrying while the database is unavailable. When the database
+/// refuses the data itself, the batch is split in halves until the refused records are alone, so
+/// one bad record never holds back the others. Returns the refused records (index in `accepted`
+/// and the database's reason), or `None` if `shutdown` came first.
+async fn write_accepted(
+    store: &Store,
+    records: &[CleanedRecord],
+    shutdown: &CancellationToken,
+) -> Option<Vec<(usize, String)>> {
+    let mut refused = Vec::new();
+    let mut ranges = Vec::new();
+    ranges.push(0..records.len());
+    while let Some(range) = ranges.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        let chunk = &records[range.clone()];
+        let outcome = retry("Writing to the database", shutdown, || async {
+            match store.insert_events(chunk).await {
+                Ok(()) => Ok(None),
+                Err(error) if error.is_data_error() => Ok(Some(error)),
+                Err(error) => Err(error),
+            }
+        })
+        .await?;
+        if let Some(error) = outcome {
+            if range.len() == 1 {
+                tracing::warn!(%error, offset = chunk[0].source.offset, "The database refused a record; it goes to the DLQ.");
+                refused.push((range.start, error.to_string()));
+            } else {
+                let middle = range.start + range.len() / 2;
+                ranges.push(middle..range.end);
+                ranges.push(range.start..middle);
+            }
+        }
+    }
+    refused.sort_unstable_by_key(|(position, _)| *position);
+    Some(refused)
+}
+
+/// The cleaned records of stored events, and the DLQ records of rejected and refused ones.
+fn outgoing_records(
+    batch: &[OwnedMessage],
+    decided: Decided,
+    refused: Vec<(usize, String)>,
+    kafka: &KafkaConfig,
+) -> Vec<OutgoingRecord> {
+    let mut outgoing = Vec::with_capacity(batch.len());
+    for (index, rejection) in &decided.rejected {
+        outgoing.push(OutgoingRecord::dead_letter(
+            &kafka.dlq_topic,
+            &batch[*index],
+            rejection.code(),
+            &rejection.to_string(),
+        ));
+    }
+    let mut refused = refused.into_iter().peekable();
+    let accepted = decided.accepted.iter().zip(&decided.accepted_index);
+    for (position, (record, index)) in accepted.enumerate() {
+        if let Some((_, reason)) = refused.next_if(|(refused_at, _)| *refused_at == position) {
+            outgoing.push(OutgoingRecord::dead_letter(
+                &kafka.dlq_topic,
+                &batch[*index],
+                DB_REJECTED,
+                &format!("the database refused the record: {reason}"),
+            ));
+            continue;
+        }
+        match OutgoingRecord::cleaned(&kafka.cleaned_topic, record) {
+            Ok(record) => outgoing.push(record),
+            Err(error) => {
+                tracing::error!(%error, "Could not encode a cleaned event; it is in the table but not on the cleaned topic.");
+            }
+        }
+    }
+    outgoing
 }
 
 /// When the bridge received the record: its `received_at` header, else the Kafka timestamp
@@ -249,6 +316,7 @@ fn received_at(message: &OwnedMessage) -> i64 {
             .and_then(|header| header.value)
             .and_then(|value| std::str::from_utf8(value).ok())
             .and_then(|text| text.parse::<i64>().ok())
+            .filter(|millis| (0..=MAX_TIMESTAMP_MS).contains(millis))
     });
     from_header
         .or_else(|| message.timestamp().to_millis())

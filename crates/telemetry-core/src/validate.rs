@@ -137,7 +137,7 @@ impl Default for Limits {
 }
 
 /// Latest device time accepted: 9999-12-31T23:59:59.999Z, the end of SQL's DATETIME range.
-const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 
 /// Offending values quoted in messages are cut to this many characters.
 const MAX_QUOTED_CHARS: usize = 64;

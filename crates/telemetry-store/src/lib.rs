@@ -35,6 +35,25 @@ pub enum Error {
     TimestampOutOfRange(i64),
 }
 
+impl Error {
+    /// Whether the database refused the data itself (a value out of a column's range, a failed
+    /// constraint, ...), so that retrying the same rows cannot succeed. Connection losses,
+    /// timeouts and deadlocks are not: those are retried.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Error::TimestampOutOfRange(_) => true,
+            Error::Database(sqlx::Error::Encode(_)) => true,
+            Error::Database(sqlx::Error::Database(error)) => {
+                // SQLSTATE class 22: data exception; 23: integrity constraint violation.
+                error
+                    .code()
+                    .is_some_and(|state| state.starts_with("22") || state.starts_with("23"))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

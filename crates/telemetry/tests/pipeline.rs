@@ -464,3 +464,91 @@ async fn consuming_the_raw_topic_again_adds_no_duplicate_rows() {
         "received_at comes from the bridge's header"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_flows() {
+    let id = unique("poison");
+    let kafka = kafka_config(&id);
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+    // An operator's constraint the contract does not know about: valid events can break it.
+    let store = telemetry_store::Store::connect(&database_url(&id), 1)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    sqlx::query(
+        "ALTER TABLE telemetry ADD CONSTRAINT plausible_temperature \
+         CHECK (JSON_VALUE(metrics, '$.temperature') < 1000)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    let poisoned = [7, 23, 24];
+    let records: Vec<TestRecord> = (0..60)
+        .map(|seq| {
+            let temperature = if poisoned.contains(&seq) { 5000 } else { 20 };
+            TestRecord {
+                key: Some(b"dev-1".to_vec()),
+                payload: json!({"device_id": "dev-1", "device_ts": BASE_TS + seq * 1000,
+                                "seq": seq, "temperature": temperature})
+                .to_string()
+                .into_bytes(),
+                headers: Vec::new(),
+            }
+        })
+        .collect();
+    produce(&kafka.raw_topic, &records).await;
+
+    let shutdown = CancellationToken::new();
+    let audit = tokio::spawn(telemetry_audit::run(
+        audit_config(&id, &format!("{id}-audit"), &kafka),
+        shutdown.clone(),
+    ));
+    let dead = read_topic(
+        &kafka.dlq_topic,
+        poisoned.len(),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
+    let cleaned = read_topic(
+        &kafka.cleaned_topic,
+        60 - poisoned.len(),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
+    shutdown.cancel();
+    audit.await.unwrap().unwrap();
+
+    assert_eq!(
+        row_count(store.pool()).await,
+        57,
+        "every other event is stored"
+    );
+    assert_eq!(
+        cleaned.len(),
+        57,
+        "refused events are not on the cleaned topic"
+    );
+    let mut dead_seqs = Vec::new();
+    for message in &dead {
+        assert_eq!(
+            header(message, headers::ERROR_CODE),
+            Some(telemetry_audit::DB_REJECTED)
+        );
+        assert!(header(message, headers::ERROR_MESSAGE)
+            .unwrap()
+            .contains("plausible_temperature"));
+        let original: Value = serde_json::from_slice(&payload(message)).unwrap();
+        assert_eq!(
+            payload(message),
+            records[original["seq"].as_u64().unwrap() as usize].payload
+        );
+        dead_seqs.push(original["seq"].as_i64().unwrap());
+    }
+    dead_seqs.sort_unstable();
+    assert_eq!(dead_seqs, poisoned);
+}
