@@ -2,9 +2,11 @@
 # Installs (when missing) and runs the infrastructure telemetry-pipeline needs, on 127.0.0.1 only:
 #   Apache Kafka (KRaft, single node), MariaDB and Mosquitto.
 #
-#   scripts/services.sh start    install what is missing, start what is not running, wait until ready
-#   scripts/services.sh stop     stop what this script started (SIGTERM, then wait)
-#   scripts/services.sh status   one line per service
+#   scripts/services.sh start [SERVICE...]   install what is missing, start what is not running,
+#                                            wait until ready
+#   scripts/services.sh stop [SERVICE...]    stop what this script started (SIGTERM, then wait)
+#   scripts/services.sh status               one line per service
+# SERVICE is kafka, mariadb or mosquitto; without any, all three.
 #
 # Idempotent: running `start` twice starts nothing twice. Downloads are cached outside the clone.
 #
@@ -224,18 +226,44 @@ status_line() {
   fi
 }
 
-case "${1:-}" in
+command=${1:-}
+shift || true
+services=("$@")
+if [ ${#services[@]} -eq 0 ]; then
+  services=(mariadb mosquitto kafka)
+fi
+for service in "${services[@]}"; do
+  case "$service" in
+  kafka | mariadb | mosquitto) ;;
+  *) die "unknown service '$service' (kafka, mariadb or mosquitto)" ;;
+  esac
+done
+
+case "$command" in
 start)
   mkdir -p "$cache_dir" "$state_dir"
   install_missing
-  start_mysql
-  start_mqtt
-  start_kafka
+  for service in "${services[@]}"; do
+    case "$service" in
+    mariadb) start_mysql ;;
+    mosquitto) start_mqtt ;;
+    kafka) start_kafka ;;
+    esac
+  done
   ;;
 stop)
-  stop_kafka
-  stop_mqtt
-  stop_mysql
+  # Kafka first: it holds the most in-flight state.
+  for service in kafka mosquitto mariadb; do
+    case " ${services[*]} " in
+    *" $service "*) ;;
+    *) continue ;;
+    esac
+    case "$service" in
+    mariadb) stop_mysql ;;
+    mosquitto) stop_mqtt ;;
+    kafka) stop_kafka ;;
+    esac
+  done
   ;;
 status)
   status_line MariaDB "$mysql_pid" "$mysql_port"
@@ -243,7 +271,7 @@ status)
   status_line Kafka "$kafka_pid" "$kafka_port"
   ;;
 *)
-  echo "usage: $0 start|stop|status" >&2
+  echo "usage: $0 start|stop|status [kafka|mariadb|mosquitto ...]" >&2
   exit 2
   ;;
 esac

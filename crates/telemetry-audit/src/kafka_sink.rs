@@ -14,6 +14,8 @@ use crate::{Result, RETRY_BACKOFF};
 
 /// A record to produce, owned so it can be produced again after a failure.
 pub(crate) struct OutgoingRecord {
+    /// `cleaned` or `dlq`: the metric label (topic names vary, the roles do not).
+    kind: &'static str,
     topic: String,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
@@ -24,6 +26,7 @@ impl OutgoingRecord {
     /// The cleaned-topic record of an accepted event: JSON, keyed by device id.
     pub fn cleaned(topic: &str, record: &CleanedRecord) -> serde_json::Result<Self> {
         Ok(OutgoingRecord {
+            kind: "cleaned",
             topic: topic.to_string(),
             key: Some(record.event.device_id.as_bytes().to_vec()),
             payload: Some(serde_json::to_vec(record)?),
@@ -57,6 +60,7 @@ impl OutgoingRecord {
             });
         }
         OutgoingRecord {
+            kind: "dlq",
             topic: topic.to_string(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
@@ -99,8 +103,13 @@ impl OutcomeSink {
                 .into_iter()
                 .zip(results)
                 .filter_map(|(record, result)| match result {
-                    Ok(()) => None,
+                    Ok(()) => {
+                        metrics::counter!("records_produced_total", "service" => "audit", "topic" => record.kind)
+                            .increment(1);
+                        None
+                    }
                     Err(error) => {
+                        metrics::counter!("produce_retries_total", "service" => "audit").increment(1);
                         tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
                         Some(record)
                     }

@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -14,12 +17,38 @@ use crate::{AuditConfig, Result};
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
 pub(crate) struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<RebalanceLogger>,
+}
+
+/// Commits stored offsets before partitions move to another instance, and logs assignments.
+struct RebalanceLogger;
+
+impl ClientContext for RebalanceLogger {}
+
+impl ConsumerContext for RebalanceLogger {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            // The next owner resumes from the last durable batch, not from an older commit.
+            if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(%error, "No offsets to commit before the rebalance.");
+            }
+            tracing::info!(partitions = partitions.count(), "Kafka partitions revoked.");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(
+                partitions = partitions.count(),
+                "Kafka partitions assigned."
+            );
+        }
+    }
 }
 
 impl KafkaSource {
     pub fn new(config: &AuditConfig) -> Result<Self> {
-        let consumer: StreamConsumer = config
+        let consumer: StreamConsumer<RebalanceLogger> = config
             .kafka
             .client_config(&[
                 ("group.id", config.group_id.as_str()),
@@ -29,8 +58,12 @@ impl KafkaSource {
                 ("enable.auto.commit", "true"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.commit.interval.ms", "1000"),
+                // A killed instance's partitions move to the others after this long (librdkafka's
+                // default, 45 s, stalls them that long).
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "2000"),
             ])?
-            .create()
+            .create_with_context(RebalanceLogger)
             .map_err(telemetry_kafka::Error::from)?;
         consumer
             .subscribe(&[config.kafka.raw_topic.as_str()])

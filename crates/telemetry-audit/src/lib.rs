@@ -12,7 +12,8 @@
 //! - [`AuditConfig`]: every setting, with its flag and environment variable.
 //! - `kafka_source`: the consumer, batching and offset storage.
 //! - `kafka_sink`: the cleaned and DLQ producer, retried until acknowledged.
-//! - [`run`]: connect, migrate, create topics, then batch → validate → write → store offsets.
+//! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, migrate, create topics, then
+//!   batch → validate → write → produce → store offsets.
 
 mod kafka_sink;
 mod kafka_source;
@@ -40,6 +41,14 @@ pub enum Error {
     /// The database could not be set up.
     #[error(transparent)]
     Store(#[from] telemetry_store::Error),
+    /// The HTTP listener could not be bound or served.
+    #[error("HTTP listener on {address}: {source}")]
+    Listen {
+        /// The address that could not be bound.
+        address: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].
@@ -77,10 +86,22 @@ pub struct AuditConfig {
     #[arg(long, env = "TELEMETRY_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     pub max_payload_bytes: usize,
 
+    /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(
+        long = "audit-listen",
+        env = "TELEMETRY_AUDIT_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub listen: String,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
 }
+
+/// The readiness check the audit service reports on `/readyz`: passing while database writes
+/// succeed.
+const DATABASE: &str = "database";
 
 /// `error.code` of records that passed validation but that the database refused (for example a
 /// value outside a constraint an operator added).
@@ -92,16 +113,48 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duratio
 /// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
 /// finished if it can be; its offsets are committed only if it was.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
-    let Some(store) = connect_store(&config, &shutdown).await? else {
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            address: config.listen.clone(),
+            source,
+        })?;
+    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
+    let router = telemetry_ops::router(readiness.clone());
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(server_shutdown.cancelled_owned())
+            .await
+    });
+    let result = consume(&config, &readiness, &shutdown).await;
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "The HTTP server failed."),
+        Err(error) => tracing::warn!(%error, "The HTTP server task failed."),
+    }
+    result
+}
+
+/// The service proper: set up, then batch after batch until `shutdown`.
+async fn consume(
+    config: &AuditConfig,
+    readiness: &telemetry_ops::Readiness,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let shutdown = shutdown.clone();
+    let Some(store) = connect_store(config, &shutdown).await? else {
         return Ok(());
     };
+    readiness.set(DATABASE, true);
     let kafka = &config.kafka;
     telemetry_kafka::ensure_topics(
         kafka,
         &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
     )
     .await?;
-    let source = KafkaSource::new(&config)?;
+    let source = KafkaSource::new(config)?;
     let sink = OutcomeSink::new(kafka)?;
     let limits = Limits {
         max_payload_bytes: config.max_payload_bytes,
@@ -125,7 +178,9 @@ pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()>
         );
         let _entered = span.enter();
         // The table first: what it refuses goes to the DLQ instead of the cleaned topic.
-        let Some(refused) = write_accepted(&store, &decided.accepted, &shutdown).await else {
+        metrics::histogram!("audit_batch_records", "service" => "audit").record(batch.len() as f64);
+        let Some(refused) = write_accepted(&store, &decided.accepted, readiness, &shutdown).await
+        else {
             break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
         let outgoing = outgoing_records(&batch, decided, refused, kafka);
@@ -202,6 +257,7 @@ fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
         accepted_index: Vec::with_capacity(batch.len()),
         rejected: Vec::new(),
     };
+    metrics::counter!("events_received_total", "service" => "audit").increment(batch.len() as u64);
     for (index, message) in batch.iter().enumerate() {
         let payload = message.payload().unwrap_or_default();
         match validate(payload, received_at(message), limits) {
@@ -215,6 +271,8 @@ fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
                 decided.accepted_index.push(index);
             }
             Outcome::Rejected(rejection) => {
+                metrics::counter!("events_rejected_total", "service" => "audit", "error_code" => rejection.code())
+                    .increment(1);
                 tracing::debug!(
                     partition = message.partition(),
                     offset = message.offset(),
@@ -235,6 +293,7 @@ fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
 async fn write_accepted(
     store: &Store,
     records: &[CleanedRecord],
+    readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Option<Vec<(usize, String)>> {
     let mut refused = Vec::new();
@@ -246,16 +305,31 @@ async fn write_accepted(
         }
         let chunk = &records[range.clone()];
         let outcome = retry("Writing to the database", shutdown, || async {
-            match store.insert_events(chunk).await {
-                Ok(()) => Ok(None),
+            let started = std::time::Instant::now();
+            let result = store.insert_events(chunk).await;
+            metrics::histogram!("db_write_duration_seconds", "service" => "audit")
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {
+                    readiness.set(DATABASE, true);
+                    metrics::counter!("events_written_total", "service" => "audit")
+                        .increment(chunk.len() as u64);
+                    Ok(None)
+                }
                 Err(error) if error.is_data_error() => Ok(Some(error)),
-                Err(error) => Err(error),
+                Err(error) => {
+                    readiness.set(DATABASE, false);
+                    metrics::counter!("db_write_retries_total", "service" => "audit").increment(1);
+                    Err(error)
+                }
             }
         })
         .await?;
         if let Some(error) = outcome {
             if range.len() == 1 {
                 tracing::warn!(%error, offset = chunk[0].source.offset, "The database refused a record; it goes to the DLQ.");
+                metrics::counter!("events_rejected_total", "service" => "audit", "error_code" => DB_REJECTED)
+                    .increment(1);
                 refused.push((range.start, error.to_string()));
             } else {
                 let middle = range.start + range.len() / 2;

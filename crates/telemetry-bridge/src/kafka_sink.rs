@@ -113,8 +113,13 @@ impl KafkaSink {
         in_flight: &mut FuturesOrdered<BoxFuture<'static, Delivered>>,
     ) {
         match result {
-            Ok(()) => mqtt.ack(&message),
+            Ok(()) => {
+                metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw")
+                    .increment(1);
+                mqtt.ack(&message);
+            }
             Err(error) => {
+                metrics::counter!("produce_retries_total", "service" => "bridge").increment(1);
                 tracing::warn!(%error, mqtt_topic = %message.publish.topic, "Producing to Kafka failed; retrying.");
                 let sink = self.clone();
                 in_flight.push_front(

@@ -10,7 +10,8 @@
 //! - [`BridgeConfig`]: every setting, with its flag and environment variable.
 //! - `mqtt_source`: the MQTT connection, run in its own task so it is always polled.
 //! - `kafka_sink`: the raw-record producer and acknowledgement order.
-//! - `websocket`: the HTTP server: `GET /ws` live frames, `/healthz`, `/readyz`.
+//! - `websocket`: the HTTP server: `GET /ws` live frames, plus `/healthz`, `/readyz` and
+//!   `/metrics` from `telemetry-ops`.
 //! - [`Bridge`]: binds the listener ([`Bridge::bind`]) and runs until shutdown ([`Bridge::run`]).
 
 mod kafka_sink;
@@ -18,8 +19,6 @@ mod mqtt_source;
 mod websocket;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use telemetry_kafka::KafkaConfig;
@@ -88,7 +87,7 @@ pub struct BridgeConfig {
     #[arg(long, env = "TELEMETRY_BRIDGE_ID", default_value = "telemetry-bridge")]
     pub bridge_id: String,
 
-    /// Address of the HTTP server (`/ws`, `/healthz`, `/readyz`).
+    /// Address of the HTTP server (`/ws`, `/healthz`, `/readyz`, `/metrics`).
     #[arg(
         long = "bridge-listen",
         env = "TELEMETRY_BRIDGE_LISTEN",
@@ -115,19 +114,9 @@ pub struct BridgeConfig {
     pub kafka: KafkaConfig,
 }
 
-/// State shared between the MQTT side and the HTTP server.
-#[derive(Debug, Default)]
-struct Status {
-    /// Set once the broker confirmed our subscription on the current connection; cleared when
-    /// the connection drops. Read by `/readyz`.
-    subscribed: AtomicBool,
-}
-
-impl Status {
-    fn is_subscribed(&self) -> bool {
-        self.subscribed.load(Ordering::Relaxed)
-    }
-}
+/// The readiness check the bridge reports on `/readyz`: passing while the broker holds our
+/// subscription on the current connection.
+const MQTT_SUBSCRIBED: &str = "mqtt_subscribed";
 
 /// A bridge whose HTTP listener is bound. [`Bridge::local_addr`] tells the port when the
 /// configuration asked for port 0.
@@ -163,17 +152,17 @@ impl Bridge {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Bridge { config, listener } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
-        let status = Arc::new(Status::default());
+        let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
         let (frames, _) = tokio::sync::broadcast::channel(config.ws_buffer.max(1));
 
         let address = config.listen.clone();
         let server = tokio::spawn(websocket::serve(
             listener,
             frames.clone(),
-            status.clone(),
+            readiness.clone(),
             shutdown.clone(),
         ));
-        let (mqtt, messages) = mqtt_source::start(&config, status.clone())?;
+        let (mqtt, messages) = mqtt_source::start(&config, readiness)?;
         let sink = kafka_sink::KafkaSink::new(&config)?;
         tracing::info!(
             mqtt_url = %config.mqtt_url,

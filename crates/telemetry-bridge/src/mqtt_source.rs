@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{BridgeConfig, Error, Result, Status};
+use telemetry_ops::Readiness;
+
+use crate::{BridgeConfig, Error, Result, MQTT_SUBSCRIBED};
 
 /// Largest MQTT packet accepted; stays under Kafka's default 1 MB record limit with headers.
 const MAX_PACKET_BYTES: usize = 1_000_000;
@@ -51,6 +53,8 @@ impl MqttHandle {
     /// then redelivers it, and this bridge produces it again: at-least-once).
     pub fn ack(&self, message: &Message) {
         if message.generation != self.generation.load(Ordering::Acquire) {
+            metrics::counter!("mqtt_acks_skipped_total", "service" => "bridge", "cause" => "reconnected")
+                .increment(1);
             return;
         }
         if let Err(error) = self.client.try_ack(&message.publish) {
@@ -131,7 +135,7 @@ pub fn device_id_from_topic<'a>(filter: &str, topic: &'a str) -> Option<&'a str>
 /// Connects (in the background) and returns the handle plus the stream of received messages.
 pub(crate) fn start(
     config: &BridgeConfig,
-    status: Arc<Status>,
+    readiness: Arc<Readiness>,
 ) -> Result<(MqttHandle, mpsc::Receiver<Message>)> {
     let address = parse_mqtt_url(&config.mqtt_url)?;
     let mut options = MqttOptions::new(&config.mqtt_client_id, address.host, address.port);
@@ -155,7 +159,7 @@ pub(crate) fn start(
             filter: config.mqtt_topic.clone(),
             sender,
             generation: generation.clone(),
-            status,
+            readiness,
             stop: stop.clone(),
         }
         .run(),
@@ -177,7 +181,7 @@ struct Poller {
     filter: String,
     sender: mpsc::Sender<Message>,
     generation: Arc<AtomicU64>,
-    status: Arc<Status>,
+    readiness: Arc<Readiness>,
     stop: CancellationToken,
 }
 
@@ -211,11 +215,12 @@ impl Poller {
                     if refused {
                         tracing::error!(filter = %self.filter, "The MQTT broker refused the subscription.");
                     } else {
-                        self.status.subscribed.store(true, Ordering::Relaxed);
+                        self.readiness.set(MQTT_SUBSCRIBED, true);
                         tracing::info!(filter = %self.filter, "Subscribed to MQTT telemetry.");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    metrics::counter!("events_received_total", "service" => "bridge").increment(1);
                     let message = Message {
                         generation: self.generation.load(Ordering::Acquire),
                         device_id: device_id_from_topic(&self.filter, &publish.topic)
@@ -230,8 +235,10 @@ impl Poller {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(error) => {
-                    self.status.subscribed.store(false, Ordering::Relaxed);
+                    self.readiness.set(MQTT_SUBSCRIBED, false);
                     self.generation.fetch_add(1, Ordering::AcqRel);
+                    metrics::counter!("mqtt_connection_errors_total", "service" => "bridge")
+                        .increment(1);
                     tracing::warn!(%error, retry_in = ?backoff, "MQTT connection lost; reconnecting.");
                     tokio::select! {
                         () = self.stop.cancelled() => break,
@@ -241,7 +248,7 @@ impl Poller {
                 }
             }
         }
-        self.status.subscribed.store(false, Ordering::Relaxed);
+        self.readiness.set(MQTT_SUBSCRIBED, false);
     }
 }
 

@@ -1,15 +1,14 @@
-//! The bridge's HTTP server: live frames on `GET /ws`, liveness on `/healthz`, readiness on
-//! `/readyz`.
+//! The bridge's HTTP server: live frames on `GET /ws`, plus the operational endpoints
+//! (`/healthz`, `/readyz`, `/metrics`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -17,17 +16,12 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use telemetry_ops::Readiness;
+
 use crate::mqtt_source::Message;
-use crate::Status;
 
 /// The live-view channel: one JSON text frame per MQTT message, shared by every client.
 pub(crate) type Frames = broadcast::Sender<Utf8Bytes>;
-
-#[derive(Clone)]
-struct AppState {
-    frames: Frames,
-    status: Arc<Status>,
-}
 
 /// The JSON frame sent to WebSocket clients.
 #[derive(Serialize)]
@@ -70,49 +64,35 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
 }
 
 /// The router, separate from the listener so handlers can be tested without a socket.
-fn router(frames: Frames, status: Arc<Status>) -> Router {
+fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(AppState { frames, status })
+        .with_state(frames)
+        .merge(telemetry_ops::router(readiness))
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled.
 pub(crate) async fn serve(
     listener: TcpListener,
     frames: Frames,
-    status: Arc<Status>,
+    readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(frames, status))
+    axum::serve(listener, router(frames, readiness))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
 
-#[derive(Serialize)]
-struct Readiness {
-    mqtt_subscribed: bool,
-}
-
-async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let mqtt_subscribed = state.status.is_subscribed();
-    let code = if mqtt_subscribed {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(Readiness { mqtt_subscribed }))
-}
-
-async fn upgrade(socket: WebSocketUpgrade, State(state): State<AppState>) -> impl IntoResponse {
-    let frames = state.frames.subscribe();
+async fn upgrade(socket: WebSocketUpgrade, State(frames): State<Frames>) -> impl IntoResponse {
+    let frames = frames.subscribe();
     socket.on_upgrade(move |socket| forward(socket, frames))
 }
 
 /// Forwards frames to one client until it goes away. A client that falls behind by more than the
 /// buffer skips the oldest frames; the pipeline never waits for it.
 async fn forward(socket: WebSocket, mut frames: broadcast::Receiver<Utf8Bytes>) {
+    let clients = metrics::gauge!("websocket_clients", "service" => "bridge");
+    clients.increment(1);
     let (mut sender, mut receiver) = socket.split();
     loop {
         tokio::select! {
@@ -123,6 +103,7 @@ async fn forward(socket: WebSocket, mut frames: broadcast::Receiver<Utf8Bytes>) 
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!("websocket_frames_missed_total", "service" => "bridge").increment(missed);
                     tracing::debug!(missed, "A WebSocket client fell behind and skipped frames.");
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
@@ -133,4 +114,5 @@ async fn forward(socket: WebSocket, mut frames: broadcast::Receiver<Utf8Bytes>) 
             },
         }
     }
+    clients.decrement(1);
 }

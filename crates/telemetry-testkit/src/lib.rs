@@ -10,10 +10,12 @@
 //! - [`unique`]: a fresh name for topics, groups, client ids and databases.
 //! - [`kafka_brokers`], [`mqtt_url`], [`database_url`]: where the services are.
 //! - [`read_topic`], [`produce`]: read a whole topic / write records, as a user would check.
-//! - [`publish_qos1`]: publish over MQTT and wait for the broker's acknowledgements.
+//! - [`publish_qos1`], [`publish_qos1_to`]: publish over MQTT and wait for the broker's
+//!   acknowledgements.
 //! - [`http_get`]: a minimal HTTP GET for health checks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rand::distr::{Alphanumeric, SampleString};
@@ -126,36 +128,64 @@ pub async fn produce(topic: &str, records: &[TestRecord]) {
     }
 }
 
-/// Publishes each `(topic, payload)` with QoS 1 and returns once the broker acknowledged all.
+/// Publishes each `(topic, payload)` with QoS 1 to [`mqtt_url`] and returns once the broker
+/// acknowledged all.
 pub async fn publish_qos1(client_id: &str, messages: &[(String, Vec<u8>)]) {
-    let url = url_host_port(&mqtt_url());
-    let mut options = MqttOptions::new(client_id, url.0, url.1);
+    publish_qos1_to(&mqtt_url(), client_id, messages, None, &AtomicUsize::new(0)).await;
+}
+
+/// Publishes each `(topic, payload)` with QoS 1 to the broker at `url`, at most `per_second`
+/// messages a second when given, counting the broker's acknowledgements in `acknowledged`.
+/// Returns once the broker acknowledged all.
+pub async fn publish_qos1_to(
+    url: &str,
+    client_id: &str,
+    messages: &[(String, Vec<u8>)],
+    per_second: Option<u32>,
+    acknowledged: &AtomicUsize,
+) {
+    let (host, port) = url_host_port(url);
+    let mut options = MqttOptions::new(client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(100)
         .set_max_packet_size(2_000_000, 2_000_000);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let expected = messages.len();
-    let poller = tokio::spawn(async move {
-        let mut acknowledged = 0;
-        while acknowledged < expected {
+    let poll = async {
+        let mut count = 0;
+        while count < expected {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acknowledged += 1,
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    count += 1;
+                    acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(_) => {}
                 Err(error) => panic!("test MQTT publisher: {error}"),
             }
         }
-    });
-    for (topic, payload) in messages {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
-            .await
-            .expect("queue publish");
-    }
-    tokio::time::timeout(Duration::from_secs(120), poller)
-        .await
-        .expect("the MQTT broker acknowledged every publish within 120 s")
-        .expect("test MQTT publisher task");
+    };
+    let publish = async {
+        // Paced in 10 ms ticks.
+        let per_tick = per_second.map(|rate| (rate as usize / 100).max(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for (index, (topic, payload)) in messages.iter().enumerate() {
+            if let Some(per_tick) = per_tick {
+                if index % per_tick == 0 {
+                    tick.tick().await;
+                }
+            }
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .expect("queue publish");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(600), async {
+        tokio::join!(poll, publish)
+    })
+    .await
+    .expect("the MQTT broker acknowledged every publish within 600 s");
 }
 
 fn url_host_port(url: &str) -> (String, u16) {

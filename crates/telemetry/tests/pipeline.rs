@@ -42,6 +42,7 @@ fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         batch_size: 500,
         batch_linger_ms: 20,
         max_payload_bytes: 65_536,
+        listen: "127.0.0.1:0".to_string(),
         kafka: kafka.clone(),
     }
 }
@@ -57,6 +58,21 @@ fn header<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a str> {
 
 fn payload(message: &OwnedMessage) -> Vec<u8> {
     message.payload().unwrap_or_default().to_vec()
+}
+
+/// The value of the Prometheus sample `name` that carries all of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 async fn row_count(pool: &sqlx::MySqlPool) -> i64 {
@@ -383,6 +399,45 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
     expected_frames.sort();
     assert_eq!(frame_set, expected_frames);
 
+    // The counters an operator watches. Tests in this binary share one metrics registry, so only
+    // counts no other test touches are compared exactly.
+    let (status, metrics) = http_get(address, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let total = total as f64;
+    assert_eq!(
+        metric(&metrics, "events_received_total", &[("service", "bridge")]),
+        Some(total)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "records_produced_total",
+            &[("service", "bridge"), ("topic", "raw")]
+        ),
+        Some(total)
+    );
+    assert_eq!(
+        metric(&metrics, "websocket_clients", &[("service", "bridge")]),
+        Some(1.0)
+    );
+    for (code, count) in [
+        ("empty_payload", 1.0),
+        ("not_an_object", 1.0),
+        ("missing_device_ts", 1.0),
+        ("invalid_device_ts", 2.0),
+        ("invalid_seq", 1.0),
+    ] {
+        assert_eq!(
+            metric(
+                &metrics,
+                "events_rejected_total",
+                &[("service", "audit"), ("error_code", code)]
+            ),
+            Some(count),
+            "rejections counted as {code}"
+        );
+    }
+
     shutdown.cancel();
     bridge_task.await.unwrap().unwrap();
     audit_task.await.unwrap().unwrap();
@@ -502,10 +557,15 @@ async fn a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_flows() {
     produce(&kafka.raw_topic, &records).await;
 
     let shutdown = CancellationToken::new();
-    let audit = tokio::spawn(telemetry_audit::run(
-        audit_config(&id, &format!("{id}-audit"), &kafka),
-        shutdown.clone(),
-    ));
+    let mut config = audit_config(&id, &format!("{id}-audit"), &kafka);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.listen = format!("127.0.0.1:{port}");
+    let audit_address = config.listen.parse().unwrap();
+    let audit = tokio::spawn(telemetry_audit::run(config, shutdown.clone()));
     let dead = read_topic(
         &kafka.dlq_topic,
         poisoned.len(),
@@ -520,6 +580,18 @@ async fn a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_flows() {
         Duration::from_millis(500),
     )
     .await;
+    let (status, readiness) = http_get(audit_address, "/readyz").await.unwrap();
+    assert_eq!((status, readiness.as_str()), (200, r#"{"database":true}"#));
+    let (_, metrics) = http_get(audit_address, "/metrics").await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "events_rejected_total",
+            &[("error_code", "db_rejected")]
+        ),
+        Some(3.0),
+        "refused records are counted by cause"
+    );
     shutdown.cancel();
     audit.await.unwrap().unwrap();
 
