@@ -98,7 +98,11 @@ impl OutcomeSink {
         let (mut backoff, max_backoff) = RETRY_BACKOFF;
         let mut pending = records;
         loop {
-            let results = join_all(pending.iter().map(|record| self.produce(record))).await;
+            // While Kafka is down deliveries wait up to message.timeout.ms; shutdown does not.
+            let results = tokio::select! {
+                () = shutdown.cancelled() => return false,
+                results = join_all(pending.iter().map(|record| self.produce(record))) => results,
+            };
             let failed: Vec<OutgoingRecord> = pending
                 .into_iter()
                 .zip(results)

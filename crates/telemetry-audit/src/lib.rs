@@ -86,6 +86,11 @@ pub struct AuditConfig {
     #[arg(long, env = "TELEMETRY_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     pub max_payload_bytes: usize,
 
+    /// How long shutdown lets the batch in hand finish (database write, produces) before
+    /// abandoning it to be redelivered, in seconds.
+    #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+
     /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`).
     #[arg(
         long = "audit-listen",
@@ -111,7 +116,7 @@ pub const DB_REJECTED: &str = "db_rejected";
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
 
 /// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
-/// finished if it can be; its offsets are committed only if it was.
+/// finished if it can be within `shutdown_grace_seconds`; its offsets are committed only if it was.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -143,6 +148,22 @@ async fn consume(
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    // Intake stops at `shutdown`; the batch in hand gets the grace period to become durable.
+    let abandon = CancellationToken::new();
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    tokio::spawn({
+        let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
+        async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    tokio::time::sleep(grace).await;
+                    abandon.cancel();
+                }
+                () = abandon.cancelled() => {}
+            }
+        }
+    });
+    let _abandon_on_return = abandon.clone().drop_guard();
     let shutdown = shutdown.clone();
     let Some(store) = connect_store(config, &shutdown).await? else {
         return Ok(());
@@ -179,12 +200,12 @@ async fn consume(
         let _entered = span.enter();
         // The table first: what it refuses goes to the DLQ instead of the cleaned topic.
         metrics::histogram!("audit_batch_records", "service" => "audit").record(batch.len() as f64);
-        let Some(refused) = write_accepted(&store, &decided.accepted, readiness, &shutdown).await
+        let Some(refused) = write_accepted(&store, &decided.accepted, readiness, &abandon).await
         else {
             break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
         let outgoing = outgoing_records(&batch, decided, refused, kafka);
-        if !sink.produce_all(outgoing, &shutdown).await {
+        if !sink.produce_all(outgoing, &abandon).await {
             break;
         }
         source.store_offsets(&batch);
@@ -217,7 +238,7 @@ async fn connect_store(
 }
 
 /// Retries `attempt` with capped exponential backoff until it succeeds (`Some`) or `shutdown` is
-/// cancelled (`None`). Every failure is logged with `what`.
+/// cancelled (`None`, also mid-attempt). Every failure is logged with `what`.
 async fn retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
 where
     E: std::fmt::Display,
@@ -226,7 +247,13 @@ where
 {
     let (mut backoff, max_backoff) = RETRY_BACKOFF;
     loop {
-        match attempt().await {
+        // An attempt against a hung database may take long; shutdown does not wait for it (an
+        // abandoned transaction is rolled back, and the batch is redelivered).
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            result = attempt() => result,
+        };
+        match result {
             Ok(value) => return Some(value),
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying.");

@@ -43,6 +43,7 @@ fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         batch_linger_ms: 20,
         max_payload_bytes: 65_536,
         listen: "127.0.0.1:0".to_string(),
+        shutdown_grace_seconds: 10,
         kafka: kafka.clone(),
     }
 }
