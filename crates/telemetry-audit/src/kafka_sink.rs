@@ -76,13 +76,7 @@ pub(crate) struct OutcomeSink {
 impl OutcomeSink {
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
         let producer = kafka
-            .client_config(&[
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("linger.ms", "5"),
-                ("compression.type", "lz4"),
-                ("message.max.bytes", "1048576"),
-            ])?
+            .producer_config(&[])?
             .create()
             .map_err(telemetry_kafka::Error::from)?;
         Ok(OutcomeSink { producer })

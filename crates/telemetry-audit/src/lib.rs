@@ -42,13 +42,8 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] telemetry_store::Error),
     /// The HTTP listener could not be bound or served.
-    #[error("HTTP listener on {address}: {source}")]
-    Listen {
-        /// The address that could not be bound.
-        address: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] telemetry_ops::ListenError),
 }
 
 /// Result with this crate's [`Error`].
@@ -118,27 +113,12 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duratio
 /// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
 /// finished if it can be within `shutdown_grace_seconds`; its offsets are committed only if it was.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            address: config.listen.clone(),
-            source,
-        })?;
+    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let router = telemetry_ops::router(readiness.clone());
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(server_shutdown.cancelled_owned())
-            .await
-    });
+    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
     let result = consume(&config, &readiness, &shutdown).await;
     shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "The HTTP server failed."),
-        Err(error) => tracing::warn!(%error, "The HTTP server task failed."),
-    }
+    telemetry_ops::join(server).await?;
     result
 }
 

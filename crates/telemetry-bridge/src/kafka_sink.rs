@@ -36,17 +36,9 @@ impl KafkaSink {
     pub fn new(config: &BridgeConfig) -> Result<Self> {
         let producer = config
             .kafka
-            .client_config(&[
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("linger.ms", "5"),
-                ("compression.type", "lz4"),
-                // Above the largest MQTT packet we accept, so no payload is too large to produce.
-                ("message.max.bytes", "1048576"),
-                // While Kafka is unreachable records wait this long before failing (and being
-                // produced again); meanwhile nothing is acknowledged and the MQTT broker buffers.
-                ("message.timeout.ms", "120000"),
-            ])?
+            // Failed records are produced again (see `settle`); meanwhile nothing is acknowledged
+            // and the MQTT broker buffers.
+            .producer_config(&[])?
             .create()
             .map_err(telemetry_kafka::Error::from)?;
         Ok(KafkaSink {

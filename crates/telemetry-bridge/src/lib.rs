@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use telemetry_kafka::KafkaConfig;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use mqtt_source::device_id_from_topic;
@@ -42,13 +41,8 @@ pub enum Error {
     #[error(transparent)]
     Kafka(#[from] telemetry_kafka::Error),
     /// The HTTP listener could not be bound or served.
-    #[error("HTTP listener on {address}: {source}")]
-    Listen {
-        /// The address that could not be bound.
-        address: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] telemetry_ops::ListenError),
 }
 
 /// Result with this crate's [`Error`].
@@ -123,52 +117,41 @@ const MQTT_SUBSCRIBED: &str = "mqtt_subscribed";
 #[derive(Debug)]
 pub struct Bridge {
     config: BridgeConfig,
-    listener: TcpListener,
+    server: telemetry_ops::HttpServer,
 }
 
 impl Bridge {
     /// Checks the configuration and binds the HTTP listener.
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
         mqtt_source::parse_mqtt_url(&config.mqtt_url)?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| Error::Listen {
-                address: config.listen.clone(),
-                source,
-            })?;
-        Ok(Bridge { config, listener })
+        let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        Ok(Bridge { config, server })
     }
 
     /// The address the HTTP server listens on.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.listener.local_addr().map_err(|source| Error::Listen {
-            address: self.config.listen.clone(),
-            source,
-        })
+        Ok(self.server.local_addr()?)
     }
 
     /// Runs until `shutdown` is cancelled, then stops reading MQTT, waits (up to the grace
     /// period) for Kafka to confirm what is in flight, acknowledges it and disconnects.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let Bridge { config, listener } = self;
+        let Bridge { config, server } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
         let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
         let (frames, _) = tokio::sync::broadcast::channel(config.ws_buffer.max(1));
 
-        let address = config.listen.clone();
-        let server = tokio::spawn(websocket::serve(
-            listener,
-            frames.clone(),
-            readiness.clone(),
+        let server = server.spawn(
+            websocket::router(frames.clone(), readiness.clone()),
             shutdown.clone(),
-        ));
+        );
         let (mqtt, messages) = mqtt_source::start(&config, readiness)?;
         let sink = kafka_sink::KafkaSink::new(&config)?;
         tracing::info!(
             mqtt_url = %config.mqtt_url,
             mqtt_topic = %config.mqtt_topic,
             raw_topic = %config.kafka.raw_topic,
-            listen = %address,
+            listen = %config.listen,
             "Bridge started."
         );
 
@@ -184,11 +167,7 @@ impl Bridge {
         .await;
         mqtt.disconnect().await;
         shutdown.cancel();
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(Error::Listen { address, source }),
-            Err(error) => tracing::error!(%error, "The HTTP server task failed."),
-        }
+        telemetry_ops::join(server).await?;
         tracing::info!("Bridge stopped.");
         Ok(())
     }

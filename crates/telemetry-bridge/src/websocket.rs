@@ -12,9 +12,7 @@ use axum::Router;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 use telemetry_ops::Readiness;
 
@@ -64,23 +62,11 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
 }
 
 /// The router, separate from the listener so handlers can be tested without a socket.
-fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
+pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
         .with_state(frames)
         .merge(telemetry_ops::router(readiness))
-}
-
-/// Serves HTTP on `listener` until `shutdown` is cancelled.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    frames: Frames,
-    readiness: Arc<Readiness>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(frames, readiness))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 async fn upgrade(socket: WebSocketUpgrade, State(frames): State<Frames>) -> impl IntoResponse {

@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - [`KafkaConfig`]: brokers, topic names, partitions, raw librdkafka options.
-//! - [`KafkaConfig::client_config`]: an rdkafka [`ClientConfig`] with all of that applied.
+//! - [`KafkaConfig::client_config`]: an rdkafka [`ClientConfig`] with all of that applied;
+//!   [`KafkaConfig::producer_config`] adds the settings every producer of ours shares.
 //! - [`ensure_topics`]: create missing topics, leave existing ones alone.
 
 use std::time::Duration;
@@ -83,7 +84,30 @@ pub struct KafkaConfig {
     pub options: Vec<String>,
 }
 
+/// What every producer of ours promises: a record counts as written once all in-sync replicas
+/// have it, retries never duplicate or reorder it, and any payload the bridge accepts fits.
+///
+/// `message.timeout.ms`: after a broker restart the idempotent producer can hold records whose
+/// fate it does not know until they time out (the chaos suite once waited out the full 120 s
+/// then set). Our services produce failed records again themselves, so a short timeout bounds
+/// such a stall without losing anything; while Kafka is down they simply retry every 30 s.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("linger.ms", "5"),
+    ("compression.type", "lz4"),
+    ("message.max.bytes", "1048576"),
+    ("message.timeout.ms", "30000"),
+];
+
 impl KafkaConfig {
+    /// A producer configuration: [`PRODUCER_DEFAULTS`], then `extra`, then the pass-through
+    /// options.
+    pub fn producer_config(&self, extra: &[(&str, &str)]) -> Result<ClientConfig> {
+        let settings: Vec<(&str, &str)> = PRODUCER_DEFAULTS.iter().chain(extra).copied().collect();
+        self.client_config(&settings)
+    }
+
     /// A client configuration with the brokers and the pass-through options applied over
     /// `defaults` (the caller's settings for its kind of client).
     pub fn client_config(&self, defaults: &[(&str, &str)]) -> Result<ClientConfig> {

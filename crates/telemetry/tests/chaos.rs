@@ -11,7 +11,9 @@
 //!
 //! Settings (environment): `TELEMETRY_CHAOS_EVENTS` events per scenario (default 20,000),
 //! `TELEMETRY_CHAOS_RATE` publish rate per second (default 2,000), `TELEMETRY_CHAOS_OUTAGE_SECONDS`
-//! how long MariaDB and Kafka stay down (default 30). Arguments filter scenarios by name.
+//! how long MariaDB and Kafka stay down (default 30). Logs of the services are kept under
+//! `<state dir>/chaos/logs` when a scenario fails, or always with `TELEMETRY_CHAOS_KEEP_LOGS=1`.
+//! Arguments filter scenarios by name.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -371,7 +373,9 @@ impl<'a> Run<'a> {
             }
         }
         if problems.is_empty() {
-            let _ = std::fs::remove_dir_all(&self.log_dir);
+            if std::env::var_os("TELEMETRY_CHAOS_KEEP_LOGS").is_none() {
+                let _ = std::fs::remove_dir_all(&self.log_dir);
+            }
             Ok(format!(
                 "{expected} events, {rows} rows; caught up {:.1} s after the last publish",
                 waited.as_secs_f64()
