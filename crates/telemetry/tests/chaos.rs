@@ -86,6 +86,8 @@ impl Infrastructure {
 /// One `telemetry` process that can be killed and started again with the same settings.
 struct Service {
     name: String,
+    /// Where it serves `/readyz`; each process has a port of its own.
+    http_port: u16,
     args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -94,9 +96,17 @@ struct Service {
 }
 
 impl Service {
-    fn new(name: &str, args: &[&str], env: Vec<(String, String)>, log_dir: &Path) -> Self {
+    fn new(name: &str, args: &[&str], mut env: Vec<(String, String)>, log_dir: &Path) -> Self {
+        let http_port = free_port();
+        let listen = if args == ["bridge"] {
+            "TELEMETRY_BRIDGE_LISTEN"
+        } else {
+            "TELEMETRY_AUDIT_LISTEN"
+        };
+        env.push((listen.to_string(), format!("127.0.0.1:{http_port}")));
         Service {
             name: name.to_string(),
+            http_port,
             args: args.iter().map(ToString::to_string).collect(),
             env,
             log: log_dir.join(format!("{name}.log")),
@@ -159,6 +169,24 @@ impl Service {
         }
     }
 
+    /// Waits until the process answers 200 on `/readyz`.
+    async fn wait_ready(&self) -> Result<(), String> {
+        let address = format!("127.0.0.1:{}", self.http_port).parse().unwrap();
+        let ready = eventually(Duration::from_secs(60), || async {
+            matches!(http_get(address, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        if ready {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} did not become ready:\n{}",
+                self.name,
+                self.log_tail()
+            ))
+        }
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -199,7 +227,6 @@ struct Run<'a> {
     database: String,
     bridge: Service,
     audits: Vec<Service>,
-    bridge_port: u16,
     /// How many events the broker has acknowledged to the publisher so far.
     published: Arc<AtomicUsize>,
     log_dir: PathBuf,
@@ -212,7 +239,6 @@ impl<'a> Run<'a> {
         let log_dir = infrastructure.state_dir.join("logs").join(&id);
         std::fs::create_dir_all(&log_dir).unwrap();
         let database = format!("test_{id}");
-        let bridge_port = free_port();
         let common = vec![
             (
                 "TELEMETRY_KAFKA_BROKERS".to_string(),
@@ -235,10 +261,6 @@ impl<'a> Run<'a> {
             (
                 "TELEMETRY_MQTT_CLIENT_ID".to_string(),
                 format!("{id}-bridge"),
-            ),
-            (
-                "TELEMETRY_BRIDGE_LISTEN".to_string(),
-                format!("127.0.0.1:{bridge_port}"),
             ),
         ]);
         let mut audit_env = common;
@@ -264,33 +286,25 @@ impl<'a> Run<'a> {
                 })
                 .collect(),
             database,
-            bridge_port,
             published: Arc::new(AtomicUsize::new(0)),
             log_dir,
             prefix: id,
         }
     }
 
-    /// Starts the services and waits until the bridge holds its MQTT subscription, so the broker
-    /// keeps the session from the first event on.
+    /// Starts the services and waits until each is ready: the bridge holds its MQTT subscription
+    /// (so the broker keeps the session from the first event on), every audit instance has its
+    /// database.
     async fn start(&mut self) -> Result<(), String> {
         for audit in &mut self.audits {
             audit.start();
         }
         self.bridge.start();
-        let address = format!("127.0.0.1:{}", self.bridge_port).parse().unwrap();
-        let ready = eventually(Duration::from_secs(60), || async {
-            matches!(http_get(address, "/readyz").await, Ok((200, _)))
-        })
-        .await;
-        if ready {
-            Ok(())
-        } else {
-            Err(format!(
-                "the bridge did not become ready:\n{}",
-                self.bridge.log_tail()
-            ))
+        self.bridge.wait_ready().await?;
+        for audit in &self.audits {
+            audit.wait_ready().await?;
         }
+        Ok(())
     }
 
     /// Publishes the stream in the background.
@@ -477,6 +491,12 @@ async fn one_of_two_audits_killed(
     run.start().await?;
     let publisher = run.publish();
     run.wait_for_progress(0.4).await;
+    if !run.audits[1].is_running() {
+        return Err(format!(
+            "the second audit instance was not running:\n{}",
+            run.audits[1].log_tail()
+        ));
+    }
     run.audits[1].kill().await;
     run.verify(publisher).await
 }
