@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
-use telemetry_kafka::KafkaConfig;
+use telemetry_kafka::{KafkaConfig, RenewableProducer};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Result, RETRY_BACKOFF};
@@ -70,15 +70,12 @@ impl OutgoingRecord {
 }
 
 pub(crate) struct OutcomeSink {
-    producer: FutureProducer,
+    producer: RenewableProducer,
 }
 
 impl OutcomeSink {
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
-        let producer = kafka
-            .producer_config(&[])?
-            .create()
-            .map_err(telemetry_kafka::Error::from)?;
+        let producer = RenewableProducer::new(kafka.producer_config(&[])?)?;
         Ok(OutcomeSink { producer })
     }
 
@@ -108,6 +105,7 @@ impl OutcomeSink {
                     }
                     Err(error) => {
                         metrics::counter!("produce_retries_total", "service" => "audit").increment(1);
+                        self.producer.delivery_failed(&error);
                         tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
                         Some(record)
                     }
@@ -136,6 +134,7 @@ impl OutcomeSink {
         }
         let delivery = self
             .producer
+            .current()
             .send_result(future_record)
             .map_err(|(error, _)| error)?;
         match delivery.await {

@@ -9,8 +9,9 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use telemetry_core::names::headers;
+use telemetry_kafka::RenewableProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -18,29 +19,25 @@ use crate::mqtt_source::{Message, MqttHandle};
 use crate::websocket::{self, Frames};
 use crate::{BridgeConfig, Result};
 
-/// Wait before producing a message again after Kafka refused or failed it.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Shortest and longest wait before producing a message again after Kafka failed it.
+const RETRY_DELAY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
 /// A raw-topic producer. Cheap to clone: every clone shares one librdkafka producer.
 #[derive(Clone)]
 pub(crate) struct KafkaSink {
-    producer: FutureProducer,
+    producer: RenewableProducer,
     topic: Arc<str>,
     bridge_id: Arc<str>,
 }
 
-/// A message whose record Kafka has confirmed, or the error it failed with.
-type Delivered = (Message, Result<(), KafkaError>);
+/// A message whose record Kafka has confirmed.
+type Delivered = BoxFuture<'static, Message>;
 
 impl KafkaSink {
     pub fn new(config: &BridgeConfig) -> Result<Self> {
-        let producer = config
-            .kafka
-            // Failed records are produced again (see `settle`); meanwhile nothing is acknowledged
-            // and the MQTT broker buffers.
-            .producer_config(&[])?
-            .create()
-            .map_err(telemetry_kafka::Error::from)?;
+        // Failed records are produced again (see `settle`); meanwhile nothing is acknowledged and
+        // the MQTT broker buffers.
+        let producer = RenewableProducer::new(config.kafka.producer_config(&[])?)?;
         Ok(KafkaSink {
             producer,
             topic: Arc::from(config.kafka.raw_topic.as_str()),
@@ -52,7 +49,7 @@ impl KafkaSink {
     /// most `grace` and flushes the producer.
     pub async fn run(
         &self,
-        mut messages: mpsc::Receiver<Message>,
+        mut messages: mpsc::UnboundedReceiver<Message>,
         mqtt: &MqttHandle,
         frames: &Frames,
         max_in_flight: usize,
@@ -60,18 +57,18 @@ impl KafkaSink {
         shutdown: CancellationToken,
     ) {
         // Ordered, so acknowledgements go out in the order the broker sent the messages.
-        let mut in_flight: FuturesOrdered<BoxFuture<'static, Delivered>> = FuturesOrdered::new();
+        let mut in_flight: FuturesOrdered<Delivered> = FuturesOrdered::new();
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(delivered) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.settle(delivered, mqtt, &mut in_flight);
+                    acknowledge(&delivered, mqtt);
                 }
                 received = messages.recv(), if in_flight.len() < max_in_flight => match received {
                     Some(message) => {
                         websocket::broadcast(frames, &message);
-                        in_flight.push_back(self.produce(message));
+                        in_flight.push_back(self.deliver(message));
                     }
                     None => break,
                 },
@@ -82,7 +79,7 @@ impl KafkaSink {
         let pending = in_flight.len();
         let drain = async {
             while let Some(delivered) = in_flight.next().await {
-                self.settle(delivered, mqtt, &mut in_flight);
+                acknowledge(&delivered, mqtt);
             }
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
@@ -96,37 +93,31 @@ impl KafkaSink {
         }
     }
 
-    /// Acknowledges a confirmed message, or produces a failed one again (first in line, keeping
-    /// the acknowledgement order).
-    fn settle(
-        &self,
-        (message, result): Delivered,
-        mqtt: &MqttHandle,
-        in_flight: &mut FuturesOrdered<BoxFuture<'static, Delivered>>,
-    ) {
-        match result {
-            Ok(()) => {
-                metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw")
-                    .increment(1);
-                mqtt.ack(&message);
-            }
-            Err(error) => {
-                metrics::counter!("produce_retries_total", "service" => "bridge").increment(1);
-                tracing::warn!(%error, mqtt_topic = %message.publish.topic, "Producing to Kafka failed; retrying.");
-                let sink = self.clone();
-                in_flight.push_front(
-                    async move {
-                        tokio::time::sleep(RETRY_DELAY).await;
-                        sink.produce(message).await
+    /// Produces `message` until Kafka confirms it. Each message retries on its own, so many
+    /// failing at once (a broker restart, a purged producer queue) retry together, while
+    /// [`FuturesOrdered`] still hands them back in arrival order for acknowledgement.
+    fn deliver(&self, message: Message) -> Delivered {
+        let sink = self.clone();
+        async move {
+            let (mut delay, max_delay) = RETRY_DELAY;
+            loop {
+                match sink.produce(&message).await {
+                    Ok(()) => return message,
+                    Err(error) => {
+                        metrics::counter!("produce_retries_total", "service" => "bridge").increment(1);
+                        sink.producer.delivery_failed(&error);
+                        tracing::debug!(%error, mqtt_topic = %message.publish.topic, "Producing to Kafka failed; retrying.");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(max_delay);
                     }
-                    .boxed(),
-                );
+                }
             }
         }
+        .boxed()
     }
 
-    /// Hands the message to the producer; the future resolves when Kafka confirmed or failed it.
-    fn produce(&self, message: Message) -> BoxFuture<'static, Delivered> {
+    /// Produces `message` once; resolves when Kafka confirmed or failed it.
+    async fn produce(&self, message: &Message) -> Result<(), KafkaError> {
         let received_at = message.received_at.to_string();
         let record_headers = OwnedHeaders::new_with_capacity(3)
             .insert(Header {
@@ -148,22 +139,22 @@ impl KafkaSink {
             record = record.key(device_id.as_str());
         }
         // librdkafka copies key, payload and headers, so the record's borrows end here.
-        let sent = self
+        let delivery = self
             .producer
+            .current()
             .send_result(record)
-            .map_err(|(error, _)| error);
-        match sent {
-            Ok(delivery) => async move {
-                let result = match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(error),
-                    Err(_canceled) => Err(KafkaError::Canceled),
-                };
-                (message, result)
-            }
-            .boxed(),
-            // Refused at once (e.g. the local queue is full): report it so it is retried.
-            Err(error) => async move { (message, Err(error)) }.boxed(),
+            .map_err(|(error, _)| error)?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error),
+            Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
+}
+
+/// Counts a confirmed message and acknowledges it to the MQTT broker.
+fn acknowledge(message: &Message, mqtt: &MqttHandle) {
+    metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw")
+        .increment(1);
+    mqtt.ack(message);
 }

@@ -95,7 +95,8 @@ pub struct BridgeConfig {
     pub ws_buffer: usize,
 
     /// Most messages produced to Kafka but not yet acknowledged to MQTT. When reached, the
-    /// bridge stops reading from MQTT and the broker keeps the rest.
+    /// bridge stops producing and queues what the broker still sends; the broker's own in-flight
+    /// window (Mosquitto's `max_inflight_messages`) bounds that queue.
     #[arg(long, env = "TELEMETRY_BRIDGE_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 

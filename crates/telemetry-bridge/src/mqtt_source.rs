@@ -136,7 +136,7 @@ pub fn device_id_from_topic<'a>(filter: &str, topic: &'a str) -> Option<&'a str>
 pub(crate) fn start(
     config: &BridgeConfig,
     readiness: Arc<Readiness>,
-) -> Result<(MqttHandle, mpsc::Receiver<Message>)> {
+) -> Result<(MqttHandle, mpsc::UnboundedReceiver<Message>)> {
     let address = parse_mqtt_url(&config.mqtt_url)?;
     let mut options = MqttOptions::new(&config.mqtt_client_id, address.host, address.port);
     options
@@ -149,7 +149,10 @@ pub(crate) fn start(
         options.set_credentials(user, password);
     }
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    let (sender, receiver) = mpsc::channel(1024);
+    // Unbounded so that the MQTT task never waits and keeps answering pings: the broker's
+    // in-flight window (messages sent but not acknowledged, `max_inflight_messages` in
+    // Mosquitto; 1,000 in our configuration) is what bounds this queue.
+    let (sender, receiver) = mpsc::unbounded_channel();
     let generation = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let task = tokio::spawn(
@@ -179,7 +182,7 @@ struct Poller {
     eventloop: EventLoop,
     client: AsyncClient,
     filter: String,
-    sender: mpsc::Sender<Message>,
+    sender: mpsc::UnboundedSender<Message>,
     generation: Arc<AtomicU64>,
     readiness: Arc<Readiness>,
     stop: CancellationToken,
@@ -230,7 +233,7 @@ impl Poller {
                     };
                     // Closed while shutting down: the message stays unacknowledged and the broker
                     // redelivers it to the next bridge.
-                    let _ = self.sender.send(message).await;
+                    let _ = self.sender.send(message);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                 Ok(_) => {}

@@ -9,13 +9,17 @@
 //! - [`KafkaConfig::client_config`]: an rdkafka [`ClientConfig`] with all of that applied;
 //!   [`KafkaConfig::producer_config`] adds the settings every producer of ours shares.
 //! - [`ensure_topics`]: create missing topics, leave existing ones alone.
+//! - [`RenewableProducer`]: a producer that replaces its librdkafka instance when it stops
+//!   delivering.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use telemetry_core::names::topics;
 
@@ -154,4 +158,77 @@ pub async fn ensure_topics(config: &KafkaConfig, names: &[&str]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shortest life of a producer instance before a failure may replace it: the message timeout, so
+/// that while Kafka is simply down the instance is renewed at most once per timeout.
+const RENEW_AFTER: Duration = Duration::from_secs(30);
+
+/// A producer that replaces its librdkafka instance when deliveries keep failing.
+///
+/// Why: after a restart of a single-node broker, an idempotent librdkafka producer was seen (in
+/// the chaos suite) failing every new record at once with `MessageTimedOut` for minutes, never
+/// recovering by itself. A fresh instance (a new producer id) delivers at once. Callers produce
+/// failed records again themselves, so replacing the instance loses nothing: the old one's
+/// queued records fail with a purge error and are produced again on the new one.
+#[derive(Clone)]
+pub struct RenewableProducer {
+    inner: Arc<Renewable>,
+}
+
+struct Renewable {
+    config: ClientConfig,
+    /// Why a mutex: producers run on several tasks; the instance is swapped rarely.
+    current: Mutex<(FutureProducer, Instant)>,
+}
+
+impl RenewableProducer {
+    /// Creates the first instance from `config` (see [`KafkaConfig::producer_config`]).
+    pub fn new(config: ClientConfig) -> Result<Self> {
+        let producer: FutureProducer = config.create()?;
+        Ok(RenewableProducer {
+            inner: Arc::new(Renewable {
+                config,
+                current: Mutex::new((producer, Instant::now())),
+            }),
+        })
+    }
+
+    /// The current instance (cheap: a reference-counted handle).
+    pub fn current(&self) -> FutureProducer {
+        match self.inner.current.lock() {
+            Ok(current) => current.0.clone(),
+            Err(poisoned) => poisoned.into_inner().0.clone(),
+        }
+    }
+
+    /// Reports a failed delivery. Replaces the instance when it has lived at least
+    /// [`RENEW_AFTER`], so a broker outage renews it at most once per message timeout.
+    pub fn delivery_failed(&self, error: &KafkaError) {
+        let mut current = match self.inner.current.lock() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.1.elapsed() < RENEW_AFTER {
+            return;
+        }
+        match self.inner.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *current, (fresh, Instant::now())).0;
+                drop(current);
+                tracing::warn!(%error, "Kafka deliveries are failing; replaced the producer with a fresh instance.");
+                // Dropping purges its queue (those records fail and are produced again) and
+                // blocks for up to half a second: not on an async worker.
+                std::thread::spawn(move || drop(old));
+            }
+            Err(create_error) => {
+                tracing::error!(%create_error, "Could not create a fresh Kafka producer; keeping the current one.");
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for everything queued in the current instance.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        Ok(self.current().flush(timeout)?)
+    }
 }
