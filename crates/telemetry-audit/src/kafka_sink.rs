@@ -132,16 +132,7 @@ impl OutcomeSink {
         if let Some(payload) = &record.payload {
             future_record = future_record.payload(payload);
         }
-        let delivery = self
-            .producer
-            .current()
-            .send_result(future_record)
-            .map_err(|(error, _)| error)?;
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(error),
-            Err(_canceled) => Err(rdkafka::error::KafkaError::Canceled),
-        }
+        self.producer.send(future_record).await
     }
 
     /// Waits for anything still queued in the producer.

@@ -138,17 +138,7 @@ impl KafkaSink {
         if let Some(device_id) = &message.device_id {
             record = record.key(device_id.as_str());
         }
-        // librdkafka copies key, payload and headers, so the record's borrows end here.
-        let delivery = self
-            .producer
-            .current()
-            .send_result(record)
-            .map_err(|(error, _)| error)?;
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(error),
-            Err(_canceled) => Err(KafkaError::Canceled),
-        }
+        self.producer.send(record).await
     }
 }
 

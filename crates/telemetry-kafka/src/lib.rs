@@ -19,7 +19,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use telemetry_core::names::topics;
 
@@ -166,11 +167,11 @@ const RENEW_AFTER: Duration = Duration::from_secs(30);
 
 /// A producer that replaces its librdkafka instance when deliveries keep failing.
 ///
-/// Why: after a restart of a single-node broker, an idempotent librdkafka producer was seen (in
-/// the chaos suite) failing every new record at once with `MessageTimedOut` for minutes, never
-/// recovering by itself. A fresh instance (a new producer id) delivers at once. Callers produce
-/// failed records again themselves, so replacing the instance loses nothing: the old one's
-/// queued records fail with a purge error and are produced again on the new one.
+/// Why: a guard. After a broker restart an idempotent librdkafka producer holds records of
+/// unknown fate until they time out, and its recovery from there depends on broker and client
+/// versions; a fresh instance (a new producer id) starts clean. Callers produce failed records
+/// again themselves, so replacing the instance loses nothing: the old one's queued records fail
+/// with a purge error and are produced again on the new one.
 #[derive(Clone)]
 pub struct RenewableProducer {
     inner: Arc<Renewable>,
@@ -224,6 +225,26 @@ impl RenewableProducer {
             Err(create_error) => {
                 tracing::error!(%create_error, "Could not create a fresh Kafka producer; keeping the current one.");
             }
+        }
+    }
+
+    /// Produces `record` on the current instance; resolves when Kafka acknowledged it, or with
+    /// the error it failed with (the caller decides about retrying, and reports it through
+    /// [`RenewableProducer::delivery_failed`]).
+    pub async fn send<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), KafkaError>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        // librdkafka copies key, payload and headers, so the record's borrows end here.
+        let delivery = self
+            .current()
+            .send_result(record)
+            .map_err(|(error, _)| error)?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error),
+            Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
 
