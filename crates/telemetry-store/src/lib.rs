@@ -69,8 +69,12 @@ impl Store {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let options: MySqlConnectOptions = url.parse().map_err(Error::InvalidUrl)?;
         if !MySql::database_exists(url).await? {
-            MySql::create_database(url).await?;
-            tracing::info!("Created the telemetry database.");
+            match MySql::create_database(url).await {
+                Ok(()) => tracing::info!("Created the telemetry database."),
+                // Another instance starting at the same moment created it first.
+                Err(_) if MySql::database_exists(url).await? => {}
+                Err(error) => return Err(error.into()),
+            }
         }
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
