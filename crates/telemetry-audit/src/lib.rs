@@ -190,11 +190,25 @@ async fn consume(
         }
         source.store_offsets(&batch);
     }
-    source.commit_on_shutdown();
     sink.flush();
+    // The final commit and leaving the group need Kafka. While it is down they may block for long,
+    // so they get a few seconds on a thread of their own; whatever was not committed is read
+    // again on restart, and the idempotent insert absorbs it.
+    let (closed, closing) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        source.commit_on_shutdown();
+        drop(source);
+        let _ = closed.send(());
+    });
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        tracing::warn!("Kafka did not answer the final offset commit; the last batches will be read again on restart.");
+    }
     tracing::info!("Audit service stopped.");
     Ok(())
 }
+
+/// How long shutdown waits for the final offset commit and for leaving the consumer group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects and migrates, retrying while the database is unreachable. `None` when shut down first.
 async fn connect_store(
