@@ -145,11 +145,6 @@ impl Readiness {
             .map(|map| map.clone())
             .unwrap_or_default()
     }
-
-    /// Whether every check passes.
-    pub fn is_ready(&self) -> bool {
-        self.snapshot().values().all(|passing| *passing)
-    }
 }
 
 #[derive(Clone)]
