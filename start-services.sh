@@ -147,7 +147,7 @@ Telemetry pipeline is running.
   WebSocket:  ws://$bridge_http/ws
   Health:     http://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit); also /healthz, /metrics
   Try it:
-    mosquitto_pub -h 127.0.0.1 -p $mqtt_port -t devices/pico-1/telemetry -q 1 -m '{"device_id":"pico-1","device_ts":1764300000000,"temperature":21.5}'
+    mosquitto_pub -h 127.0.0.1 -p $mqtt_port -t devices/pico-1/telemetry -q 1 -m "{\\"device_id\\":\\"pico-1\\",\\"device_ts\\":\$(date +%s),\\"temp\\":21.5}"
     mariadb -h127.0.0.1 -P$mysql_port -utelemetry -ptelemetry telemetry -e 'select device_id, device_ts, metrics from telemetry order by id desc limit 3'
   Stop:       ./stop-services.sh   (--all also stops MariaDB, Mosquitto and Kafka)
 EOF

@@ -36,10 +36,10 @@ impl OutgoingRecord {
 
     /// The DLQ record of a rejected one: its key, bytes and headers unchanged, plus the reason and
     /// where it came from.
-    pub fn dead_letter(topic: &str, message: &OwnedMessage, code: &str, reason: &str) -> Self {
+    pub fn dead_letter(topic: &str, message: &OwnedMessage, reason: &DeadLetter<'_>) -> Self {
         let original = message.headers();
         let mut record_headers =
-            OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 5);
+            OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 8);
         if let Some(original) = original {
             for header in original.iter() {
                 record_headers = record_headers.insert(header);
@@ -47,17 +47,23 @@ impl OutgoingRecord {
         }
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
+        let version = reason.contract_version.to_string();
         for (key, value) in [
-            (headers::ERROR_CODE, code),
-            (headers::ERROR_MESSAGE, reason),
-            (headers::SOURCE_TOPIC, message.topic()),
-            (headers::SOURCE_PARTITION, partition.as_str()),
-            (headers::SOURCE_OFFSET, offset.as_str()),
+            (headers::ERROR_CODE, Some(reason.code)),
+            (headers::ERROR_MESSAGE, Some(reason.message)),
+            (headers::ERROR_FIELD, reason.field),
+            (headers::ERROR_RULE, reason.rule),
+            (headers::CONTRACT_VERSION, Some(version.as_str())),
+            (headers::SOURCE_TOPIC, Some(message.topic())),
+            (headers::SOURCE_PARTITION, Some(partition.as_str())),
+            (headers::SOURCE_OFFSET, Some(offset.as_str())),
         ] {
-            record_headers = record_headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
+            if let Some(value) = value {
+                record_headers = record_headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
         }
         OutgoingRecord {
             kind: "dlq",
@@ -67,6 +73,20 @@ impl OutgoingRecord {
             headers: record_headers,
         }
     }
+}
+
+/// Why a record goes to the DLQ, as its headers say it.
+pub(crate) struct DeadLetter<'a> {
+    /// The stable reason code.
+    pub code: &'a str,
+    /// The sentence for people.
+    pub message: &'a str,
+    /// The payload field at fault, when one is.
+    pub field: Option<&'a str>,
+    /// The contract rule that failed, when one did.
+    pub rule: Option<&'a str>,
+    /// The version of the contract the record was checked against.
+    pub contract_version: u32,
 }
 
 pub(crate) struct OutcomeSink {

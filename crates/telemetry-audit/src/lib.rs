@@ -22,14 +22,15 @@ use std::time::Duration;
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use telemetry_core::event::CleanedRecord;
+use telemetry_core::event::SequenceCheck;
 use telemetry_core::names::headers;
 use telemetry_core::validate::MAX_TIMESTAMP_MS;
-use telemetry_core::{validate, Limits, Outcome, Rejection, SourcePosition};
+use telemetry_core::{Contract, Outcome, Rejection, SequenceTracker, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
 use telemetry_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka_sink::{OutcomeSink, OutgoingRecord};
+use crate::kafka_sink::{DeadLetter, OutcomeSink, OutgoingRecord};
 use crate::kafka_source::KafkaSource;
 
 /// Errors that stop the audit service.
@@ -41,6 +42,9 @@ pub enum Error {
     /// The database could not be set up.
     #[error(transparent)]
     Store(#[from] telemetry_store::Error),
+    /// The contract could not be loaded.
+    #[error(transparent)]
+    Contract(#[from] telemetry_core::ContractError),
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
@@ -77,9 +81,11 @@ pub struct AuditConfig {
     #[arg(long, env = "TELEMETRY_AUDIT_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
 
-    /// Largest payload accepted, in bytes; larger ones go to the DLQ as `payload_too_large`.
-    #[arg(long, env = "TELEMETRY_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
-    pub max_payload_bytes: usize,
+    /// The payload contract: a TOML file (see `contracts/telemetry.toml`), or a JSON Schema
+    /// document when the name ends in `.json`. Without it, the contract compiled into the binary
+    /// (a copy of `contracts/telemetry.toml`) applies. Read at start-up: restart to apply changes.
+    #[arg(long, env = "TELEMETRY_CONTRACT")]
+    pub contract: Option<std::path::PathBuf>,
 
     /// How long shutdown lets the batch in hand finish (database write, produces) before
     /// abandoning it to be redelivered, in seconds.
@@ -113,10 +119,12 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duratio
 /// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
 /// finished if it can be within `shutdown_grace_seconds`; its offsets are committed only if it was.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
+    // A contract that does not load stops the service before it touches anything.
+    let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
     let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
-    let result = consume(&config, &readiness, &shutdown).await;
+    let result = consume(&config, validator, &readiness, &shutdown).await;
     shutdown.cancel();
     telemetry_ops::join(server).await?;
     result
@@ -125,6 +133,7 @@ pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()>
 /// The service proper: set up, then batch after batch until `shutdown`.
 async fn consume(
     config: &AuditConfig,
+    validator: Validator,
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -157,20 +166,18 @@ async fn consume(
     .await?;
     let source = KafkaSource::new(config)?;
     let sink = OutcomeSink::new(kafka)?;
-    let limits = Limits {
-        max_payload_bytes: config.max_payload_bytes,
-        ..Limits::default()
-    };
+    let mut sequences = SequenceTracker::new();
     tracing::info!(
         raw_topic = %kafka.raw_topic,
         group_id = %config.group_id,
+        contract_version = validator.contract().version,
         "Audit service started."
     );
 
     let linger = Duration::from_millis(config.batch_linger_ms);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
     while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
-        let decided = decide(&batch, &limits);
+        let decided = decide(&batch, &validator, &mut sequences);
         let span = tracing::debug_span!(
             "batch",
             records = batch.len(),
@@ -184,7 +191,13 @@ async fn consume(
         else {
             break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
-        let outgoing = outgoing_records(&batch, decided, refused, kafka);
+        let outgoing = outgoing_records(
+            &batch,
+            decided,
+            refused,
+            kafka,
+            validator.contract().version,
+        );
         if !sink.produce_all(outgoing, &abandon).await {
             break;
         }
@@ -205,6 +218,20 @@ async fn consume(
     }
     tracing::info!("Audit service stopped.");
     Ok(())
+}
+
+/// Loads the contract at `path`, or the one compiled into the binary.
+pub fn load_contract(path: Option<&std::path::Path>) -> Result<Contract> {
+    let contract = match path {
+        Some(path) => Contract::load(path)?,
+        None => Contract::from_toml(telemetry_core::contract::DEFAULT_CONTRACT_TOML)?,
+    };
+    tracing::info!(
+        version = contract.version,
+        path = %path.map_or_else(|| String::from("(built in)"), |path| path.display().to_string()),
+        "Loaded the payload contract."
+    );
+    Ok(contract)
 }
 
 /// How long shutdown waits for the final offset commit and for leaving the consumer group.
@@ -271,8 +298,12 @@ struct Decided {
     rejected: Vec<(usize, Rejection)>,
 }
 
-/// Validates every record of the batch.
-fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
+/// Validates every record of the batch, and flags `seq` gaps per device.
+fn decide(
+    batch: &[OwnedMessage],
+    validator: &Validator,
+    sequences: &mut SequenceTracker,
+) -> Decided {
     let mut decided = Decided {
         accepted: Vec::with_capacity(batch.len()),
         accepted_index: Vec::with_capacity(batch.len()),
@@ -281,8 +312,10 @@ fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
     metrics::counter!("events_received_total", "service" => "audit").increment(batch.len() as u64);
     for (index, message) in batch.iter().enumerate() {
         let payload = message.payload().unwrap_or_default();
-        match validate(payload, received_at(message), limits) {
-            Outcome::Accepted(event) => {
+        match validator.validate(payload, received_at(message)) {
+            Outcome::Accepted(mut event) => {
+                sequences.observe(&mut event);
+                count_quality(&event);
                 let source = SourcePosition {
                     topic: message.topic().to_string(),
                     partition: message.partition(),
@@ -305,6 +338,35 @@ fn decide(batch: &[OwnedMessage], limits: &Limits) -> Decided {
         }
     }
     decided
+}
+
+/// Counts what normalization did to an accepted event.
+fn count_quality(event: &telemetry_core::Event) {
+    let quality = &event.quality;
+    if quality.is_clean() {
+        return;
+    }
+    let count = |name: &'static str, value: usize| {
+        if value > 0 {
+            metrics::counter!(name, "service" => "audit").increment(value as u64);
+        }
+    };
+    count("fields_coerced_total", quality.coerced_fields.len());
+    count("fields_converted_total", quality.converted_fields.len());
+    count("fields_dropped_total", quality.dropped_fields.len());
+    count("events_late_total", usize::from(quality.late));
+    match quality.sequence {
+        Some(SequenceCheck::Gap { missing, .. }) => {
+            count("seq_gaps_total", 1);
+            count(
+                "seq_missing_total",
+                usize::try_from(missing).unwrap_or(usize::MAX),
+            );
+        }
+        Some(SequenceCheck::Regression { .. }) => count("seq_regressions_total", 1),
+        Some(SequenceCheck::Repeat) => count("seq_repeats_total", 1),
+        None => {}
+    }
 }
 
 /// Inserts the accepted events, retrying while the database is unavailable. When the database
@@ -369,14 +431,20 @@ fn outgoing_records(
     decided: Decided,
     refused: Vec<(usize, String)>,
     kafka: &KafkaConfig,
+    contract_version: u32,
 ) -> Vec<OutgoingRecord> {
     let mut outgoing = Vec::with_capacity(batch.len());
     for (index, rejection) in &decided.rejected {
         outgoing.push(OutgoingRecord::dead_letter(
             &kafka.dlq_topic,
             &batch[*index],
-            rejection.code(),
-            &rejection.to_string(),
+            &DeadLetter {
+                code: rejection.code(),
+                message: &rejection.to_string(),
+                field: rejection.field(),
+                rule: Some(rejection.rule()),
+                contract_version,
+            },
         ));
     }
     let mut refused = refused.into_iter().peekable();
@@ -386,8 +454,13 @@ fn outgoing_records(
             outgoing.push(OutgoingRecord::dead_letter(
                 &kafka.dlq_topic,
                 &batch[*index],
-                DB_REJECTED,
-                &format!("the database refused the record: {reason}"),
+                &DeadLetter {
+                    code: DB_REJECTED,
+                    message: &format!("the database refused the record: {reason}"),
+                    field: None,
+                    rule: None,
+                    contract_version,
+                },
             ));
             continue;
         }

@@ -1,40 +1,47 @@
-//! Validate + normalize throughput over a realistic mix: 80% valid, 20% invalid payloads (130
-//! bytes on average; the group name carries the exact figure), as a fleet sends them. Run: `cargo bench -p telemetry-core --bench validate`.
+//! Validate + normalize throughput over a realistic mix: 80% valid, 20% invalid payloads of about
+//! 200 bytes (the group name carries the exact average), as a fleet sends them, through the
+//! shipped contract. Run: `cargo bench -p telemetry-core --bench validate`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use telemetry_core::{validate, Limits, Outcome};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use telemetry_core::{Contract, Outcome, Validator};
+
+/// When the bridge received every payload: 2025-11-28T03:20:00Z plus a little.
+const RECEIVED_AT: i64 = 1_764_300_000_500;
 
 /// 1,000 payloads: 800 valid in the forms devices use, 200 invalid of every kind.
 fn fleet_mix() -> Vec<Vec<u8>> {
     let mut payloads = Vec::with_capacity(1_000);
     for index in 0..1_000u64 {
         let device = index % 50;
-        let ts = 1_764_300_000_000 + index * 1_000;
+        let ts = 1_764_300_000_000 - (1_000 - index) * 50;
         let payload = match index % 10 {
-            // Valid: milliseconds, seconds, RFC 3339, with a sequence number and a few metrics.
+            // Valid: canonical names in milliseconds, with firmware kept as an attribute.
             0..=3 => format!(
-                r#"{{"device_id":"pico-{device:04}","device_ts":{ts},"seq":{index},"temperature":{:.2},"humidity":{:.1},"battery_v":3.71,"rssi":-67,"firmware":"1.4.2"}}"#,
+                r#"{{"device_id":"pico-w-{device:04}","device_ts":{ts},"seq":{index},"temperature_c":{:.2},"humidity_pct":{:.1},"battery_v":3.71,"rssi_dbm":-67,"pressure_hpa":1013.2,"uptime_s":{},"firmware":"rp2040-1.4.2"}}"#,
                 20.0 + (index % 70) as f64 / 10.0,
-                40.0 + (index % 30) as f64
+                40.0 + (index % 30) as f64,
+                index * 60
             ),
+            // Valid: aliases, seconds, a unit conversion and a numeric string.
             4..=5 => format!(
-                r#"{{"device_id":"pico-{device:04}","device_ts":{},"seq":{index},"temperature":21.37,"humidity":44.5,"pressure_hpa":1013.2,"battery_v":3.69}}"#,
+                r#"{{"deviceId":"pico-w-{device:04}","ts":{},"seq":{index},"temp":21.37,"humidity":"44.5","pressure":1013.2,"battery_mv":3690,"rssi":-71,"uptime_s":86400,"wifi_channel":6}}"#,
                 ts / 1_000
             ),
+            // Valid: RFC 3339 with an offset, Fahrenheit.
             6..=7 => format!(
-                r#"{{"device_id":"pico-{device:04}","device_ts":"2025-11-28T03:{:02}:{:02}.250+01:00","seq":{index},"temperature":19.8,"humidity":51.0,"battery_v":3.7}}"#,
-                index % 60,
+                r#"{{"device_id":"pico-w-{device:04}","device_ts":"2025-11-28T04:19:{:02}.250+01:00","seq":{index},"temperature_f":67.6,"humidity":51.0,"battery_v":3.7,"rssi_dbm":-80,"pressure_hpa":1009.9,"firmware":"rp2040-1.4.2"}}"#,
                 index % 60
             ),
-            // Invalid: missing id, bad timestamp, not JSON, truncated.
-            8 => match index % 4 {
-                0 => format!(r#"{{"device_ts":{ts},"seq":{index},"temperature":21.5,"humidity":40.0,"battery_v":3.7,"rssi":-70}}"#),
-                1 => format!(r#"{{"device_id":"pico-{device:04}","device_ts":"yesterday at noon","temperature":21.5,"humidity":40.0}}"#),
-                2 => "temperature=21.5;humidity=40.0;battery=3.7;device=pico-0001;ts=1764300000000;seq=5".to_string(),
-                _ => format!(r#"{{"device_id":"pico-{device:04}","device_ts":{ts},"seq":{index},"temperature":21.5,"humid"#),
+            // Invalid: missing id, bad timestamp, not JSON, truncated, out of range.
+            8 => match index % 5 {
+                0 => format!(r#"{{"device_ts":{ts},"seq":{index},"temperature_c":21.5,"humidity_pct":40.0,"battery_v":3.7,"rssi_dbm":-70,"pressure_hpa":1013.2,"firmware":"1.4.2"}}"#),
+                1 => format!(r#"{{"device_id":"pico-w-{device:04}","device_ts":"yesterday at noon","seq":{index},"temperature_c":21.5,"humidity_pct":40.0,"battery_v":3.7,"rssi_dbm":-70}}"#),
+                2 => "temperature=21.5;humidity=40.0;battery=3.7;device=pico-w-0001;ts=1764300000000;seq=5;rssi=-70;pressure=1013.2;firmware=1.4.2;uptime=86400;mode=eco".to_string(),
+                3 => format!(r#"{{"device_id":"pico-w-{device:04}","device_ts":{ts},"seq":{index},"temperature_c":21.5,"humidity_pct":40.0,"battery_v":3.7,"rssi_dbm":-70,"pressure_hpa":10"#),
+                _ => format!(r#"{{"device_id":"pico-w-{device:04}","device_ts":{ts},"seq":{index},"temperature_c":21.5,"humidity_pct":140.0,"battery_v":3.7,"rssi_dbm":-70,"pressure_hpa":1013.2}}"#),
             },
-            _ => format!(r#"{{"device_id":{device},"device_ts":{ts},"seq":{index},"temperature":21.5,"humidity":40.0,"battery_v":3.7}}"#),
+            _ => format!(r#"{{"device_id":{device},"device_ts":{ts},"seq":{index},"temperature_c":21.5,"humidity_pct":40.0,"battery_v":3.7,"rssi_dbm":-70,"pressure_hpa":1013.2,"firmware":"1.4.2"}}"#),
         };
         payloads.push(payload.into_bytes());
     }
@@ -42,12 +49,13 @@ fn fleet_mix() -> Vec<Vec<u8>> {
 }
 
 fn bench_validate(criterion: &mut Criterion) {
+    let validator = Validator::new(Contract::default()).unwrap();
     let payloads = fleet_mix();
     let accepted = payloads
         .iter()
         .filter(|payload| {
             matches!(
-                validate(payload, 0, &Limits::default()),
+                validator.validate(payload, RECEIVED_AT),
                 Outcome::Accepted(_)
             )
         })
@@ -57,19 +65,49 @@ fn bench_validate(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group(format!("validate_fleet_mix_{average}_bytes"));
     group.throughput(Throughput::Elements(payloads.len() as u64));
     group.bench_function("validate_and_normalize", |bencher| {
-        bencher.iter_batched(
-            || (),
-            |()| {
-                for payload in &payloads {
-                    std::hint::black_box(validate(
-                        std::hint::black_box(payload),
-                        1_764_300_000_500,
-                        &Limits::default(),
-                    ));
+        bencher.iter(|| {
+            for payload in &payloads {
+                std::hint::black_box(
+                    validator.validate(std::hint::black_box(payload), RECEIVED_AT),
+                );
+            }
+        });
+    });
+    for kind in [0usize, 4, 6, 8, 9] {
+        let subset: Vec<&Vec<u8>> = payloads
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let k = i % 10;
+                match kind {
+                    0 => k <= 3,
+                    4 => k == 4 || k == 5,
+                    6 => k == 6 || k == 7,
+                    8 => k == 8,
+                    _ => k == 9,
                 }
-            },
-            BatchSize::SmallInput,
-        );
+            })
+            .map(|(_, p)| p)
+            .collect();
+        group.bench_function(format!("subset_{kind}"), |bencher| {
+            bencher.iter(|| {
+                for payload in &subset {
+                    std::hint::black_box(
+                        validator.validate(std::hint::black_box(payload), RECEIVED_AT),
+                    );
+                }
+            });
+        });
+    }
+    // The floor under any serde-based engine: parsing the same bytes and throwing them away.
+    group.bench_function("serde_json_parse_only", |bencher| {
+        bencher.iter(|| {
+            for payload in &payloads {
+                let _ = std::hint::black_box(serde_json::from_slice::<serde::de::IgnoredAny>(
+                    std::hint::black_box(payload),
+                ));
+            }
+        });
     });
     group.finish();
 }

@@ -1,14 +1,21 @@
 //! The normalized telemetry event.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::contract::fields;
+
+/// A metric's name: borrowed from the contract for declared metrics, owned for others.
+pub type MetricName = Cow<'static, str>;
 
 /// A validated, normalized telemetry event: what lands in the `telemetry` table and, as JSON, on
 /// the cleaned topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// The device that produced the event (non-empty, at most [`crate::Limits::max_device_id_len`]).
+    /// The device that produced the event.
     pub device_id: String,
     /// Device time, UTC milliseconds since the Unix epoch.
     pub device_ts: i64,
@@ -17,12 +24,92 @@ pub struct Event {
     /// The device's sequence number, when it sends one; part of the event's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
-    /// Numeric metrics by name, in name order.
-    pub metrics: BTreeMap<String, f64>,
-    /// Fields of the payload that were neither identity nor numeric, so not stored as metrics.
-    /// Listed so that nothing is dropped silently; the raw topic keeps their values.
+    /// Numeric metrics by canonical name, in the contract's units, in name order.
+    pub metrics: BTreeMap<MetricName, f64>,
+    /// Fields the contract does not declare and that are not numbers, kept as sent (when the
+    /// contract keeps unknown fields).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, Value>,
+    /// The version of the contract that accepted the event; 0 for events from before contracts.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// What normalization did and noticed, beyond accepting the event.
+    #[serde(default, skip_serializing_if = "Quality::is_clean")]
+    pub quality: Quality,
+}
+
+/// What normalization did to an event and what it noticed, so nothing changes silently.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quality {
+    /// Device time is behind the receive time by more than the contract's `late_after_seconds`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
+    /// Payload fields whose numbers were sent as strings and coerced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ignored_fields: Vec<String>,
+    pub coerced_fields: Vec<String>,
+    /// Payload fields converted from another unit (e.g. `temperature_f`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub converted_fields: Vec<String>,
+    /// Payload fields removed because the contract drops unknown fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_fields: Vec<String>,
+    /// How `seq` relates to the device's previous event, when it is not the next number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<SequenceCheck>,
+}
+
+impl Quality {
+    /// Whether there is nothing to report.
+    pub fn is_clean(&self) -> bool {
+        *self == Quality::default()
+    }
+}
+
+/// A device's `seq` compared with the one before it, as the audit service saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SequenceCheck {
+    /// Numbers were skipped: `missing` events between `previous` and this one never arrived (yet).
+    Gap {
+        /// The device's previous `seq`.
+        previous: i64,
+        /// How many numbers were skipped.
+        missing: i64,
+    },
+    /// The number went backwards: the device restarted its counter, or events were reordered.
+    Regression {
+        /// The device's previous `seq`.
+        previous: i64,
+    },
+    /// The same number again: a redelivery, or a device that does not count.
+    Repeat,
+}
+
+impl Event {
+    /// The event as the canonical payload a device following the contract would send: identity
+    /// fields, metrics and attributes flat, `device_ts` as RFC 3339 UTC (unambiguous at any
+    /// magnitude). Validating it again gives back the same event: normalization is idempotent.
+    pub fn canonical_payload(&self) -> Value {
+        let mut payload = Map::new();
+        payload.insert(
+            fields::DEVICE_ID.into(),
+            Value::from(self.device_id.clone()),
+        );
+        let device_ts = chrono::DateTime::from_timestamp_millis(self.device_ts)
+            .map(|time| Value::from(time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            .unwrap_or_else(|| Value::from(self.device_ts));
+        payload.insert(fields::DEVICE_TS.into(), device_ts);
+        if let Some(seq) = self.seq {
+            payload.insert(fields::SEQ.into(), Value::from(seq));
+        }
+        for (name, value) in &self.metrics {
+            payload.insert(name.to_string(), Value::from(*value));
+        }
+        for (name, value) in &self.attributes {
+            payload.insert(name.clone(), value.clone());
+        }
+        Value::Object(payload)
+    }
 }
 
 /// Where a record sits in Kafka. Stored with each row so any row can be traced to its raw record.

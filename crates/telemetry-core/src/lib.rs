@@ -1,17 +1,24 @@
-//! The telemetry event model and the rules that decide, for every raw record, whether it is
-//! accepted (and normalized) or rejected (with a stable reason code).
+//! The telemetry event model and the engine that decides, for every raw record, whether it is
+//! accepted (and normalized) or rejected (with a stable reason code), following a declarative
+//! contract that operators change without recompiling.
 //!
-//! Nothing here does I/O: the bridge and the audit service feed bytes in and act on the
-//! [`Outcome`], so the rules can be tested, fuzzed and benchmarked alone.
+//! Nothing here does I/O: the audit service feeds bytes in and acts on the [`Outcome`], so the
+//! rules can be tested, fuzzed and benchmarked alone.
 //!
 //! # Layout
 //! - [`names`]: Kafka topic names and record header keys, the one place they are spelled.
+//! - [`contract`]: the [`Contract`], loaded from TOML or JSON Schema and exported as JSON Schema.
+//! - [`validate`]: the [`Validator`] compiled from a contract, [`Outcome`], [`Rejection`], [`Code`].
+//! - [`sequence`]: per-device `seq` gap and regression flags.
 //! - [`event`]: the normalized [`Event`] and its place in Kafka, [`SourcePosition`].
-//! - [`validate`]: [`validate()`], [`Outcome`] and [`Rejection`] with its reason codes.
 
+pub mod contract;
 pub mod event;
 pub mod names;
+pub mod sequence;
 pub mod validate;
 
-pub use event::{Event, SourcePosition};
-pub use validate::{validate, Limits, Outcome, Rejection};
+pub use contract::{Contract, ContractError};
+pub use event::{Event, MetricName, Quality, SequenceCheck, SourcePosition};
+pub use sequence::SequenceTracker;
+pub use validate::{Code, Outcome, Rejection, Validator};

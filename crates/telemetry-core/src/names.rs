@@ -23,6 +23,12 @@ pub mod headers {
     pub const ERROR_CODE: &str = "error.code";
     /// On DLQ records: a human-readable explanation naming the field and value.
     pub const ERROR_MESSAGE: &str = "error.message";
+    /// On DLQ records: the payload field at fault, as the device named it (when one is).
+    pub const ERROR_FIELD: &str = "error.field";
+    /// On DLQ records: the contract rule that failed, e.g. `metrics.temperature_c.max = 125`.
+    pub const ERROR_RULE: &str = "error.rule";
+    /// On DLQ records: the version of the contract the record was checked against.
+    pub const CONTRACT_VERSION: &str = "contract.version";
     /// On DLQ records: the topic the rejected record was read from.
     pub const SOURCE_TOPIC: &str = "source.topic";
     /// On DLQ records: the partition the rejected record was read from (decimal ASCII).

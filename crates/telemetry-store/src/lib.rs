@@ -106,6 +106,7 @@ impl Store {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut insert = QueryBuilder::<MySql>::new(
                 "INSERT INTO telemetry (device_id, device_ts, seq, received_at, metrics, \
+                 schema_version, attributes, quality, \
                  source_topic, source_partition, source_offset) ",
             );
             insert.push_values(chunk, |mut values, row| {
@@ -115,6 +116,9 @@ impl Store {
                     .push_bind(row.record.event.seq)
                     .push_bind(row.received_at)
                     .push_bind(&row.metrics)
+                    .push_bind(row.record.event.schema_version)
+                    .push_bind(&row.attributes)
+                    .push_bind(&row.quality)
                     .push_bind(&row.record.source.topic)
                     .push_bind(row.record.source.partition)
                     .push_bind(row.record.source.offset);
@@ -138,6 +142,8 @@ struct Row<'a> {
     device_ts: chrono::NaiveDateTime,
     received_at: chrono::NaiveDateTime,
     metrics: String,
+    attributes: Option<String>,
+    quality: Option<String>,
 }
 
 impl<'a> Row<'a> {
@@ -146,10 +152,20 @@ impl<'a> Row<'a> {
             record,
             device_ts: utc_datetime(record.event.device_ts)?,
             received_at: utc_datetime(record.event.received_at)?,
-            metrics: serde_json::to_string(&record.event.metrics)
-                .map_err(|error| Error::Database(sqlx::Error::Encode(Box::new(error))))?,
+            metrics: json(&record.event.metrics)?,
+            attributes: (!record.event.attributes.is_empty())
+                .then(|| json(&record.event.attributes))
+                .transpose()?,
+            quality: (!record.event.quality.is_clean())
+                .then(|| json(&record.event.quality))
+                .transpose()?,
         })
     }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|error| Error::Database(sqlx::Error::Encode(Box::new(error))))
 }
 
 fn utc_datetime(millis: i64) -> Result<chrono::NaiveDateTime> {

@@ -1,6 +1,8 @@
 //! `telemetry`: the one binary of telemetry-pipeline. Each subcommand runs one service; this file
 //! only parses arguments, sets up logging and signals, and calls the service's `run`.
 
+mod contract_tool;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -31,12 +33,17 @@ enum Command {
     Bridge(telemetry_bridge::BridgeConfig),
     /// Kafka raw topic → validate → MySQL `telemetry` table + cleaned topic + DLQ.
     Audit(telemetry_audit::AuditConfig),
+    /// Check, show or export the payload contract, or try payloads against it.
+    Contract(contract_tool::ContractArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Command::Contract(args) = cli.command {
+        return contract_tool::run(args);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match cli.command {
@@ -46,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Audit(config) => telemetry_audit::run(config, shutdown)
             .await
             .context("the audit service stopped with an error"),
+        Command::Contract(_) => Ok(()), // Handled above, before any service starts.
     }
 }
 

@@ -218,7 +218,12 @@ impl Settings {
 }
 
 const DEVICES: usize = 10;
-const BASE_TS: i64 = 1_764_300_000_000;
+/// Device time of the first event: two days ago, so that even 100,000 events a second apart stay
+/// in the past (the contract rejects device time more than 5 minutes ahead).
+fn base_ts() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (chrono::Utc::now().timestamp() - 2 * 86_400) * 1_000)
+}
 
 /// One scenario: a bridge, one or more audit instances, a publisher, and faults.
 struct Run<'a> {
@@ -327,7 +332,7 @@ impl<'a> Run<'a> {
                 let topic = format!("{}/devices/dev-{device}/telemetry", self.prefix);
                 let payload = json!({
                     "device_id": format!("dev-{device}"),
-                    "device_ts": BASE_TS + i64::try_from(seq).unwrap() * 1_000,
+                    "device_ts": base_ts() + i64::try_from(seq).unwrap() * 1_000,
                     "seq": seq,
                     "temperature": 20.0 + (seq % 100) as f64 / 10.0,
                 });

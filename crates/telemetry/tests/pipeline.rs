@@ -7,74 +7,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use serde_json::{json, Value};
-use telemetry_audit::AuditConfig;
 use telemetry_bridge::{Bridge, BridgeConfig};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
-use telemetry_kafka::KafkaConfig;
 use telemetry_testkit::{
-    database_url, eventually, http_get, kafka_brokers, mqtt_url, produce, publish_qos1, read_topic,
-    unique, TestRecord,
+    database_url, eventually, http_get, mqtt_url, produce, publish_qos1, read_topic, unique,
+    TestRecord,
 };
 use tokio_util::sync::CancellationToken;
 
-const BASE_TS: i64 = 1_764_300_000_000;
-
-fn kafka_config(id: &str) -> KafkaConfig {
-    KafkaConfig {
-        brokers: kafka_brokers(),
-        raw_topic: format!("{id}.raw"),
-        cleaned_topic: format!("{id}.cleaned"),
-        dlq_topic: format!("{id}.dlq"),
-        topic_partitions: 3,
-        topic_replication_factor: 1,
-        options: Vec::new(),
-    }
-}
-
-fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
-    AuditConfig {
-        mysql_url: database_url(id),
-        mysql_max_connections: 4,
-        group_id: group.to_string(),
-        batch_size: 500,
-        batch_linger_ms: 20,
-        max_payload_bytes: 65_536,
-        listen: "127.0.0.1:0".to_string(),
-        shutdown_grace_seconds: 10,
-        kafka: kafka.clone(),
-    }
-}
-
-fn header<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a str> {
-    message
-        .headers()?
-        .iter()
-        .find(|header| header.key == key)
-        .and_then(|header| header.value)
-        .and_then(|value| std::str::from_utf8(value).ok())
-}
-
-fn payload(message: &OwnedMessage) -> Vec<u8> {
-    message.payload().unwrap_or_default().to_vec()
-}
-
-/// The value of the Prometheus sample `name` that carries all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
+mod common;
+use common::{audit_config, base_ts, header, kafka_config, metric, payload};
 
 async fn row_count(pool: &sqlx::MySqlPool) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
@@ -92,6 +37,8 @@ struct StoredRow {
     temperature: f64,
     battery_v: f64,
     firmware: Option<String>,
+    firmware_metric: Option<String>,
+    schema_version: i64,
     source_topic: String,
 }
 
@@ -133,6 +80,7 @@ impl ValidEvent {
 
 /// The malformed payloads a fleet really sends, each with the code it must get.
 fn malformed() -> Vec<(&'static str, Vec<u8>)> {
+    let ts = base_ts();
     vec![
         ("invalid_json", b"temperature=21.5".to_vec()),
         ("empty_payload", Vec::new()),
@@ -164,7 +112,7 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "invalid_seq",
-            br#"{"device_id":"pico-x","device_ts":1764300000000,"seq":"one"}"#.to_vec(),
+            format!(r#"{{"device_id":"pico-x","device_ts":{ts},"seq":"one"}}"#).into_bytes(),
         ),
     ]
 }
@@ -218,7 +166,7 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
             let event = ValidEvent {
                 device_id: format!("dev-{device}"),
                 seq,
-                device_ts: BASE_TS + seq * 1_000 + device,
+                device_ts: base_ts() + seq * 1_000 + device,
                 temperature: (device * 100 + seq) as f64 / 10.0,
             };
             let topic = format!("{id}/devices/{}/telemetry", event.device_id);
@@ -246,9 +194,11 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
         // A binary collation reads as VARBINARY in sqlx; CAST gives the text back.
         "SELECT CAST(device_id AS CHAR) AS device_id, seq, \
                 CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', device_ts) DIV 1000 AS SIGNED) AS ts, \
-                CAST(JSON_VALUE(metrics, '$.temperature') AS DOUBLE) AS temperature, \
+                CAST(JSON_VALUE(metrics, '$.temperature_c') AS DOUBLE) AS temperature, \
                 CAST(JSON_VALUE(metrics, '$.battery_v') AS DOUBLE) AS battery_v, \
-                JSON_VALUE(metrics, '$.firmware') AS firmware, \
+                CAST(JSON_VALUE(attributes, '$.firmware') AS CHAR) AS firmware, \
+                CAST(JSON_VALUE(metrics, '$.firmware') AS CHAR) AS firmware_metric, \
+                CAST(schema_version AS SIGNED) AS schema_version, \
                 source_topic \
          FROM telemetry",
     )
@@ -271,7 +221,13 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
         );
         assert_eq!(row.temperature, event.temperature);
         assert_eq!(row.battery_v, 3.7);
-        assert_eq!(row.firmware, None, "string fields are not metrics");
+        assert_eq!(
+            row.firmware.as_deref(),
+            Some("1.0.3"),
+            "kept as an attribute"
+        );
+        assert_eq!(row.firmware_metric, None, "string fields are not metrics");
+        assert_eq!(row.schema_version, 1, "stamped with the contract's version");
         assert_eq!(row.source_topic, kafka.raw_topic);
     }
 
@@ -288,13 +244,14 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
     for message in &cleaned {
         let record: CleanedRecord = serde_json::from_slice(&payload(message)).unwrap();
         assert_eq!(message.key(), Some(record.event.device_id.as_bytes()));
-        assert_eq!(record.event.ignored_fields, vec!["firmware".to_string()]);
+        assert_eq!(record.event.attributes["firmware"], json!("1.0.3"));
+        assert_eq!(record.event.schema_version, 1);
         cleaned_by_identity.insert((record.event.device_id.clone(), record.event.seq), record);
     }
     for event in &valid {
         let record = &cleaned_by_identity[&(event.device_id.clone(), Some(event.seq))];
         assert_eq!(record.event.device_ts, event.device_ts);
-        assert_eq!(record.event.metrics["temperature"], event.temperature);
+        assert_eq!(record.event.metrics["temperature_c"], event.temperature);
         assert_eq!(record.source.topic, kafka.raw_topic);
     }
 
@@ -358,7 +315,7 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
                     .unwrap()
                     .parse::<i64>()
                     .unwrap()
-                    > BASE_TS
+                    > base_ts()
             );
             (topic, payload(message))
         })
@@ -384,7 +341,7 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
         .map(|frame| {
             let topic = frame["topic"].as_str().unwrap().to_string();
             assert_eq!(frame["device_id"].as_str(), topic.split('/').nth(2));
-            assert!(frame["received_at"].as_i64().unwrap() > BASE_TS);
+            assert!(frame["received_at"].as_i64().unwrap() > base_ts());
             (topic, frame["payload"].to_string())
         })
         .collect();
@@ -458,10 +415,10 @@ async fn consuming_the_raw_topic_again_adds_no_duplicate_rows() {
         let seq = if seq >= 90 { seq - 90 } else { seq };
         records.push(TestRecord {
             key: Some(b"dev-1".to_vec()),
-            payload: json!({"device_id": "dev-1", "device_ts": BASE_TS + seq * 1000, "seq": seq, "v": seq})
+            payload: json!({"device_id": "dev-1", "device_ts": base_ts() + seq * 1000, "seq": seq, "v": seq})
                 .to_string()
                 .into_bytes(),
-            headers: vec![(headers::RECEIVED_AT.to_string(), (BASE_TS + 5_000).to_string().into_bytes())],
+            headers: vec![(headers::RECEIVED_AT.to_string(), (base_ts() + 5_000).to_string().into_bytes())],
         });
     }
     records.push(TestRecord {
@@ -516,7 +473,7 @@ async fn consuming_the_raw_topic_again_adds_no_duplicate_rows() {
     .unwrap();
     assert_eq!(
         received_at,
-        vec![BASE_TS + 5_000],
+        vec![base_ts() + 5_000],
         "received_at comes from the bridge's header"
     );
 }
@@ -535,7 +492,7 @@ async fn a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_flows() {
     store.migrate().await.unwrap();
     sqlx::query(
         "ALTER TABLE telemetry ADD CONSTRAINT plausible_temperature \
-         CHECK (JSON_VALUE(metrics, '$.temperature') < 1000)",
+         CHECK (JSON_VALUE(metrics, '$.temperature_c') < 100)",
     )
     .execute(store.pool())
     .await
@@ -544,10 +501,11 @@ async fn a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_flows() {
     let poisoned = [7, 23, 24];
     let records: Vec<TestRecord> = (0..60)
         .map(|seq| {
-            let temperature = if poisoned.contains(&seq) { 5000 } else { 20 };
+            // 110 °C is within the contract's range, so only the database refuses it.
+            let temperature = if poisoned.contains(&seq) { 110 } else { 20 };
             TestRecord {
                 key: Some(b"dev-1".to_vec()),
-                payload: json!({"device_id": "dev-1", "device_ts": BASE_TS + seq * 1000,
+                payload: json!({"device_id": "dev-1", "device_ts": base_ts() + seq * 1000,
                                 "seq": seq, "temperature": temperature})
                 .to_string()
                 .into_bytes(),

@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests that run the services in-process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use telemetry_audit::AuditConfig;
+use telemetry_kafka::KafkaConfig;
+use telemetry_testkit::{database_url, kafka_brokers};
+
+/// Device time of the tests' events: ten minutes ago, on a whole second, so it is within the
+/// contract's clock-skew limits and not late.
+pub fn base_ts() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (chrono::Utc::now().timestamp() - 600) * 1_000)
+}
+
+pub fn kafka_config(id: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: kafka_brokers(),
+        raw_topic: format!("{id}.raw"),
+        cleaned_topic: format!("{id}.cleaned"),
+        dlq_topic: format!("{id}.dlq"),
+        topic_partitions: 3,
+        topic_replication_factor: 1,
+        options: Vec::new(),
+    }
+}
+
+pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
+    AuditConfig {
+        mysql_url: database_url(id),
+        mysql_max_connections: 4,
+        group_id: group.to_string(),
+        batch_size: 500,
+        batch_linger_ms: 20,
+        contract: None,
+        listen: "127.0.0.1:0".to_string(),
+        shutdown_grace_seconds: 10,
+        kafka: kafka.clone(),
+    }
+}
+
+pub fn header<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a str> {
+    message
+        .headers()?
+        .iter()
+        .find(|header| header.key == key)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+}
+
+pub fn payload(message: &OwnedMessage) -> Vec<u8> {
+    message.payload().unwrap_or_default().to_vec()
+}
+
+/// The value of the Prometheus sample `name` that carries all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
