@@ -316,6 +316,12 @@ impl Contract {
         if limits.max_payload_bytes == 0 || limits.max_depth == 0 || limits.max_fields == 0 {
             return Err(invalid("limits", "must all be 1 or more"));
         }
+        if limits.max_depth > crate::json_reader::MAX_DEPTH_LIMIT {
+            return Err(invalid(
+                "limits.max_depth",
+                format!("must be at most {}", crate::json_reader::MAX_DEPTH_LIMIT),
+            ));
+        }
         if self.device_id.max_length == 0 || self.device_id.max_length > MAX_DEVICE_ID_LENGTH {
             return Err(invalid(
                 "device_id.max_length",
@@ -726,6 +732,16 @@ mod tests {
         );
         assert_eq!(schema["properties"]["rssi_dbm"]["type"], json!("integer"));
         assert_eq!(schema["additionalProperties"], json!(true));
+    }
+
+    #[test]
+    fn a_json_file_loads_as_a_json_schema() {
+        let contract = Contract::default();
+        let path = std::env::temp_dir().join(format!("contract-{}.json", std::process::id()));
+        std::fs::write(&path, contract.to_json_schema().to_string()).unwrap();
+        let loaded = Contract::load(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(loaded.unwrap(), contract);
     }
 
     #[test]

@@ -14,11 +14,12 @@
 
 pub mod contract;
 pub mod event;
+mod json_reader;
 pub mod names;
 pub mod sequence;
 pub mod validate;
 
 pub use contract::{Contract, ContractError};
-pub use event::{Event, MetricName, Quality, SequenceCheck, SourcePosition};
+pub use event::{Event, MetricName, Metrics, Quality, SequenceCheck, SourcePosition};
 pub use sequence::SequenceTracker;
 pub use validate::{Code, Outcome, Rejection, Validator};

@@ -9,26 +9,26 @@
 //!    parsing stops at the first limit passed (`payload_too_deep`, `too_many_fields`), so no
 //!    payload is ever parsed unbounded.
 //! 3. Names are mapped to canonical fields through the contract's aliases and unit sources
-//!    (`duplicate_field` when two land on one field), then the rules run in a fixed order:
-//!    `device_id`, `device_ts`, `seq`, metrics by name, unknown fields. The first rule that fails
-//!    decides the code, so a payload always gets the same code.
+//!    (`duplicate_field` when two land on one field), and each metric is checked as it is read.
+//! 4. The rules are reported in a fixed order: `device_id`, `device_ts`, `seq`, then the first
+//!    faulty metric or unknown field in payload order, then required metrics. A payload always
+//!    gets the same code, and the most basic fault wins.
 //!
 //! Nothing here panics on any input: the fuzz target (`fuzz/`) and the property tests hold it to
 //! that.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, OnceLock};
 
 use rustc_hash::FxHashMap;
 
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::contract::{fields, AllowedCharacters, Contract, Conversion, UnknownFields};
-use crate::event::{Event, MetricName, Quality};
+use crate::event::{Event, MetricName, Metrics, Quality};
+use crate::json_reader::{self, ReadError, Scalar};
 
 /// The result of validating one raw record. A rejection is a value, not an error.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +231,113 @@ enum Slot {
     },
 }
 
+/// Names to slots, looked up once per payload field: the hottest lookup in the engine. Names of
+/// up to 16 bytes (nearly all) are packed into a `u128` and found in an open-addressing table by
+/// comparing integers, with no string comparison; longer names use a hash map. Measured: the
+/// general hash map spent a quarter of the time per record hashing and comparing strings.
+#[derive(Debug, Clone, Default)]
+struct NameTable {
+    /// `(packed name, length, slot)`; the length is a power of two (or zero).
+    short: Vec<Option<(u128, usize, Slot)>>,
+    long: FxHashMap<Box<str>, Slot>,
+    entries: Vec<(String, Slot)>,
+}
+
+impl NameTable {
+    fn insert(&mut self, name: &str, slot: Slot) {
+        self.entries.push((name.to_string(), slot));
+        if name.len() > 16 {
+            self.long.insert(name.into(), slot);
+            return;
+        }
+        let size = (self.entries.len() * 4).next_power_of_two().max(16);
+        if size != self.short.len() {
+            // Rebuild at the new size; contracts are small and this runs once at start-up.
+            self.short = vec![None; size];
+            let entries = std::mem::take(&mut self.entries);
+            for (name, slot) in &entries {
+                if name.len() <= 16 {
+                    self.place(name.as_bytes(), *slot);
+                }
+            }
+            self.entries = entries;
+        } else {
+            self.place(name.as_bytes(), slot);
+        }
+    }
+
+    fn place(&mut self, name: &[u8], slot: Slot) {
+        let packed = pack(name);
+        let mask = self.short.len() - 1;
+        let mut index = spread(packed, name.len()) & mask;
+        while let Some(Some(_)) = self.short.get(index) {
+            index = (index + 1) & mask;
+        }
+        if let Some(entry) = self.short.get_mut(index) {
+            *entry = Some((packed, name.len(), slot));
+        }
+    }
+
+    #[inline]
+    fn get(&self, name: &str) -> Option<&Slot> {
+        let bytes = name.as_bytes();
+        if bytes.len() > 16 {
+            return self.long.get(name);
+        }
+        if self.short.is_empty() {
+            return None;
+        }
+        let packed = pack(bytes);
+        let mask = self.short.len() - 1;
+        let mut index = spread(packed, bytes.len()) & mask;
+        // The table is at most a quarter full, so a free entry ends every probe.
+        while let Some(Some((candidate, length, slot))) = self.short.get(index) {
+            if *candidate == packed && *length == bytes.len() {
+                return Some(slot);
+            }
+            index = (index + 1) & mask;
+        }
+        None
+    }
+}
+
+/// Up to 16 bytes as one integer that, with the length, identifies them. Read as (possibly
+/// overlapping) whole words straight from the slice: copying through a buffer first stalled the
+/// CPU on every field (store forwarding), a third of the lookup's time.
+#[inline]
+fn pack(name: &[u8]) -> u128 {
+    let length = name.len();
+    let word = |at: usize| -> u64 {
+        name.get(at..at + 8)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let half = |at: usize| -> u64 {
+        name.get(at..at + 4)
+            .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+            .map_or(0, |bytes| u64::from(u32::from_le_bytes(bytes)))
+    };
+    let byte = |at: usize| -> u64 { name.get(at).map_or(0, |byte| u64::from(*byte)) };
+    let (low, high) = match length {
+        0 => (0, 0),
+        1..=3 => (byte(0) | byte(length / 2) << 8 | byte(length - 1) << 16, 0),
+        4..=7 => (half(0), half(length - 4)),
+        _ => (word(0), word(length.saturating_sub(8))),
+    };
+    u128::from(low) | u128::from(high) << 64
+}
+
+/// A table index from a packed name.
+#[inline]
+fn spread(packed: u128, length: usize) -> usize {
+    // Truncations are the point: both halves and the length are folded into one word.
+    #[allow(clippy::cast_possible_truncation)]
+    let folded = (packed as u64) ^ ((packed >> 64) as u64).rotate_left(29) ^ (length as u64);
+    #[allow(clippy::cast_possible_truncation)]
+    let index = (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
+    index
+}
+
 /// One declared metric, compiled.
 #[derive(Debug, Clone)]
 struct MetricSpec {
@@ -246,7 +353,7 @@ struct MetricSpec {
 pub struct Validator {
     contract: Contract,
     /// Every name a payload may use for a declared field: canonical names, aliases, unit sources.
-    slots: FxHashMap<Box<str>, Slot>,
+    slots: NameTable,
     metrics: Vec<MetricSpec>,
     allowed: AllowedCharacters,
 }
@@ -261,7 +368,7 @@ impl Validator {
                 problem,
             },
         )?;
-        let mut slots = FxHashMap::default();
+        let mut slots = NameTable::default();
         for (slot, name, aliases) in [
             (
                 Slot::DeviceId,
@@ -275,9 +382,9 @@ impl Validator {
             ),
             (Slot::Seq, fields::SEQ, &contract.seq.aliases),
         ] {
-            slots.insert(name.into(), slot);
+            slots.insert(name, slot);
             for alias in aliases {
-                slots.insert(alias.as_str().into(), slot);
+                slots.insert(alias, slot);
             }
         }
         let mut metrics = Vec::with_capacity(contract.metrics.len());
@@ -286,16 +393,16 @@ impl Validator {
                 index,
                 conversion: None,
             };
-            slots.insert(name.as_str().into(), plain);
+            slots.insert(name, plain);
             for alias in &rule.aliases {
-                slots.insert(alias.as_str().into(), plain);
+                slots.insert(alias, plain);
             }
             for (source, conversion) in &rule.convert_from {
                 let converted = Slot::Metric {
                     index,
                     conversion: Some(*conversion),
                 };
-                slots.insert(source.as_str().into(), converted);
+                slots.insert(source, converted);
             }
             metrics.push(MetricSpec {
                 name: intern(name),
@@ -326,6 +433,7 @@ impl Validator {
         }
     }
 
+    #[inline(always)]
     fn validate_inner(&self, payload: &[u8], received_at: i64) -> Result<Event, Rejection> {
         let limits = &self.contract.limits;
         if payload.is_empty() {
@@ -632,37 +740,30 @@ fn duplicate(canonical: &str, name: &str) -> Rejection {
 /// a record always reports its most basic fault.
 struct Reader<'v, 'de> {
     validator: &'v Validator,
-    budget: Budget,
     device_id: Option<Field<'de>>,
     device_ts: Option<Field<'de>>,
     seq: Option<Field<'de>>,
     /// Bit `i` is set once declared metric `i` was given (a contract declares at most 256).
     metrics_seen: [u64; 4],
-    metrics: BTreeMap<MetricName, f64>,
+    /// Metrics in payload order; sorted, and checked for repeats, once at the end.
+    metrics: Vec<(MetricName, f64)>,
     attributes: BTreeMap<String, Value>,
     quality: Quality,
     /// The first metric or unknown-field rejection.
     deferred: Option<Rejection>,
-    /// Why parsing stopped early (a duplicate field), when it did.
+    /// The first repeated field, reported once the payload has been read.
     stopped: Option<Rejection>,
 }
 
 impl<'v, 'de> Reader<'v, 'de> {
     fn new(validator: &'v Validator) -> Self {
-        let limits = &validator.contract.limits;
         Reader {
             validator,
-            budget: Budget {
-                fields_left: Cell::new(limits.max_fields),
-                max_depth: limits.max_depth,
-                max_fields: limits.max_fields,
-                stopped: Cell::new(None),
-            },
             device_id: None,
             device_ts: None,
             seq: None,
             metrics_seen: [0; 4],
-            metrics: BTreeMap::new(),
+            metrics: Vec::with_capacity(16),
             attributes: BTreeMap::new(),
             quality: Quality::default(),
             deferred: None,
@@ -697,7 +798,7 @@ impl<'v, 'de> Reader<'v, 'de> {
                 }
                 match validator.metric(spec, &field, *conversion, &mut self.quality) {
                     Ok(number) => {
-                        self.metrics.insert(Cow::Borrowed(spec.name), number);
+                        self.metrics.push((Cow::Borrowed(spec.name), number));
                     }
                     Err(rejection) => self.deferred = Some(rejection),
                 }
@@ -711,20 +812,15 @@ impl<'v, 'de> Reader<'v, 'de> {
         let name = field.name;
         let repeated = match self.validator.contract.unknown_fields {
             UnknownFields::Keep => match field.value.as_number() {
+                // Repeats among metrics are found when they are sorted, in `finish`.
                 Some(number) => {
-                    self.attributes.contains_key(name.as_ref())
-                        || self
-                            .metrics
-                            .insert(Cow::Owned(name.to_string()), number)
-                            .is_some()
+                    self.metrics.push((Cow::Owned(name.into_owned()), number));
+                    return Ok(());
                 }
-                None => {
-                    self.metrics.contains_key(name.as_ref())
-                        || self
-                            .attributes
-                            .insert(name.to_string(), field.value.into_json())
-                            .is_some()
-                }
+                None => self
+                    .attributes
+                    .insert(name.to_string(), field.value.into_json())
+                    .is_some(),
             },
             UnknownFields::Drop => {
                 let repeated = self
@@ -757,8 +853,18 @@ impl<'v, 'de> Reader<'v, 'de> {
     }
 
     /// Checks the identity fields, then reports held-back faults and missing metrics.
+    #[inline(always)]
     fn finish(self, received_at: i64) -> Result<Event, Rejection> {
         let validator = self.validator;
+        let metrics =
+            Metrics::from_unsorted(self.metrics).map_err(|name| duplicate(&name, &name))?;
+        if let Some(name) = self
+            .attributes
+            .keys()
+            .find(|name| metrics.contains_key(name))
+        {
+            return Err(duplicate(name, name));
+        }
         let mut quality = self.quality;
         let device_id = validator.device_id(self.device_id)?;
         let device_ts = validator.device_ts(self.device_ts, received_at, &mut quality)?;
@@ -769,7 +875,7 @@ impl<'v, 'de> Reader<'v, 'de> {
         if let Some(spec) = validator
             .metrics
             .iter()
-            .find(|spec| spec.required && !self.metrics.contains_key(spec.name))
+            .find(|spec| spec.required && !metrics.contains_key(spec.name))
         {
             return Err(Rejection::new(
                 Code::MissingMetric,
@@ -784,7 +890,7 @@ impl<'v, 'de> Reader<'v, 'de> {
             device_ts,
             received_at,
             seq,
-            metrics: self.metrics,
+            metrics,
             attributes: self.attributes,
             schema_version: validator.contract.version,
             quality,
@@ -848,26 +954,13 @@ fn coerce_epoch(text: &str) -> Option<i64> {
     }
 }
 
-// ---- Parsing: one pass, bounded, borrowing from the payload. ----
+// ---- Parsing: one pass, bounded, borrowing from the payload (see `json_reader`). ----
 
 /// A top-level field of the payload, its name and value borrowed when they have no escapes.
 #[derive(Debug, Clone)]
 struct Field<'a> {
     name: Cow<'a, str>,
     value: Scalar<'a>,
-}
-
-/// A top-level value. Nested objects and arrays are rare in telemetry and only ever kept as
-/// attributes, so they are built as JSON values; everything else stays cheap.
-#[derive(Debug, Clone)]
-enum Scalar<'a> {
-    Null,
-    Bool(bool),
-    Unsigned(u64),
-    Signed(i64),
-    Float(f64),
-    Text(Cow<'a, str>),
-    Nested(Value),
 }
 
 impl Scalar<'_> {
@@ -882,18 +975,6 @@ impl Scalar<'_> {
         }
     }
 
-    fn into_json(self) -> Value {
-        match self {
-            Scalar::Null => Value::Null,
-            Scalar::Bool(flag) => Value::Bool(flag),
-            Scalar::Unsigned(number) => Value::from(number),
-            Scalar::Signed(number) => Value::from(number),
-            Scalar::Float(number) => Value::from(number),
-            Scalar::Text(text) => Value::String(text.into_owned()),
-            Scalar::Nested(value) => value,
-        }
-    }
-
     /// The value as JSON text, cut to [`MAX_QUOTED_CHARS`] characters, for messages.
     fn quote(&self) -> String {
         let text = self.clone().into_json().to_string();
@@ -904,311 +985,47 @@ impl Scalar<'_> {
     }
 }
 
-/// Counts fields and watches depth while parsing; remembers which limit stopped it.
-struct Budget {
-    fields_left: Cell<usize>,
-    max_depth: usize,
-    max_fields: usize,
-    stopped: Cell<Option<Stop>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Stop {
-    TooDeep,
-    TooManyFields,
-    NotAnObject(&'static str),
-}
-
-impl Budget {
-    fn stop<E: de::Error>(&self, stop: Stop) -> E {
-        self.stopped.set(Some(stop));
-        E::custom("stopped by a payload limit")
-    }
-
-    fn take_field<E: de::Error>(&self) -> Result<(), E> {
-        match self.fields_left.get().checked_sub(1) {
-            Some(left) => {
-                self.fields_left.set(left);
-                Ok(())
-            }
-            None => Err(self.stop(Stop::TooManyFields)),
-        }
-    }
-
-    fn enter<E: de::Error>(&self, depth: usize) -> Result<(), E> {
-        if depth > self.max_depth {
-            Err(self.stop(Stop::TooDeep))
-        } else {
-            Ok(())
-        }
-    }
-}
-
 fn parse<'de>(payload: &'de [u8], reader: &mut Reader<'_, 'de>) -> Result<(), Rejection> {
-    let mut deserializer = sonic_rs::Deserializer::from_slice(payload);
-    let parsed = PayloadSeed(&mut *reader)
-        .deserialize(&mut deserializer)
-        .and_then(|()| deserializer.end());
-    parsed.map_err(|error| {
-        if let Some(rejection) = reader.stopped.take() {
-            return rejection;
-        }
-        let budget = &reader.budget;
-        match budget.stopped.get() {
-            Some(Stop::TooDeep) => Rejection::new(
-                Code::PayloadTooDeep,
-                format!("limits.max_depth = {}", budget.max_depth),
-                "nests objects or arrays too deep",
-            ),
-            Some(Stop::TooManyFields) => Rejection::new(
-                Code::TooManyFields,
-                format!("limits.max_fields = {}", budget.max_fields),
-                "has more fields than the limit",
-            ),
-            Some(Stop::NotAnObject(found)) => Rejection::new(
-                Code::NotAnObject,
-                "json",
-                format!("is a JSON {found}, expected an object"),
-            ),
-            None => Rejection::new(
-                Code::InvalidJson,
-                "json",
-                format!(
-                    "is not valid JSON: {}",
-                    error.to_string().lines().next().unwrap_or_default()
-                ),
-            ),
-        }
-    })
-}
-
-/// The payload: an object, read field by field into the [`Reader`].
-struct PayloadSeed<'r, 'v, 'de>(&'r mut Reader<'v, 'de>);
-
-impl<'de> DeserializeSeed<'de> for PayloadSeed<'_, '_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for PayloadSeed<'_, '_, 'de> {
-    type Value = ();
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let reader = self.0;
-        reader.budget.enter(1)?;
-        while let Some(name) = map.next_key_seed(NameSeed)? {
-            reader.budget.take_field()?;
-            let value = map.next_value_seed(ScalarSeed {
-                budget: &reader.budget,
-                depth: 1,
-            })?;
+    let limits = reader.validator.contract.limits;
+    let read = json_reader::read_object(
+        payload,
+        limits.max_depth,
+        limits.max_fields,
+        |name, value| {
+            // A repeated field is reported only once the whole payload has been read: a payload
+            // that is also broken JSON is `invalid_json`, the more basic fault.
             if let Err(rejection) = reader.take(Field { name, value }) {
-                reader.stopped = Some(rejection);
-                return Err(de::Error::custom("stopped by a duplicate field"));
+                reader.stopped.get_or_insert(rejection);
             }
+        },
+    );
+    if read.is_ok() {
+        if let Some(rejection) = reader.stopped.take() {
+            return Err(rejection);
         }
-        Ok(())
     }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(self.0.budget.stop(Stop::NotAnObject("array")))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("boolean")))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("number")))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("number")))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("number")))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("string")))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(self.0.budget.stop(Stop::NotAnObject("null")))
-    }
-}
-
-/// A member name, borrowed from the payload when it has no escapes.
-struct NameSeed;
-
-impl<'de> DeserializeSeed<'de> for NameSeed {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NameSeed {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("a member name")
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(text))
-    }
-
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(text.to_string()))
-    }
-
-    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(text))
-    }
-}
-
-/// A top-level member's value at `depth` (the payload object's members are at depth 1).
-struct ScalarSeed<'b> {
-    budget: &'b Budget,
-    depth: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for ScalarSeed<'_> {
-    type Value = Scalar<'de>;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ScalarSeed<'_> {
-    type Value = Scalar<'de>;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Scalar::Null)
-    }
-    fn visit_bool<E: de::Error>(self, flag: bool) -> Result<Self::Value, E> {
-        Ok(Scalar::Bool(flag))
-    }
-    fn visit_u64<E: de::Error>(self, number: u64) -> Result<Self::Value, E> {
-        Ok(Scalar::Unsigned(number))
-    }
-    fn visit_i64<E: de::Error>(self, number: i64) -> Result<Self::Value, E> {
-        Ok(Scalar::Signed(number))
-    }
-    fn visit_f64<E: de::Error>(self, number: f64) -> Result<Self::Value, E> {
-        Ok(Scalar::Float(number))
-    }
-    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
-        Ok(Scalar::Text(Cow::Borrowed(text)))
-    }
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(Scalar::Text(Cow::Owned(text.to_string())))
-    }
-    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
-        Ok(Scalar::Text(Cow::Owned(text)))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        NestedSeed {
-            budget: self.budget,
-            depth: self.depth,
-        }
-        .visit_map(map)
-        .map(Scalar::Nested)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        NestedSeed {
-            budget: self.budget,
-            depth: self.depth,
-        }
-        .visit_seq(seq)
-        .map(Scalar::Nested)
-    }
-}
-
-/// A value inside a nested object or array, whose container is at `depth`.
-struct NestedSeed<'b> {
-    budget: &'b Budget,
-    depth: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
-    type Value = Value;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NestedSeed<'_> {
-    type Value = Value;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_bool<E: de::Error>(self, flag: bool) -> Result<Value, E> {
-        Ok(Value::Bool(flag))
-    }
-    fn visit_u64<E: de::Error>(self, number: u64) -> Result<Value, E> {
-        Ok(Value::from(number))
-    }
-    fn visit_i64<E: de::Error>(self, number: i64) -> Result<Value, E> {
-        Ok(Value::from(number))
-    }
-    fn visit_f64<E: de::Error>(self, number: f64) -> Result<Value, E> {
-        Ok(Value::from(number))
-    }
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Value, E> {
-        Ok(Value::String(text.to_string()))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let depth = self.depth + 1;
-        self.budget.enter(depth)?;
-        let mut object = Map::new();
-        while let Some(name) = map.next_key::<String>()? {
-            self.budget.take_field()?;
-            let value = map.next_value_seed(NestedSeed {
-                budget: self.budget,
-                depth,
-            })?;
-            object.insert(name, value);
-        }
-        Ok(Value::Object(object))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let depth = self.depth + 1;
-        self.budget.enter(depth)?;
-        let mut array = Vec::new();
-        while let Some(value) = seq.next_element_seed(NestedSeed {
-            budget: self.budget,
-            depth,
-        })? {
-            self.budget.take_field()?;
-            array.push(value);
-        }
-        Ok(Value::Array(array))
-    }
+    read.map_err(|error| match error {
+        ReadError::TooDeep => Rejection::new(
+            Code::PayloadTooDeep,
+            format!("limits.max_depth = {}", limits.max_depth),
+            "nests objects or arrays too deep",
+        ),
+        ReadError::TooManyFields => Rejection::new(
+            Code::TooManyFields,
+            format!("limits.max_fields = {}", limits.max_fields),
+            "has more fields than the limit",
+        ),
+        ReadError::NotAnObject(found) => Rejection::new(
+            Code::NotAnObject,
+            "json",
+            format!("is a JSON {found}, expected an object"),
+        ),
+        ReadError::Invalid(detail) => Rejection::new(
+            Code::InvalidJson,
+            "json",
+            format!("is not valid JSON: {detail}"),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -1261,11 +1078,7 @@ mod tests {
         assert_eq!(event.received_at, RECEIVED_AT);
         assert_eq!(event.seq, Some(7));
         assert_eq!(event.schema_version, 1);
-        let metrics: Vec<(&str, f64)> = event
-            .metrics
-            .iter()
-            .map(|(name, value)| (&**name, *value))
-            .collect();
+        let metrics: Vec<(&str, f64)> = event.metrics.iter().collect();
         assert_eq!(
             metrics,
             vec![
@@ -1611,6 +1424,25 @@ mod tests {
         accepted_by(&validator, &fits);
     }
 
+    /// Found by the fuzz target: a repeated field in a payload that is also broken JSON was
+    /// reported as `duplicate_field`, and parsing stopped there.
+    #[test]
+    fn broken_json_with_a_repeated_field_is_invalid_json() {
+        let rejection = rejected_by(&validator(), br#"{"device_id":7,"":"ye","":"yestea""#);
+        assert_eq!(rejection.code(), "invalid_json");
+    }
+
+    /// Found by the fuzz target's differential check: serde_json refuses this valid JSON (the
+    /// name is its private raw-value marker); the engine reads it as the plain name it is.
+    #[test]
+    fn a_member_name_serde_json_reserves_is_just_a_name() {
+        let payload = b"\t\r\t{\"$serde_json::private::RawValue\":4}";
+        assert_eq!(
+            rejected_by(&validator(), payload).code(),
+            "missing_device_id"
+        );
+    }
+
     #[test]
     fn a_repeated_key_is_a_duplicate_not_a_silent_overwrite() {
         let rejection = rejected_by(
@@ -1718,8 +1550,8 @@ mod tests {
                         for (name, rule) in &contract.metrics {
                             if let Some(value) = event.metrics.get(name.as_str()) {
                                 prop_assert!(value.is_finite());
-                                prop_assert!(rule.min.is_none_or(|min| *value >= min), "{name} {value}");
-                                prop_assert!(rule.max.is_none_or(|max| *value <= max), "{name} {value}");
+                                prop_assert!(rule.min.is_none_or(|min| value >= min), "{name} {value}");
+                                prop_assert!(rule.max.is_none_or(|max| value <= max), "{name} {value}");
                             }
                         }
                         let canonical = event.canonical_payload().to_string();
