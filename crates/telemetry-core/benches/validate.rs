@@ -85,6 +85,34 @@ fn bench_validate(criterion: &mut Criterion) {
         });
     });
     group.finish();
+
+    // The same mix by shape, to show what each costs: the mix cycles through ten slots.
+    let shapes: [(&str, &[u64]); 4] = [
+        ("valid_canonical_with_attribute", &[0, 1, 2, 3]),
+        ("valid_aliases_units_numeric_string", &[4, 5]),
+        ("valid_rfc3339_fahrenheit", &[6, 7]),
+        ("invalid", &[8, 9]),
+    ];
+    let mut group = criterion.benchmark_group("validate_by_shape");
+    for (shape, slots) in shapes {
+        let subset: Vec<&Vec<u8>> = payloads
+            .iter()
+            .zip(0u64..)
+            .filter(|(_, index)| slots.contains(&(index % 10)))
+            .map(|(payload, _)| payload)
+            .collect();
+        group.throughput(Throughput::Elements(subset.len() as u64));
+        group.bench_function(shape, |bencher| {
+            bencher.iter(|| {
+                for payload in &subset {
+                    std::hint::black_box(
+                        validator.validate(std::hint::black_box(payload), RECEIVED_AT),
+                    );
+                }
+            });
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench_validate);

@@ -498,6 +498,19 @@ impl Contract {
     /// express are refused by name rather than silently ignored.
     pub fn from_json_schema(document: &Value) -> Result<Self, ContractError> {
         let fail = |problem: String| ContractError::JsonSchema(problem);
+        // First, is it a JSON Schema at all? The `jsonschema` crate checks the document against
+        // its draft's meta-schema, so a typo gets that validator's precise message.
+        if let Err(error) = jsonschema::meta::validate(document) {
+            let location = error.instance_path().to_string();
+            return Err(fail(format!(
+                "not a valid JSON Schema at `{}`: {error}",
+                if location.is_empty() {
+                    "/"
+                } else {
+                    location.as_str()
+                }
+            )));
+        }
         let root = document
             .as_object()
             .ok_or_else(|| fail("the document is not an object".into()))?;
@@ -765,6 +778,13 @@ mod tests {
         let co2 = &contract.metrics["co2_ppm"];
         assert!(co2.integer && co2.required);
         assert_eq!((co2.min, co2.max), (Some(0.0), Some(10_000.0)));
+    }
+
+    #[test]
+    fn a_document_that_is_not_a_json_schema_is_refused_with_the_meta_schema_message() {
+        let schema = json!({"properties": {"co2_ppm": {"type": "number", "minimum": "low"}}});
+        let error = Contract::from_json_schema(&schema).unwrap_err().to_string();
+        assert!(error.contains("/properties/co2_ppm/minimum"), "{error}");
     }
 
     #[test]
