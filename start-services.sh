@@ -3,9 +3,10 @@
 #   1. the infrastructure: MariaDB, Mosquitto and Apache Kafka (scripts/services.sh start);
 #   2. builds the release binary (cargo build --release -p telemetry);
 #   3. installs PM2 when missing (npm install -g pm2);
-#   4. starts or reloads the services under PM2 (ecosystem.config.js: telemetry-bridge and
-#      telemetry-audit); running this script again reloads them, it never duplicates them;
-#   5. waits until the bridge answers 200 on /readyz, then prints how to use it.
+#   4. starts or reloads the services under PM2 (ecosystem.config.js: telemetry-bridge,
+#      telemetry-audit and telemetry-api); running this script again reloads them, it never
+#      duplicates them;
+#   5. waits until the bridge answers 200 on /readyz, then prints how to use it (the dashboard URL).
 # Stop with ./stop-services.sh (add --all to stop the infrastructure too).
 #
 # Environment (all optional):
@@ -34,6 +35,7 @@ loopback() {
 }
 bridge_http=$(loopback "${TELEMETRY_BRIDGE_LISTEN:-127.0.0.1:8080}")
 audit_http=$(loopback "${TELEMETRY_AUDIT_LISTEN:-127.0.0.1:8081}")
+api_http=$(loopback "${TELEMETRY_API_LISTEN:-127.0.0.1:8082}")
 mqtt_port=${TELEMETRY_MQTT_PORT:-1883}
 mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
 
@@ -75,7 +77,8 @@ mkdir -p "$log_dir"
 # A port held by another process would make an app crash-loop while that process answers /readyz.
 port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 for check in "telemetry-bridge $bridge_http TELEMETRY_BRIDGE_LISTEN" \
-  "telemetry-audit $audit_http TELEMETRY_AUDIT_LISTEN"; do
+  "telemetry-audit $audit_http TELEMETRY_AUDIT_LISTEN" \
+  "telemetry-api $api_http TELEMETRY_API_LISTEN"; do
   read -r app address variable <<<"$check"
   pid=$("$pm2" pid "$app" 2>/dev/null || true)
   if { [ -z "$pid" ] || [ "$pid" = 0 ]; } && port_open "$address"; then
@@ -119,35 +122,38 @@ until [ "$(http_status "$bridge_http" /readyz)" = 200 ]; do
 done
 say "the bridge is ready"
 
-# The audit service is not required to be ready (the bridge feeds Kafka meanwhile), but a
-# database it cannot write or a crash loop should not go unnoticed.
-audit_ready=false
-while :; do
-  if [ "$(http_status "$audit_http" /readyz)" = 200 ]; then
-    audit_ready=true
-    break
-  fi
-  [ "$SECONDS" -lt "$deadline" ] || break
-  sleep 1
-done
-if [ "$audit_ready" = true ]; then
-  say "the audit service is ready"
-else
-  say "warning: the audit service is not ready at http://$audit_http/readyz; last lines of its log:"
-  grep -v -E '^ +([0-9]+: |at )' "$log_dir/telemetry-audit.error.log" | tail -n 20 >&2 || true
-fi
+# The audit service and the API are not required to be ready (the bridge feeds Kafka meanwhile;
+# the API needs the schema the audit service creates), but a database they cannot reach or a
+# crash loop should not go unnoticed.
+# check_ready APP ADDRESS WHAT: waits until the deadline for ADDRESS/readyz, else warns with the log.
+check_ready() {
+  while :; do
+    if [ "$(http_status "$2" /readyz)" = 200 ]; then
+      say "$3 ready"
+      return
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || break
+    sleep 1
+  done
+  say "warning: $3 not ready at http://$2/readyz; last lines of its log:"
+  grep -v -E '^ +([0-9]+: |at )' "$log_dir/$1.error.log" | tail -n 20 >&2 || true
+}
+check_ready telemetry-audit "$audit_http" "the audit service is"
+check_ready telemetry-api "$api_http" "the API and dashboard are"
 
 # --- summary -------------------------------------------------------------------------------
 "$pm2" ls
 cat <<EOF
 
 Telemetry pipeline is running.
-  Logs:       $log_dir/telemetry-bridge.error.log, $log_dir/telemetry-audit.error.log
+  Dashboard:  http://$api_http/   (API: http://$api_http/api/devices, documented at /api/openapi.json)
+  Logs:       $log_dir/telemetry-{bridge,audit,api}.error.log
               (stdout in *.out.log; or: pm2 logs)
   WebSocket:  ws://$bridge_http/ws
-  Health:     http://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit); also /healthz, /metrics
+  Health:     http://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit),
+              http://$api_http/readyz (API); also /healthz, /metrics
   Try it:
     mosquitto_pub -h 127.0.0.1 -p $mqtt_port -t devices/pico-1/telemetry -q 1 -m "{\\"device_id\\":\\"pico-1\\",\\"device_ts\\":\$(date +%s),\\"temp\\":21.5}"
-    mariadb -h127.0.0.1 -P$mysql_port -utelemetry -ptelemetry telemetry -e 'select device_id, device_ts, metrics from telemetry order by id desc limit 3'
+    mariadb -h127.0.0.1 -P$mysql_port -utelemetry -ptelemetry telemetry -e 'select device_id, device_ts, metrics from telemetry order by received_at desc limit 3'
   Stop:       ./stop-services.sh   (--all also stops MariaDB, Mosquitto and Kafka)
 EOF

@@ -10,6 +10,21 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/telemetry-pipeline/target
 
 scripts/services.sh start
 
+# The dashboard's browser test (crates/telemetry/tests/dashboard.rs) drives Debian's Chromium with
+# playwright-core from npm (tests/browser); never a browser download.
+if [ ! -x /usr/bin/chromium ]; then
+  command -v apt-get >/dev/null || { echo "test: install Chromium (/usr/bin/chromium) by hand" >&2; exit 1; }
+  echo "test: installing chromium (apt-get)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ] ||
+  [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  echo "test: npm ci --prefix tests/browser" >&2
+  npm ci --prefix tests/browser --no-fund --no-audit --loglevel=error
+fi
+
 # Each integration test makes a database of its own (named test_...); drop those of earlier runs.
 mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
 stale=$(mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry -ptelemetry -N -e \

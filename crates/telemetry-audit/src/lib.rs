@@ -87,6 +87,16 @@ pub struct AuditConfig {
     #[arg(long, env = "TELEMETRY_CONTRACT")]
     pub contract: Option<std::path::PathBuf>,
 
+    /// How long rejected records stay in the database's DLQ index (the `dlq_events` table the API
+    /// lists), in hours. The DLQ topic keeps them by its own retention.
+    #[arg(long, env = "TELEMETRY_DLQ_INDEX_RETENTION_HOURS", default_value_t = 168,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub dlq_index_retention_hours: u32,
+
+    /// Most rows kept in the DLQ index; the oldest beyond it are deleted.
+    #[arg(long, env = "TELEMETRY_DLQ_INDEX_MAX_ROWS", default_value_t = 100_000)]
+    pub dlq_index_max_rows: u64,
+
     /// How long shutdown lets the batch in hand finish (database write, produces) before
     /// abandoning it to be redelivered, in seconds.
     #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
@@ -167,6 +177,12 @@ async fn consume(
     let source = KafkaSource::new(config)?;
     let sink = OutcomeSink::new(kafka)?;
     let mut sequences = SequenceTracker::new();
+    tokio::spawn(prune_dead_letters(
+        store.clone(),
+        config.dlq_index_retention_hours,
+        config.dlq_index_max_rows,
+        shutdown.clone(),
+    ));
     tracing::info!(
         raw_topic = %kafka.raw_topic,
         group_id = %config.group_id,
@@ -191,13 +207,11 @@ async fn consume(
         else {
             break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
-        let outgoing = outgoing_records(
-            &batch,
-            decided,
-            refused,
-            kafka,
-            validator.contract().version,
-        );
+        let letters = dead_letters(&batch, &decided, &refused, validator.contract().version);
+        if !index_dead_letters(&store, &letters, readiness, &abandon).await {
+            break;
+        }
+        let outgoing = outgoing_records(&decided, &letters, &refused, kafka);
         if !sink.produce_all(outgoing, &abandon).await {
             break;
         }
@@ -222,10 +236,7 @@ async fn consume(
 
 /// Loads the contract at `path`, or the one compiled into the binary.
 pub fn load_contract(path: Option<&std::path::Path>) -> Result<Contract> {
-    let contract = match path {
-        Some(path) => Contract::load(path)?,
-        None => Contract::from_toml(telemetry_core::contract::DEFAULT_CONTRACT_TOML)?,
-    };
+    let contract = Contract::load_or_builtin(path)?;
     tracing::info!(
         version = contract.version,
         path = %path.map_or_else(|| String::from("(built in)"), |path| path.display().to_string()),
@@ -425,43 +436,163 @@ async fn write_accepted(
     Some(refused)
 }
 
-/// The cleaned records of stored events, and the DLQ records of rejected and refused ones.
-fn outgoing_records(
-    batch: &[OwnedMessage],
-    decided: Decided,
-    refused: Vec<(usize, String)>,
-    kafka: &KafkaConfig,
+/// A rejected or refused record of the batch, with its reason, for the DLQ index.
+struct Letter<'a> {
+    message: &'a OwnedMessage,
+    code: &'static str,
+    text: String,
+    field: Option<&'a str>,
+    rule: Option<&'a str>,
+}
+
+/// The batch's rejected records, then those the database refused, with their reasons.
+fn dead_letters<'a>(
+    batch: &'a [OwnedMessage],
+    decided: &'a Decided,
+    refused: &'a [(usize, String)],
     contract_version: u32,
-) -> Vec<OutgoingRecord> {
-    let mut outgoing = Vec::with_capacity(batch.len());
+) -> Vec<(Letter<'a>, u32)> {
+    let mut letters = Vec::with_capacity(decided.rejected.len() + refused.len());
     for (index, rejection) in &decided.rejected {
-        outgoing.push(OutgoingRecord::dead_letter(
-            &kafka.dlq_topic,
-            &batch[*index],
-            &DeadLetter {
+        letters.push((
+            Letter {
+                message: &batch[*index],
                 code: rejection.code(),
-                message: &rejection.to_string(),
+                text: rejection.to_string(),
                 field: rejection.field(),
                 rule: Some(rejection.rule()),
-                contract_version,
+            },
+            contract_version,
+        ));
+    }
+    for (position, reason) in refused {
+        letters.push((
+            Letter {
+                message: &batch[decided.accepted_index[*position]],
+                code: DB_REJECTED,
+                text: format!("the database refused the record: {reason}"),
+                field: None,
+                rule: None,
+            },
+            contract_version,
+        ));
+    }
+    letters
+}
+
+/// Indexes the batch's rejected records in the database (the API's DLQ view and device health),
+/// retrying while the database is unavailable. `false` if `shutdown` came first. A record the
+/// database refuses to index is logged and left out: the DLQ topic has it all the same.
+async fn index_dead_letters(
+    store: &Store,
+    letters: &[(Letter<'_>, u32)],
+    readiness: &telemetry_ops::Readiness,
+    shutdown: &CancellationToken,
+) -> bool {
+    if letters.is_empty() {
+        return true;
+    }
+    let rows: Vec<_> = letters
+        .iter()
+        .map(|(letter, version)| telemetry_store::NewDeadLetter {
+            source_topic: letter.message.topic(),
+            source_partition: letter.message.partition(),
+            source_offset: letter.message.offset(),
+            device_id: letter
+                .message
+                .key()
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .filter(|key| !key.is_empty() && key.chars().count() <= MAX_DEVICE_ID_LENGTH),
+            received_at: received_at(letter.message),
+            code: letter.code,
+            message: &letter.text,
+            field: letter.field,
+            rule: letter.rule,
+            contract_version: *version,
+            payload: letter.message.payload().unwrap_or_default(),
+        })
+        .collect();
+    let outcome = retry("Indexing rejected records", shutdown, || async {
+        match store.insert_dead_letters(&rows).await {
+            Ok(()) => {
+                readiness.set(DATABASE, true);
+                Ok(())
+            }
+            Err(error) if error.is_data_error() => {
+                tracing::warn!(%error, records = rows.len(), "The database refused to index rejected records; they are on the DLQ topic only.");
+                Ok(())
+            }
+            Err(error) => {
+                readiness.set(DATABASE, false);
+                Err(error)
+            }
+        }
+    })
+    .await;
+    outcome.is_some()
+}
+
+/// The longest device id the DLQ index keeps (the column's width); a longer key is not a device id.
+const MAX_DEVICE_ID_LENGTH: usize = 128;
+
+/// How often the DLQ index is pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Keeps the DLQ index within its retention and size, and the per-minute device counts to two
+/// days, once a minute until `shutdown`.
+async fn prune_dead_letters(
+    store: Store,
+    retention_hours: u32,
+    max_rows: u64,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let older_than = chrono::Utc::now() - chrono::Duration::hours(i64::from(retention_hours));
+        match store.prune_dead_letters(older_than, max_rows).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "Pruned the DLQ index."),
+            Err(error) => {
+                tracing::warn!(%error, "Could not prune the DLQ index; trying again later.")
+            }
+        }
+        let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
+        if let Err(error) = store.prune_device_minutes(two_days_ago).await {
+            tracing::warn!(%error, "Could not prune the per-minute device counts; trying again later.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+    }
+}
+
+/// The DLQ records of rejected and refused records, and the cleaned records of stored events.
+fn outgoing_records(
+    decided: &Decided,
+    letters: &[(Letter<'_>, u32)],
+    refused: &[(usize, String)],
+    kafka: &KafkaConfig,
+) -> Vec<OutgoingRecord> {
+    let mut outgoing = Vec::with_capacity(decided.accepted.len() + letters.len());
+    for (letter, contract_version) in letters {
+        outgoing.push(OutgoingRecord::dead_letter(
+            &kafka.dlq_topic,
+            letter.message,
+            &DeadLetter {
+                code: letter.code,
+                message: &letter.text,
+                field: letter.field,
+                rule: letter.rule,
+                contract_version: *contract_version,
             },
         ));
     }
-    let mut refused = refused.into_iter().peekable();
-    let accepted = decided.accepted.iter().zip(&decided.accepted_index);
-    for (position, (record, index)) in accepted.enumerate() {
-        if let Some((_, reason)) = refused.next_if(|(refused_at, _)| *refused_at == position) {
-            outgoing.push(OutgoingRecord::dead_letter(
-                &kafka.dlq_topic,
-                &batch[*index],
-                &DeadLetter {
-                    code: DB_REJECTED,
-                    message: &format!("the database refused the record: {reason}"),
-                    field: None,
-                    rule: None,
-                    contract_version,
-                },
-            ));
+    let mut refused = refused.iter().peekable();
+    for (position, record) in decided.accepted.iter().enumerate() {
+        if refused
+            .next_if(|(refused_at, _)| *refused_at == position)
+            .is_some()
+        {
             continue;
         }
         match OutgoingRecord::cleaned(&kafka.cleaned_topic, record) {

@@ -43,6 +43,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
+    /// The payload contract (for the live view's normalized metrics) could not be loaded.
+    #[error(transparent)]
+    Contract(#[from] telemetry_core::ContractError),
 }
 
 /// Result with this crate's [`Error`].
@@ -100,6 +103,12 @@ pub struct BridgeConfig {
     #[arg(long, env = "TELEMETRY_BRIDGE_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
+    /// The payload contract the live view normalizes metrics with (the audit service's, so the
+    /// live chart and the history show the same names and units): as `telemetry audit
+    /// --contract`. Only used while WebSocket clients are connected.
+    #[arg(long, env = "TELEMETRY_CONTRACT")]
+    pub contract: Option<std::path::PathBuf>,
+
     /// How long shutdown waits for Kafka to confirm in-flight messages, in seconds.
     #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -119,14 +128,21 @@ const MQTT_SUBSCRIBED: &str = "mqtt_subscribed";
 pub struct Bridge {
     config: BridgeConfig,
     server: telemetry_ops::HttpServer,
+    validator: std::sync::Arc<telemetry_core::Validator>,
 }
 
 impl Bridge {
     /// Checks the configuration and binds the HTTP listener.
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
         mqtt_source::parse_mqtt_url(&config.mqtt_url)?;
+        let contract = telemetry_core::Contract::load_or_builtin(config.contract.as_deref())?;
+        let validator = std::sync::Arc::new(telemetry_core::Validator::new(contract)?);
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
-        Ok(Bridge { config, server })
+        Ok(Bridge {
+            config,
+            server,
+            validator,
+        })
     }
 
     /// The address the HTTP server listens on.
@@ -137,10 +153,14 @@ impl Bridge {
     /// Runs until `shutdown` is cancelled, then stops reading MQTT, waits (up to the grace
     /// period) for Kafka to confirm what is in flight, acknowledges it and disconnects.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let Bridge { config, server } = self;
+        let Bridge {
+            config,
+            server,
+            validator,
+        } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
         let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
-        let (frames, _) = tokio::sync::broadcast::channel(config.ws_buffer.max(1));
+        let frames = websocket::Frames::new(config.ws_buffer.max(1), validator);
 
         let server = server.spawn(
             websocket::router(frames.clone(), readiness.clone()),

@@ -14,12 +14,26 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
+use telemetry_core::{Metrics, Outcome, Validator};
 use telemetry_ops::Readiness;
 
 use crate::mqtt_source::Message;
 
-/// The live-view channel: one JSON text frame per MQTT message, shared by every client.
-pub(crate) type Frames = broadcast::Sender<Utf8Bytes>;
+/// The live-view channel: one JSON text frame per MQTT message, shared by every client, and the
+/// contract that normalizes the frames' metrics.
+#[derive(Clone)]
+pub(crate) struct Frames {
+    sender: broadcast::Sender<Utf8Bytes>,
+    validator: Arc<Validator>,
+}
+
+impl Frames {
+    /// A channel keeping `capacity` frames per client.
+    pub(crate) fn new(capacity: usize, validator: Arc<Validator>) -> Self {
+        let (sender, _) = broadcast::channel(capacity);
+        Frames { sender, validator }
+    }
+}
 
 /// The JSON frame sent to WebSocket clients.
 #[derive(Serialize)]
@@ -28,6 +42,13 @@ struct Frame<'a> {
     device_id: Option<&'a str>,
     received_at: i64,
     payload: Payload<'a>,
+    /// The payload's metrics under their canonical names and units, when it passes the contract
+    /// (so the live chart matches the history); the audit service still decides what is stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<&'a Metrics>,
+    /// The reason code when the payload does not pass the contract.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<&'static str>,
 }
 
 /// The payload as JSON when it is JSON, otherwise as (lossily decoded) text.
@@ -40,7 +61,7 @@ enum Payload<'a> {
 
 /// Sends `message` to every connected client. Costs nothing when no client is connected.
 pub(crate) fn broadcast(frames: &Frames, message: &Message) {
-    if frames.receiver_count() == 0 {
+    if frames.sender.receiver_count() == 0 {
         return;
     }
     let bytes = &message.publish.payload[..];
@@ -48,15 +69,22 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
         Ok(json) => Payload::Json(json),
         Err(_) => Payload::Text(String::from_utf8_lossy(bytes)),
     };
+    let outcome = frames.validator.validate(bytes, message.received_at);
+    let (metrics, rejected) = match &outcome {
+        Outcome::Accepted(event) => (Some(&event.metrics), None),
+        Outcome::Rejected(rejection) => (None, Some(rejection.code())),
+    };
     let frame = Frame {
         topic: &message.publish.topic,
         device_id: message.device_id.as_deref(),
         received_at: message.received_at,
         payload,
+        metrics,
+        rejected,
     };
     match serde_json::to_string(&frame) {
         // No receiver left between the check and the send is fine: nobody is watching.
-        Ok(text) => drop(frames.send(Utf8Bytes::from(text))),
+        Ok(text) => drop(frames.sender.send(Utf8Bytes::from(text))),
         Err(error) => tracing::warn!(%error, "Could not encode a live-view frame."),
     }
 }
@@ -70,7 +98,7 @@ pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
 }
 
 async fn upgrade(socket: WebSocketUpgrade, State(frames): State<Frames>) -> impl IntoResponse {
-    let frames = frames.subscribe();
+    let frames = frames.sender.subscribe();
     socket.on_upgrade(move |socket| forward(socket, frames))
 }
 

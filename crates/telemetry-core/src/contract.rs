@@ -278,6 +278,15 @@ impl Contract {
         Ok(contract)
     }
 
+    /// The contract at `path`, or without one the contract compiled into the binary (a copy of
+    /// `contracts/telemetry.toml`).
+    pub fn load_or_builtin(path: Option<&Path>) -> Result<Self, ContractError> {
+        match path {
+            Some(path) => Contract::load(path),
+            None => Contract::from_toml(DEFAULT_CONTRACT_TOML),
+        }
+    }
+
     /// Loads a contract file: a JSON Schema document when the name ends in `.json`, TOML otherwise.
     pub fn load(path: &Path) -> Result<Self, ContractError> {
         let text = std::fs::read_to_string(path).map_err(|source| ContractError::Read {

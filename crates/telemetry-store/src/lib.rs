@@ -3,7 +3,15 @@
 //!
 //! # Layout
 //! - `migrations/`: versioned schema, applied by [`Store::migrate`] at start-up.
-//! - [`Store`]: a connection pool with the queries.
+//! - [`Store`]: a connection pool; the audit service's writes are here.
+//! - `dead_letters`: the bounded index of rejected records (written by the audit service).
+//! - `queries`: what the API reads: devices and their health counts, downsampled series, the DLQ.
+
+mod dead_letters;
+mod queries;
+
+pub use dead_letters::NewDeadLetter;
+pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 
 use std::time::Duration;
 
@@ -84,6 +92,24 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// Connects to an existing database without creating or migrating it: for readers (the API),
+    /// which never change the schema. The pool connects lazily, so a database that is down at
+    /// start-up is an error per query, not at start.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
+        let options: MySqlConnectOptions = url.parse().map_err(Error::InvalidUrl)?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.timezone(Some(String::from("+00:00"))));
+        Ok(Store { pool })
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Applies the migrations that have not been applied yet.
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
@@ -95,43 +121,245 @@ impl Store {
         &self.pool
     }
 
-    /// Inserts the events in one transaction. Idempotent: an event whose identity
-    /// (device_id, device_ts, seq) is already stored is skipped, so redelivery adds no row.
+    /// Inserts the events in one transaction, and notes their devices as seen and counts them
+    /// per minute of arrival. Idempotent: an event whose identity (device_id, device_ts, seq) is
+    /// already stored is skipped, so redelivery adds no row and counts nothing twice.
     pub async fn insert_events(&self, records: &[CleanedRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
         let rows = records.iter().map(Row::new).collect::<Result<Vec<_>>>()?;
+        let mut sightings = Sightings::default();
         let mut transaction = self.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut insert = QueryBuilder::<MySql>::new(
-                "INSERT INTO telemetry (device_id, device_ts, seq, received_at, metrics, \
-                 schema_version, attributes, quality, \
-                 source_topic, source_partition, source_offset) ",
+            // The common case, new events only, is one plain INSERT. A stored identity fails it
+            // (InnoDB undoes just the statement); then the chunk is sorted into new and stored.
+            let all: Vec<&Row<'_>> = chunk.iter().collect();
+            let new = match insert_rows(&mut transaction, &all, false).await {
+                Ok(()) => all,
+                Err(error) if is_duplicate_key(&error) => {
+                    let new = new_rows(&mut transaction, chunk).await?;
+                    insert_rows(&mut transaction, &new, true).await?;
+                    new
+                }
+                Err(error) => return Err(error.into()),
+            };
+            for row in chunk {
+                sightings.saw(&row.record.event.device_id, row.received_at, Seen::Accepted);
+            }
+            for row in new {
+                sightings.count(&row.record.event.device_id, row.received_at, Seen::Accepted);
+            }
+        }
+        sightings.upsert(&mut transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+/// Inserts `rows` in one statement; with `skip_stored`, rows whose identity is stored (or repeats
+/// within `rows`) are skipped instead of failing the statement.
+async fn insert_rows(
+    connection: &mut sqlx::MySqlConnection,
+    rows: &[&Row<'_>],
+    skip_stored: bool,
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<MySql>::new(
+        "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
+         schema_version, attributes, quality, \
+         source_topic, source_partition, source_offset) ",
+    );
+    insert.push_values(rows, |mut values, row| {
+        let seq = row.record.event.seq;
+        values
+            .push_bind(&row.record.event.device_id)
+            .push_bind(row.device_ts)
+            .push_bind(seq)
+            .push_bind(seq.unwrap_or(NO_SEQ))
+            .push_bind(row.received_at)
+            .push_bind(&row.metrics)
+            .push_bind(row.record.event.schema_version)
+            .push_bind(&row.attributes)
+            .push_bind(&row.quality)
+            .push_bind(&row.record.source.topic)
+            .push_bind(row.record.source.partition)
+            .push_bind(row.record.source.offset);
+    });
+    if skip_stored {
+        insert.push(" ON DUPLICATE KEY UPDATE seq_key = seq_key");
+    }
+    // Statements differ by row count; caching each prepared variant would only churn.
+    insert
+        .build()
+        .persistent(false)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+/// The rows of `chunk` whose identity is not stored yet, each identity once.
+async fn new_rows<'r, 'a>(
+    connection: &mut sqlx::MySqlConnection,
+    chunk: &'r [Row<'a>],
+) -> Result<Vec<&'r Row<'a>>> {
+    type Identity = (String, chrono::NaiveDateTime, i64);
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT CAST(device_id AS CHAR), device_ts, seq_key FROM telemetry \
+         WHERE (device_id, device_ts, seq_key) IN ",
+    );
+    query.push_tuples(chunk, |mut tuple, row| {
+        tuple
+            .push_bind(&row.record.event.device_id)
+            .push_bind(row.device_ts)
+            .push_bind(row.record.event.seq.unwrap_or(NO_SEQ));
+    });
+    // Locks the stored identities, so a concurrent writer cannot slip one in before the insert.
+    query.push(" FOR UPDATE");
+    let stored: Vec<Identity> = query
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(&mut *connection)
+        .await?;
+    let mut known: std::collections::HashSet<Identity> = stored.into_iter().collect();
+    Ok(chunk
+        .iter()
+        .filter(|row| {
+            known.insert((
+                row.record.event.device_id.clone(),
+                row.device_ts,
+                row.record.event.seq.unwrap_or(NO_SEQ),
+            ))
+        })
+        .collect())
+}
+
+/// Whether the statement failed on a unique key (MySQL/MariaDB error 1062).
+fn is_duplicate_key(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|error| error.number() == 1062)
+}
+
+/// `seq_key` of an event without a sequence number: NULLs are distinct in a key, -1 is not.
+const NO_SEQ: i64 = -1;
+
+/// Which kind of record a device was seen with.
+#[derive(Clone, Copy)]
+enum Seen {
+    Accepted,
+    Rejected,
+}
+
+/// The devices of one batch, with the times they were seen (for the `devices` table) and the
+/// records newly stored per minute of arrival (for `device_minutes`).
+#[derive(Default)]
+struct Sightings<'a> {
+    /// Sorted by device id, so concurrent writers lock rows in the same order.
+    devices: std::collections::BTreeMap<&'a str, Sighting>,
+    /// (device, minute) → (accepted, rejected) newly stored.
+    minutes: std::collections::BTreeMap<(&'a str, chrono::NaiveDateTime), (u32, u32)>,
+}
+
+#[derive(Clone, Copy)]
+struct Sighting {
+    first: chrono::NaiveDateTime,
+    last: chrono::NaiveDateTime,
+    accepted: Option<chrono::NaiveDateTime>,
+    rejected: Option<chrono::NaiveDateTime>,
+}
+
+impl<'a> Sightings<'a> {
+    /// Counts one newly stored record in its device's minute.
+    fn count(&mut self, device_id: &'a str, at: chrono::NaiveDateTime, seen: Seen) {
+        use chrono::Timelike as _;
+        let minute = at
+            .with_second(0)
+            .and_then(|at| at.with_nanosecond(0))
+            .unwrap_or(at);
+        let counts = self.minutes.entry((device_id, minute)).or_default();
+        match seen {
+            Seen::Accepted => counts.0 += 1,
+            Seen::Rejected => counts.1 += 1,
+        }
+    }
+
+    fn saw(&mut self, device_id: &'a str, at: chrono::NaiveDateTime, seen: Seen) {
+        let sighting = self.devices.entry(device_id).or_insert(Sighting {
+            first: at,
+            last: at,
+            accepted: None,
+            rejected: None,
+        });
+        sighting.first = sighting.first.min(at);
+        sighting.last = sighting.last.max(at);
+        let latest = match seen {
+            Seen::Accepted => &mut sighting.accepted,
+            Seen::Rejected => &mut sighting.rejected,
+        };
+        *latest = Some(latest.map_or(at, |latest| latest.max(at)));
+    }
+
+    /// Merges the sightings into `devices`. Only ever moves times outwards (LEAST/GREATEST), so
+    /// writing the same batch again changes nothing.
+    async fn upsert(&self, connection: &mut sqlx::MySqlConnection) -> Result<()> {
+        let devices: Vec<_> = self.devices.iter().collect();
+        for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+            let mut upsert = QueryBuilder::<MySql>::new(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_accepted, last_rejected) ",
             );
-            insert.push_values(chunk, |mut values, row| {
+            upsert.push_values(chunk, |mut values, (device_id, sighting)| {
                 values
-                    .push_bind(&row.record.event.device_id)
-                    .push_bind(row.device_ts)
-                    .push_bind(row.record.event.seq)
-                    .push_bind(row.received_at)
-                    .push_bind(&row.metrics)
-                    .push_bind(row.record.event.schema_version)
-                    .push_bind(&row.attributes)
-                    .push_bind(&row.quality)
-                    .push_bind(&row.record.source.topic)
-                    .push_bind(row.record.source.partition)
-                    .push_bind(row.record.source.offset);
+                    .push_bind(**device_id)
+                    .push_bind(sighting.first)
+                    .push_bind(sighting.last)
+                    .push_bind(sighting.accepted)
+                    .push_bind(sighting.rejected);
             });
-            insert.push(" ON DUPLICATE KEY UPDATE id = id");
-            // Statements differ by row count; caching each prepared variant would only churn.
-            insert
+            // GREATEST is NULL when either side is: COALESCE keeps whichever time exists.
+            upsert.push(
+                " ON DUPLICATE KEY UPDATE \
+                 first_seen = LEAST(first_seen, VALUES(first_seen)), \
+                 last_seen = GREATEST(last_seen, VALUES(last_seen)), \
+                 last_accepted = COALESCE(GREATEST(last_accepted, VALUES(last_accepted)), \
+                     last_accepted, VALUES(last_accepted)), \
+                 last_rejected = COALESCE(GREATEST(last_rejected, VALUES(last_rejected)), \
+                     last_rejected, VALUES(last_rejected))",
+            );
+            upsert
                 .build()
                 .persistent(false)
-                .execute(&mut *transaction)
+                .execute(&mut *connection)
                 .await?;
         }
-        transaction.commit().await?;
+        let minutes: Vec<_> = self.minutes.iter().collect();
+        for chunk in minutes.chunks(ROWS_PER_STATEMENT) {
+            let mut upsert = QueryBuilder::<MySql>::new(
+                "INSERT INTO device_minutes (device_id, minute, accepted, rejected) ",
+            );
+            upsert.push_values(
+                chunk,
+                |mut values, ((device_id, minute), (accepted, rejected))| {
+                    values
+                        .push_bind(*device_id)
+                        .push_bind(*minute)
+                        .push_bind(*accepted)
+                        .push_bind(*rejected);
+                },
+            );
+            upsert.push(
+                " ON DUPLICATE KEY UPDATE accepted = accepted + VALUES(accepted), \
+                 rejected = rejected + VALUES(rejected)",
+            );
+            upsert
+                .build()
+                .persistent(false)
+                .execute(&mut *connection)
+                .await?;
+        }
         Ok(())
     }
 }

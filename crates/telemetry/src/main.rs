@@ -33,6 +33,8 @@ enum Command {
     Bridge(telemetry_bridge::BridgeConfig),
     /// Kafka raw topic → validate → MySQL `telemetry` table + cleaned topic + DLQ.
     Audit(telemetry_audit::AuditConfig),
+    /// HTTP API (devices, history, DLQ) and the dashboard, reading the database.
+    Api(telemetry_api::ApiConfig),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
 }
@@ -53,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Audit(config) => telemetry_audit::run(config, shutdown)
             .await
             .context("the audit service stopped with an error"),
+        Command::Api(config) => telemetry_api::run(config, shutdown)
+            .await
+            .context("the API stopped with an error"),
         Command::Contract(_) => Ok(()), // Handled above, before any service starts.
     }
 }

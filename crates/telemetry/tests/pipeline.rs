@@ -9,17 +9,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use rdkafka::message::Message;
 use serde_json::{json, Value};
-use telemetry_bridge::{Bridge, BridgeConfig};
+use telemetry_bridge::Bridge;
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
 use telemetry_testkit::{
-    database_url, eventually, http_get, mqtt_url, produce, publish_qos1, read_topic, unique,
-    TestRecord,
+    database_url, eventually, http_get, produce, publish_qos1, read_topic, unique, TestRecord,
 };
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{audit_config, base_ts, header, kafka_config, metric, payload};
+use common::{audit_config, base_ts, bridge_config, header, kafka_config, metric, payload};
 
 async fn row_count(pool: &sqlx::MySqlPool) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
@@ -123,19 +122,7 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
     let kafka = kafka_config(&id);
     let shutdown = CancellationToken::new();
 
-    let bridge = Bridge::bind(BridgeConfig {
-        mqtt_url: mqtt_url(),
-        mqtt_topic: format!("{id}/devices/+/telemetry"),
-        mqtt_client_id: format!("{id}-bridge"),
-        bridge_id: format!("{id}-bridge"),
-        listen: "127.0.0.1:0".to_string(),
-        ws_buffer: 8192,
-        max_in_flight: 10_000,
-        shutdown_grace_seconds: 10,
-        kafka: kafka.clone(),
-    })
-    .await
-    .unwrap();
+    let bridge = Bridge::bind(bridge_config(&id, &kafka)).await.unwrap();
     let address = bridge.local_addr().unwrap();
     let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
     let audit_task = tokio::spawn(telemetry_audit::run(

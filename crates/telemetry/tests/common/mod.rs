@@ -25,6 +25,23 @@ pub fn kafka_config(id: &str) -> KafkaConfig {
     }
 }
 
+/// A bridge subscribed to the test's own MQTT topics (`<id>/devices/+/telemetry`), listening on a
+/// free port.
+pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeConfig {
+    telemetry_bridge::BridgeConfig {
+        mqtt_url: telemetry_testkit::mqtt_url(),
+        mqtt_topic: format!("{id}/devices/+/telemetry"),
+        mqtt_client_id: format!("{id}-bridge"),
+        bridge_id: format!("{id}-bridge"),
+        listen: "127.0.0.1:0".to_string(),
+        ws_buffer: 8192,
+        max_in_flight: 10_000,
+        contract: None,
+        shutdown_grace_seconds: 10,
+        kafka: kafka.clone(),
+    }
+}
+
 pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
     AuditConfig {
         mysql_url: database_url(id),
@@ -33,6 +50,8 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         batch_size: 500,
         batch_linger_ms: 20,
         contract: None,
+        dlq_index_retention_hours: 168,
+        dlq_index_max_rows: 100_000,
         listen: "127.0.0.1:0".to_string(),
         shutdown_grace_seconds: 10,
         kafka: kafka.clone(),

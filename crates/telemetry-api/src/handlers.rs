@@ -1,0 +1,326 @@
+//! One function per endpoint. The JSON shapes are documented in `openapi.json`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use telemetry_core::validate::Code;
+use telemetry_store::{DeadLetterFilter, SeriesQuery};
+
+use crate::health::{dlq_rate, Health};
+use crate::params::{check_name, shorten, ApiError, Params};
+use crate::AppState;
+
+/// The OpenAPI document, embedded.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The longest device id (as the contract allows and the table stores).
+const MAX_DEVICE_ID_CHARS: usize = 128;
+/// The longest metric name accepted in a query.
+const MAX_METRIC_CHARS: usize = 128;
+/// Most buckets a series may be cut into.
+const MAX_POINTS: u32 = 10_000;
+/// Buckets when `max_points` is not given.
+const DEFAULT_POINTS: u32 = 500;
+/// The range when `from` is not given: the day before `to`.
+const DEFAULT_RANGE: chrono::Duration = chrono::Duration::days(1);
+/// The widest range one series query may cover.
+const MAX_RANGE_DAYS: i64 = 366;
+/// Most DLQ entries per request, and the number when `limit` is not given.
+const MAX_DLQ_LIMIT: u32 = 1_000;
+const DEFAULT_DLQ_LIMIT: u32 = 50;
+/// `error.code` of records the database refused (the audit service's, not a contract code).
+const DB_REJECTED: &str = "db_rejected";
+
+/// RFC 3339 in UTC with milliseconds: `2026-11-29T10:00:00.123Z`.
+fn rfc3339(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[derive(Serialize)]
+struct DevicesBody {
+    generated_at: String,
+    thresholds: ThresholdsBody,
+    devices: Vec<DeviceBody>,
+}
+
+#[derive(Serialize)]
+struct ThresholdsBody {
+    stale_after_seconds: u64,
+    failing_dlq_ratio: f64,
+    failing_min_rejections: u64,
+}
+
+#[derive(Serialize)]
+struct DeviceBody {
+    device_id: String,
+    first_seen: String,
+    last_seen: String,
+    last_accepted: Option<String>,
+    last_rejected: Option<String>,
+    events_last_hour: u64,
+    events_last_day: u64,
+    dlq_last_hour: u64,
+    dlq_last_day: u64,
+    dlq_rate_last_hour: f64,
+    metrics: Vec<String>,
+    health: Health,
+}
+
+/// `GET /api/devices`: every device with its counts and health.
+pub async fn devices(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    Params::new(query, &[])?;
+    let now = Utc::now();
+    let devices = state
+        .store
+        .devices(now)
+        .await
+        .map_err(|error| ApiError::unavailable(&error))?;
+    let thresholds = &state.thresholds;
+    let devices = devices
+        .into_iter()
+        .map(|device| DeviceBody {
+            health: thresholds.judge(&device, now),
+            dlq_rate_last_hour: dlq_rate(&device),
+            first_seen: rfc3339(device.first_seen),
+            last_seen: rfc3339(device.last_seen),
+            last_accepted: device.last_accepted.map(rfc3339),
+            last_rejected: device.last_rejected.map(rfc3339),
+            events_last_hour: device.events_last_hour,
+            events_last_day: device.events_last_day,
+            dlq_last_hour: device.dlq_last_hour,
+            dlq_last_day: device.dlq_last_day,
+            metrics: device.metrics,
+            device_id: device.device_id,
+        })
+        .collect();
+    Ok(Json(DevicesBody {
+        generated_at: rfc3339(now),
+        thresholds: ThresholdsBody {
+            stale_after_seconds: thresholds.stale_after.as_secs(),
+            failing_dlq_ratio: thresholds.failing_dlq_ratio,
+            failing_min_rejections: thresholds.failing_min_rejections,
+        },
+        devices,
+    }))
+}
+
+#[derive(Serialize)]
+struct SeriesBody {
+    device_id: String,
+    metric: String,
+    from: String,
+    to: String,
+    bucket_ms: i64,
+    points: Vec<PointBody>,
+}
+
+#[derive(Serialize)]
+struct PointBody {
+    t: i64,
+    count: u64,
+    min: f64,
+    avg: f64,
+    max: f64,
+}
+
+/// `GET /api/devices/{id}/telemetry?metric=&from=&to=&max_points=`: one metric over a range,
+/// downsampled by the database to at most `max_points` buckets (min/avg/max per bucket).
+pub async fn telemetry(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Path(device_id) = path.map_err(|rejection| {
+        ApiError::bad("id", format!("cannot be read: {}", rejection.body_text()))
+    })?;
+    check_name("id", &device_id, MAX_DEVICE_ID_CHARS)?;
+    let params = Params::new(query, &["metric", "from", "to", "max_points"])?;
+    let metric = params
+        .name("metric", MAX_METRIC_CHARS)?
+        .ok_or_else(|| ApiError::bad("metric", "is required, e.g. metric=temperature_c"))?;
+    let max_points = params.integer("max_points", 1, MAX_POINTS, DEFAULT_POINTS)?;
+    let to = params.time("to")?.unwrap_or_else(Utc::now);
+    let from = match params.time("from")? {
+        Some(from) => from,
+        None => to - DEFAULT_RANGE,
+    };
+    if from >= to {
+        return Err(ApiError::bad("from", "must be before `to`"));
+    }
+    if to - from > chrono::Duration::days(MAX_RANGE_DAYS) {
+        return Err(ApiError::bad(
+            "from",
+            format!("the range may cover at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    let span = (to - from).num_milliseconds();
+    let bucket_ms = (span + i64::from(max_points) - 1) / i64::from(max_points);
+    let store = &state.store;
+    let known = store
+        .device_exists(&device_id)
+        .await
+        .map_err(|error| ApiError::unavailable(&error))?;
+    if !known {
+        return Err(ApiError::not_found(format!(
+            "no device `{}` has been seen",
+            shorten(&device_id)
+        )));
+    }
+    let buckets = store
+        .series(&SeriesQuery {
+            device_id: &device_id,
+            metric,
+            from,
+            to,
+            bucket: chrono::Duration::milliseconds(bucket_ms.max(1)),
+        })
+        .await
+        .map_err(|error| ApiError::unavailable(&error))?;
+    Ok(Json(SeriesBody {
+        metric: metric.to_string(),
+        device_id,
+        from: rfc3339(from),
+        to: rfc3339(to),
+        bucket_ms: bucket_ms.max(1),
+        points: buckets
+            .into_iter()
+            .map(|bucket| PointBody {
+                t: bucket.start,
+                count: bucket.count,
+                min: bucket.min,
+                avg: bucket.avg,
+                max: bucket.max,
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Serialize)]
+struct DlqBody {
+    entries: Vec<DlqEntryBody>,
+}
+
+#[derive(Serialize)]
+struct DlqEntryBody {
+    id: u64,
+    received_at: String,
+    device_id: Option<String>,
+    code: String,
+    message: String,
+    field: Option<String>,
+    rule: Option<String>,
+    contract_version: u32,
+    source: SourceBody,
+    payload: String,
+    payload_encoding: &'static str,
+    payload_bytes: u32,
+    payload_truncated: bool,
+}
+
+#[derive(Serialize)]
+struct SourceBody {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// `GET /api/dlq?device=&code=&limit=`: the newest rejected records, from the DLQ index.
+pub async fn dlq(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let params = Params::new(query, &["device", "code", "limit"])?;
+    let device_id = params.name("device", MAX_DEVICE_ID_CHARS)?;
+    let code = params.get("code");
+    if let Some(code) = code {
+        let known = Code::ALL.iter().any(|known| known.as_str() == code) || code == DB_REJECTED;
+        if !known {
+            let mut codes: Vec<&str> = Code::ALL.iter().map(|code| code.as_str()).collect();
+            codes.push(DB_REJECTED);
+            return Err(ApiError::bad(
+                "code",
+                format!(
+                    "`{}` is not a reason code; the codes are {}",
+                    shorten(code),
+                    codes.join(", ")
+                ),
+            ));
+        }
+    }
+    let limit = params.integer("limit", 1, MAX_DLQ_LIMIT, DEFAULT_DLQ_LIMIT)?;
+    let entries = state
+        .store
+        .dead_letters(&DeadLetterFilter {
+            device_id,
+            code,
+            limit,
+        })
+        .await
+        .map_err(|error| ApiError::unavailable(&error))?;
+    let entries = entries
+        .into_iter()
+        .map(|entry| {
+            let truncated = entry.payload.len() < entry.payload_bytes as usize;
+            let (payload, payload_encoding) = match String::from_utf8(entry.payload) {
+                Ok(text) => (text, "utf8"),
+                Err(error) => (
+                    base64::engine::general_purpose::STANDARD.encode(error.as_bytes()),
+                    "base64",
+                ),
+            };
+            DlqEntryBody {
+                id: entry.id,
+                received_at: rfc3339(entry.received_at),
+                device_id: entry.device_id,
+                code: entry.code,
+                message: entry.message,
+                field: entry.field,
+                rule: entry.rule,
+                contract_version: entry.contract_version,
+                source: SourceBody {
+                    topic: entry.source_topic,
+                    partition: entry.source_partition,
+                    offset: entry.source_offset,
+                },
+                payload,
+                payload_encoding,
+                payload_bytes: entry.payload_bytes,
+                payload_truncated: truncated,
+            }
+        })
+        .collect();
+    Ok(Json(DlqBody { entries }))
+}
+
+#[derive(Serialize)]
+struct ConfigBody<'a> {
+    live_url: Option<&'a str>,
+}
+
+/// `GET /api/config`: what the dashboard needs to know about this deployment.
+pub async fn config(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(ConfigBody {
+        live_url: state.live_url.as_deref(),
+    })
+    .into_response()
+}
+
+/// `GET /api/openapi.json`.
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Any other `/api/...` path: a JSON 404 rather than the dashboard.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /api/openapi.json")
+}

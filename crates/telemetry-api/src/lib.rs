@@ -1,0 +1,210 @@
+//! The API and the dashboard: reads the telemetry store (never writes it) and serves
+//! `GET /api/devices`, `GET /api/devices/{id}/telemetry`, `GET /api/dlq`, `GET /api/config`, the
+//! OpenAPI document at `GET /api/openapi.json`, and the dashboard at `/`, whose assets are
+//! embedded in the binary. Live data reaches the dashboard straight from the bridge's WebSocket.
+//!
+//! # Layout
+//! - [`ApiConfig`]: every setting, with its flag and environment variable.
+//! - [`app`]: the router, separate from the listener so handlers are tested with `oneshot`.
+//! - `handlers`: one function per endpoint; `params`: query checking and the JSON error;
+//!   `health`: how a device's health is judged; `assets`: the embedded dashboard.
+//! - [`run`]: serve until shutdown, with `/healthz`, `/readyz` (database reachable), `/metrics`.
+
+mod assets;
+mod handlers;
+mod health;
+mod params;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use telemetry_store::Store;
+use tokio_util::sync::CancellationToken;
+
+pub use health::{Health, HealthThresholds};
+
+/// Errors that stop the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database URL is not usable.
+    #[error(transparent)]
+    Store(#[from] telemetry_store::Error),
+    /// The HTTP listener could not be bound or served.
+    #[error(transparent)]
+    Listen(#[from] telemetry_ops::ListenError),
+    /// A setting is out of its range.
+    #[error("{setting} {problem}")]
+    Invalid {
+        /// The setting's variable and flag.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// API settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiConfig {
+    /// MySQL/MariaDB URL of the telemetry database (the audit service creates it; the API only
+    /// reads).
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_URL",
+        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+    )]
+    pub mysql_url: String,
+
+    /// Database connections in the API's pool.
+    #[arg(long, env = "TELEMETRY_API_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
+    pub mysql_max_connections: u32,
+
+    /// Address of the API and dashboard (plus `/healthz`, `/readyz`, `/metrics`).
+    #[arg(
+        long = "api-listen",
+        env = "TELEMETRY_API_LISTEN",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub listen: String,
+
+    /// The bridge's WebSocket URL the dashboard's live view connects to. Without it, the
+    /// dashboard uses `ws://<the host it was loaded from>:8080/ws`.
+    #[arg(long, env = "TELEMETRY_API_LIVE_URL")]
+    pub live_url: Option<String>,
+
+    /// A device is `stale` when nothing (accepted or rejected) arrived from it for this long, in
+    /// seconds.
+    #[arg(
+        long,
+        env = "TELEMETRY_HEALTH_STALE_AFTER_SECONDS",
+        default_value_t = 300
+    )]
+    pub stale_after_seconds: u64,
+
+    /// A device is `failing` when at least this share (0 to 1) of its records in the last hour
+    /// went to the DLQ...
+    #[arg(
+        long,
+        env = "TELEMETRY_HEALTH_FAILING_DLQ_RATIO",
+        default_value_t = 0.5
+    )]
+    pub failing_dlq_ratio: f64,
+
+    /// ... and there were at least this many of them.
+    #[arg(
+        long,
+        env = "TELEMETRY_HEALTH_FAILING_MIN_REJECTIONS",
+        default_value_t = 3
+    )]
+    pub failing_min_rejections: u64,
+}
+
+impl ApiConfig {
+    /// The health thresholds, checked.
+    pub fn thresholds(&self) -> Result<HealthThresholds> {
+        if !(0.0..=1.0).contains(&self.failing_dlq_ratio) {
+            return Err(Error::Invalid {
+                setting: "TELEMETRY_HEALTH_FAILING_DLQ_RATIO / --failing-dlq-ratio",
+                problem: format!("is {}, must be from 0 to 1", self.failing_dlq_ratio),
+            });
+        }
+        Ok(HealthThresholds {
+            stale_after: Duration::from_secs(self.stale_after_seconds),
+            failing_dlq_ratio: self.failing_dlq_ratio,
+            failing_min_rejections: self.failing_min_rejections,
+        })
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The telemetry store (read only).
+    pub store: Store,
+    /// How device health is judged.
+    pub thresholds: HealthThresholds,
+    /// The live-view WebSocket URL for the dashboard, when configured.
+    pub live_url: Option<String>,
+}
+
+/// The readiness check `/readyz` reports: passing while the database answers.
+const DATABASE: &str = "database";
+
+/// How often readiness pings the database.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The API and dashboard routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/api/devices", get(handlers::devices))
+        .route("/api/devices/{id}/telemetry", get(handlers::telemetry))
+        .route("/api/dlq", get(handlers::dlq))
+        .route("/api/config", get(handlers::config))
+        .route("/api/openapi.json", get(handlers::openapi))
+        .route("/api/{*rest}", get(handlers::not_found))
+        .route("/", get(assets::index))
+        .route("/assets/{*path}", get(assets::asset))
+        .with_state(Arc::new(state))
+}
+
+/// The API with its listener bound, not serving yet.
+pub struct Api {
+    state: AppState,
+    server: telemetry_ops::HttpServer,
+}
+
+impl Api {
+    /// Checks the settings and binds the listener.
+    pub async fn bind(config: ApiConfig) -> Result<Self> {
+        let thresholds = config.thresholds()?;
+        let store = Store::connect_lazy(&config.mysql_url, config.mysql_max_connections)?;
+        let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        Ok(Api {
+            state: AppState {
+                store,
+                thresholds,
+                live_url: config.live_url,
+            },
+            server,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.server.local_addr()?)
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Api { state, server } = self;
+        let store = state.store.clone();
+        let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
+        tracing::info!(listen = %server.local_addr()?, "API and dashboard started.");
+        let router = app(state).merge(telemetry_ops::router(readiness.clone()));
+        let server = server.spawn(router, shutdown.clone());
+        loop {
+            let reachable = store.ping().await;
+            if let Err(error) = &reachable {
+                tracing::warn!(%error, "The database does not answer.");
+            }
+            readiness.set(DATABASE, reachable.is_ok());
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(PING_INTERVAL) => {}
+            }
+        }
+        telemetry_ops::join(server).await?;
+        tracing::info!("API stopped.");
+        Ok(())
+    }
+}
+
+/// Runs the API until `shutdown` is cancelled.
+pub async fn run(config: ApiConfig, shutdown: CancellationToken) -> Result<()> {
+    Api::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,239 @@
+//! The DLQ index: recent rejected records with their reason and original bytes, so the API can
+//! list them by device and code without reading the DLQ topic. Written by the audit service in
+//! the same step that produces the records to the DLQ topic; bounded by [`Store::prune_dead_letters`].
+
+use sqlx::{MySql, QueryBuilder};
+
+use crate::{is_duplicate_key, utc_datetime, Result, Seen, Sightings, Store};
+
+/// Longest part of the original payload kept in the index; the DLQ topic keeps it whole.
+pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Longest `field` and `rule` kept (the columns' width); longer ones are cut.
+const MAX_TEXT_COLUMN_CHARS: usize = 255;
+
+/// Rows per INSERT: payloads may be up to 64 KiB each, so far fewer rows than for events keep a
+/// statement under the server's packet limit (16 MiB by default).
+const DEAD_LETTERS_PER_STATEMENT: usize = 100;
+
+/// Most rows one pruning statement deletes, so pruning never holds long locks.
+const PRUNE_BATCH: u64 = 10_000;
+
+/// A rejected record to index.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter<'a> {
+    /// The raw topic, partition and offset it was read from: its identity in the index.
+    pub source_topic: &'a str,
+    /// Partition in the raw topic.
+    pub source_partition: i32,
+    /// Offset in the raw topic.
+    pub source_offset: i64,
+    /// The device it was published for (the raw record's key), when known.
+    pub device_id: Option<&'a str>,
+    /// When the bridge received it, UTC milliseconds.
+    pub received_at: i64,
+    /// The stable reason code.
+    pub code: &'a str,
+    /// The human-readable reason.
+    pub message: &'a str,
+    /// The payload field at fault, when one is.
+    pub field: Option<&'a str>,
+    /// The contract rule that failed, when one did.
+    pub rule: Option<&'a str>,
+    /// The version of the contract it was checked against.
+    pub contract_version: u32,
+    /// The original bytes.
+    pub payload: &'a [u8],
+}
+
+impl Store {
+    /// Indexes rejected records, notes their devices as seen and counts them per minute of
+    /// arrival. Idempotent: a record already indexed (same raw topic, partition and offset) is
+    /// skipped and not counted again.
+    pub async fn insert_dead_letters(&self, letters: &[NewDeadLetter<'_>]) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let received = letters
+            .iter()
+            .map(|letter| utc_datetime(letter.received_at))
+            .collect::<Result<Vec<_>>>()?;
+        let rows: Vec<_> = letters.iter().zip(received).collect();
+        let mut sightings = Sightings::default();
+        let mut transaction = self.pool.begin().await?;
+        for chunk in rows.chunks(DEAD_LETTERS_PER_STATEMENT) {
+            let all: Vec<_> = chunk.iter().collect();
+            // As for events: one plain INSERT, and only when it meets an indexed record, find
+            // which ones are new.
+            let new = match insert_letters(&mut transaction, &all, false).await {
+                Ok(()) => all,
+                Err(error) if is_duplicate_key(&error) => {
+                    let new = new_letters(&mut transaction, chunk).await?;
+                    insert_letters(&mut transaction, &new, true).await?;
+                    new
+                }
+                Err(error) => return Err(error.into()),
+            };
+            for (letter, received_at) in chunk {
+                if let Some(device_id) = letter.device_id {
+                    sightings.saw(device_id, *received_at, Seen::Rejected);
+                }
+            }
+            for (letter, received_at) in new {
+                if let Some(device_id) = letter.device_id {
+                    sightings.count(device_id, *received_at, Seen::Rejected);
+                }
+            }
+        }
+        sightings.upsert(&mut transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes index rows received before `older_than`, and the oldest rows beyond `keep_rows`.
+    /// Returns how many it deleted. The DLQ topic is not touched.
+    pub async fn prune_dead_letters(
+        &self,
+        older_than: chrono::DateTime<chrono::Utc>,
+        keep_rows: u64,
+    ) -> Result<u64> {
+        let mut deleted = self
+            .delete_in_batches(
+                "DELETE FROM dlq_events WHERE received_at < ? LIMIT ?",
+                older_than.naive_utc(),
+            )
+            .await?;
+        // The newest `keep_rows` rows stay: find the id just below them.
+        let cutoff: Option<u64> =
+            sqlx::query_scalar("SELECT id FROM dlq_events ORDER BY id DESC LIMIT 1 OFFSET ?")
+                .bind(keep_rows)
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some(cutoff) = cutoff {
+            deleted += self
+                .delete_in_batches("DELETE FROM dlq_events WHERE id <= ? LIMIT ?", cutoff)
+                .await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes per-minute device counts from before `older_than` (the API reads one day back).
+    pub async fn prune_device_minutes(
+        &self,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64> {
+        self.delete_in_batches(
+            "DELETE FROM device_minutes WHERE minute < ? LIMIT ?",
+            older_than.naive_utc(),
+        )
+        .await
+    }
+
+    /// Runs `delete` (`... WHERE column < ? LIMIT ?`) with `bound` until it deletes fewer than a
+    /// batch, so no single statement holds locks for long.
+    async fn delete_in_batches<T>(&self, delete: &str, bound: T) -> Result<u64>
+    where
+        T: for<'q> sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Copy + Send,
+    {
+        let mut deleted = 0;
+        loop {
+            let done = sqlx::query(delete)
+                .bind(bound)
+                .bind(PRUNE_BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            deleted += done;
+            if done < PRUNE_BATCH {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+type Letter<'a, 'b> = (&'a NewDeadLetter<'b>, chrono::NaiveDateTime);
+
+/// Indexes `letters` in one statement; with `skip_indexed`, those already indexed are skipped
+/// instead of failing the statement.
+async fn insert_letters(
+    connection: &mut sqlx::MySqlConnection,
+    letters: &[&Letter<'_, '_>],
+    skip_indexed: bool,
+) -> Result<(), sqlx::Error> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<MySql>::new(if skip_indexed {
+        "INSERT IGNORE INTO dlq_events "
+    } else {
+        "INSERT INTO dlq_events "
+    });
+    insert.push(
+        "(source_topic, source_partition, source_offset, device_id, received_at, code, message, \
+         field, rule, contract_version, payload, payload_bytes) ",
+    );
+    insert.push_values(letters, |mut values, (letter, received_at)| {
+        let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
+        values
+            .push_bind(letter.source_topic)
+            .push_bind(letter.source_partition)
+            .push_bind(letter.source_offset)
+            .push_bind(letter.device_id)
+            .push_bind(*received_at)
+            .push_bind(letter.code)
+            .push_bind(letter.message)
+            .push_bind(letter.field.map(cut))
+            .push_bind(letter.rule.map(cut))
+            .push_bind(letter.contract_version)
+            .push_bind(kept)
+            .push_bind(u32::try_from(letter.payload.len()).unwrap_or(u32::MAX));
+    });
+    insert
+        .build()
+        .persistent(false)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+/// The letters of `chunk` not indexed yet, each source position once.
+async fn new_letters<'r, 'a, 'b>(
+    connection: &mut sqlx::MySqlConnection,
+    chunk: &'r [Letter<'a, 'b>],
+) -> Result<Vec<&'r Letter<'a, 'b>>> {
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT source_topic, source_partition, source_offset FROM dlq_events \
+         WHERE (source_topic, source_partition, source_offset) IN ",
+    );
+    query.push_tuples(chunk, |mut tuple, (letter, _)| {
+        tuple
+            .push_bind(letter.source_topic)
+            .push_bind(letter.source_partition)
+            .push_bind(letter.source_offset);
+    });
+    query.push(" FOR UPDATE");
+    let indexed: Vec<(String, i32, i64)> = query
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(&mut *connection)
+        .await?;
+    let mut known: std::collections::HashSet<(String, i32, i64)> = indexed.into_iter().collect();
+    Ok(chunk
+        .iter()
+        .filter(|(letter, _)| {
+            known.insert((
+                letter.source_topic.to_string(),
+                letter.source_partition,
+                letter.source_offset,
+            ))
+        })
+        .collect())
+}
+
+/// `text` cut to the width of a `VARCHAR(255)` column.
+fn cut(text: &str) -> &str {
+    match text.char_indices().nth(MAX_TEXT_COLUMN_CHARS) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}

@@ -1,0 +1,359 @@
+//! What the API reads: devices with their recent counts, downsampled time series and the DLQ index.
+//! Every value from a request is a bound parameter.
+
+use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use sqlx::Row as _;
+
+use crate::{Result, Store};
+
+/// A device with what the API needs to judge its health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSummary {
+    /// The device id.
+    pub device_id: String,
+    /// When it was first seen (accepted or rejected).
+    pub first_seen: DateTime<Utc>,
+    /// When it was last seen (accepted or rejected).
+    pub last_seen: DateTime<Utc>,
+    /// When its latest accepted record was received.
+    pub last_accepted: Option<DateTime<Utc>>,
+    /// When its latest rejected record was received.
+    pub last_rejected: Option<DateTime<Utc>>,
+    /// Accepted events received in the hour before `now` (the 60 whole minutes after the one
+    /// an hour ago, up to and including the current one).
+    pub events_last_hour: u64,
+    /// Accepted events received in the day before `now`, by the same whole minutes.
+    pub events_last_day: u64,
+    /// Rejected records received in the hour before `now`.
+    pub dlq_last_hour: u64,
+    /// Rejected records received in the day before `now`.
+    pub dlq_last_day: u64,
+    /// The metric names of its latest accepted event (by device time), sorted.
+    pub metrics: Vec<String>,
+}
+
+/// One device's metric over a time range, cut into equal buckets.
+#[derive(Debug, Clone)]
+pub struct SeriesQuery<'a> {
+    /// The device.
+    pub device_id: &'a str,
+    /// The metric's name, as stored (canonical).
+    pub metric: &'a str,
+    /// Start of the range (device time, inclusive).
+    pub from: DateTime<Utc>,
+    /// End of the range (device time, exclusive).
+    pub to: DateTime<Utc>,
+    /// Bucket width; at least one millisecond.
+    pub bucket: Duration,
+}
+
+/// The readings of one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// Start of the bucket, UTC milliseconds.
+    pub start: i64,
+    /// Readings in it.
+    pub count: u64,
+    /// Smallest reading.
+    pub min: f64,
+    /// Mean reading.
+    pub avg: f64,
+    /// Largest reading.
+    pub max: f64,
+}
+
+/// Which rejected records to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter<'a> {
+    /// Only this device's.
+    pub device_id: Option<&'a str>,
+    /// Only those with this reason code.
+    pub code: Option<&'a str>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// One indexed rejected record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterEntry {
+    /// Its id in the index (increasing with indexing order).
+    pub id: u64,
+    /// When the bridge received it.
+    pub received_at: DateTime<Utc>,
+    /// The device it was published for, when known.
+    pub device_id: Option<String>,
+    /// The stable reason code.
+    pub code: String,
+    /// The human-readable reason.
+    pub message: String,
+    /// The payload field at fault.
+    pub field: Option<String>,
+    /// The contract rule that failed.
+    pub rule: Option<String>,
+    /// The contract version it was checked against.
+    pub contract_version: u32,
+    /// The raw topic it was read from.
+    pub source_topic: String,
+    /// Its partition there.
+    pub source_partition: i32,
+    /// Its offset there.
+    pub source_offset: i64,
+    /// The original bytes (at most 64 KiB of them).
+    pub payload: Vec<u8>,
+    /// The original payload's full length.
+    pub payload_bytes: u32,
+}
+
+impl Store {
+    /// Every device seen, sorted by id, with its counts for the hour and day before `now`.
+    pub async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
+        let hour_ago = minute_of(now - Duration::hours(1));
+        let day_ago = minute_of(now - Duration::days(1));
+        // Counts come from `device_minutes` (one row per device and minute), whole minutes: the
+        // hour is the 60 minutes up to the current one. (Binary-collated ids are read as text
+        // through CAST.)
+        let rows = sqlx::query(
+            "SELECT CAST(d.device_id AS CHAR) AS device_id, d.first_seen, d.last_seen, \
+                    d.last_accepted, d.last_rejected, \
+                    CAST(COALESCE(m.accepted_hour, 0) AS UNSIGNED) AS events_last_hour, \
+                    CAST(COALESCE(m.accepted_day, 0) AS UNSIGNED) AS events_last_day, \
+                    CAST(COALESCE(m.rejected_hour, 0) AS UNSIGNED) AS dlq_last_hour, \
+                    CAST(COALESCE(m.rejected_day, 0) AS UNSIGNED) AS dlq_last_day \
+             FROM devices d \
+             LEFT JOIN (SELECT device_id, \
+                               SUM(IF(minute > ?, accepted, 0)) AS accepted_hour, \
+                               SUM(accepted) AS accepted_day, \
+                               SUM(IF(minute > ?, rejected, 0)) AS rejected_hour, \
+                               SUM(rejected) AS rejected_day \
+                        FROM device_minutes WHERE minute > ? GROUP BY device_id) m \
+                    ON m.device_id = d.device_id \
+             ORDER BY d.device_id",
+        )
+        .bind(hour_ago)
+        .bind(hour_ago)
+        .bind(day_ago)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut devices = Vec::with_capacity(rows.len());
+        for row in rows {
+            devices.push(DeviceSummary {
+                device_id: row.try_get("device_id")?,
+                first_seen: utc(row.try_get("first_seen")?),
+                last_seen: utc(row.try_get("last_seen")?),
+                last_accepted: row
+                    .try_get::<Option<NaiveDateTime>, _>("last_accepted")?
+                    .map(utc),
+                last_rejected: row
+                    .try_get::<Option<NaiveDateTime>, _>("last_rejected")?
+                    .map(utc),
+                events_last_hour: count(&row, "events_last_hour")?,
+                events_last_day: count(&row, "events_last_day")?,
+                dlq_last_hour: count(&row, "dlq_last_hour")?,
+                dlq_last_day: count(&row, "dlq_last_day")?,
+                metrics: Vec::new(),
+            });
+        }
+        // Each device's latest row by device time: the newest end of its primary-key range.
+        let latest = sqlx::query(
+            "SELECT CAST(t.device_id AS CHAR) AS device_id, CAST(JSON_KEYS(t.metrics) AS CHAR) AS names \
+             FROM telemetry t \
+             JOIN (SELECT device_id, MAX(device_ts) AS device_ts FROM telemetry \
+                   GROUP BY device_id) latest \
+               ON latest.device_id = t.device_id AND latest.device_ts = t.device_ts",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in latest {
+            let device_id: String = row.try_get("device_id")?;
+            let names: Option<String> = row.try_get("names")?;
+            let names: Vec<String> = names
+                .and_then(|names| serde_json::from_str(&names).ok())
+                .unwrap_or_default();
+            if let Ok(index) = devices.binary_search_by(|device| device.device_id.cmp(&device_id)) {
+                let metrics = &mut devices[index].metrics;
+                metrics.extend(names);
+                metrics.sort_unstable();
+                metrics.dedup();
+            }
+        }
+        Ok(devices)
+    }
+
+    /// Whether the device has been seen.
+    pub async fn device_exists(&self, device_id: &str) -> Result<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// The metric's readings in the range, aggregated per bucket on the database side; only
+    /// buckets with readings, in time order. A range read of the device's rows (the primary
+    /// key); ranges longer than [`PARALLEL_FROM`] are read as [`PARALLEL_PARTS`] parts, split on
+    /// bucket boundaries, on as many connections at once (the database reads each part on a core
+    /// of its own).
+    pub async fn series(&self, query: &SeriesQuery<'_>) -> Result<Vec<Bucket>> {
+        let bucket = query.bucket.max(Duration::milliseconds(1));
+        let span = query.to - query.from;
+        let buckets =
+            (span.num_milliseconds() + bucket.num_milliseconds() - 1) / bucket.num_milliseconds();
+        let parts = if span > PARALLEL_FROM {
+            PARALLEL_PARTS.min(buckets.max(1))
+        } else {
+            1
+        };
+        let reads = (0..parts).map(|part| {
+            let first = buckets * part / parts;
+            let last = buckets * (part + 1) / parts;
+            let start = query.from + bucket * i32::try_from(first).unwrap_or(i32::MAX);
+            let end = (query.from + bucket * i32::try_from(last).unwrap_or(i32::MAX)).min(query.to);
+            self.series_part(
+                query,
+                bucket,
+                start,
+                if part + 1 == parts { query.to } else { end },
+            )
+        });
+        let parts = futures::future::try_join_all(reads).await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// The buckets of `query` with readings in `[start, end)`. Each row's metric is read once:
+    /// the inner query is materialized (the LIMIT keeps the optimizer from merging it, which
+    /// would parse the JSON once per aggregate).
+    async fn series_part(
+        &self,
+        query: &SeriesQuery<'_>,
+        bucket: Duration,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Vec<Bucket>> {
+        let bucket_micros = bucket.num_microseconds().unwrap_or(i64::MAX).max(1);
+        let bucket_millis = bucket.num_milliseconds().max(1);
+        let rows = sqlx::query(
+            "SELECT bucket, COUNT(reading) AS readings, MIN(reading) AS min, AVG(reading) AS avg, \
+                    MAX(reading) AS max \
+             FROM (SELECT TIMESTAMPDIFF(MICROSECOND, ?, device_ts) DIV ? AS bucket, \
+                          CAST(JSON_VALUE(metrics, ?) AS DOUBLE) AS reading \
+                   FROM telemetry \
+                   WHERE device_id = ? AND device_ts >= ? AND device_ts < ? \
+                   LIMIT 18446744073709551615) readings \
+             WHERE reading IS NOT NULL \
+             GROUP BY bucket ORDER BY bucket",
+        )
+        .bind(query.from.naive_utc())
+        .bind(bucket_micros)
+        .bind(json_path(query.metric))
+        .bind(query.device_id)
+        .bind(start.naive_utc())
+        .bind(end.naive_utc())
+        .fetch_all(&self.pool)
+        .await?;
+        let origin = query.from.timestamp_millis();
+        let mut buckets = Vec::with_capacity(rows.len());
+        for row in rows {
+            let index: i64 = row.try_get("bucket")?;
+            buckets.push(Bucket {
+                start: origin.saturating_add(index.saturating_mul(bucket_millis)),
+                count: count(&row, "readings")?,
+                min: row.try_get("min")?,
+                avg: row.try_get("avg")?,
+                max: row.try_get("max")?,
+            });
+        }
+        Ok(buckets)
+    }
+
+    /// The newest indexed rejected records matching `filter`.
+    pub async fn dead_letters(
+        &self,
+        filter: &DeadLetterFilter<'_>,
+    ) -> Result<Vec<DeadLetterEntry>> {
+        let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "SELECT id, received_at, CAST(device_id AS CHAR) AS device_id, code, message, field, \
+                    rule, contract_version, source_topic, source_partition, source_offset, \
+                    payload, payload_bytes \
+             FROM dlq_events WHERE 1 = 1",
+        );
+        if let Some(device_id) = filter.device_id {
+            query.push(" AND device_id = ").push_bind(device_id);
+        }
+        if let Some(code) = filter.code {
+            query.push(" AND code = ").push_bind(code);
+        }
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(filter.limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            entries.push(DeadLetterEntry {
+                id: row.try_get("id")?,
+                received_at: utc(row.try_get("received_at")?),
+                device_id: row.try_get("device_id")?,
+                code: row.try_get("code")?,
+                message: row.try_get("message")?,
+                field: row.try_get("field")?,
+                rule: row.try_get("rule")?,
+                contract_version: row.try_get("contract_version")?,
+                source_topic: row.try_get("source_topic")?,
+                source_partition: row.try_get("source_partition")?,
+                source_offset: row.try_get("source_offset")?,
+                payload: row.try_get("payload")?,
+                payload_bytes: row.try_get("payload_bytes")?,
+            });
+        }
+        Ok(entries)
+    }
+}
+
+/// Ranges longer than this are read in parts at once.
+const PARALLEL_FROM: Duration = Duration::hours(2);
+/// Parts a long range is read in: the cores of a small database server.
+const PARALLEL_PARTS: i64 = 2;
+
+/// The JSON path of a top-level member, quoted so any name is read as a name.
+fn json_path(name: &str) -> String {
+    let mut path = String::with_capacity(name.len() + 4);
+    path.push_str("$.\"");
+    for character in name.chars() {
+        if matches!(character, '"' | '\\') {
+            path.push('\\');
+        }
+        path.push(character);
+    }
+    path.push('"');
+    path
+}
+
+/// The start of the minute `time` is in.
+fn minute_of(time: DateTime<Utc>) -> NaiveDateTime {
+    let seconds = time.timestamp();
+    DateTime::from_timestamp(seconds - seconds.rem_euclid(60), 0)
+        .unwrap_or(time)
+        .naive_utc()
+}
+
+fn utc(time: NaiveDateTime) -> DateTime<Utc> {
+    time.and_utc()
+}
+
+/// A count column, whatever integer type the server gives it.
+fn count(row: &sqlx::mysql::MySqlRow, column: &str) -> Result<u64> {
+    Ok(match row.try_get::<u64, _>(column) {
+        Ok(value) => value,
+        Err(_) => u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_path;
+
+    #[test]
+    fn json_paths_quote_the_name() {
+        assert_eq!(json_path("temperature_c"), r#"$."temperature_c""#);
+        assert_eq!(json_path(r#"a"b\c"#), r#"$."a\"b\\c""#);
+    }
+}

@@ -1,0 +1,136 @@
+//! The dashboard end to end, in a real browser: the bridge, the audit service and the API run
+//! in-process against the real Mosquitto, Kafka and MariaDB; a device publishes over MQTT; headless
+//! Chromium (Debian's, driven by playwright-core from `tests/browser/dashboard.mjs`) loads the
+//! dashboard and checks that the device appears, the live chart receives points, the history
+//! chart has data and a malformed event shows in the DLQ panel. `scripts/test.sh` installs
+//! Chromium and the script's npm packages.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use common::{audit_config, bridge_config, kafka_config};
+use telemetry_api::{Api, ApiConfig};
+use telemetry_bridge::Bridge;
+use telemetry_testkit::{database_url, http_get, mqtt_url, publish_qos1_to, unique};
+use tokio_util::sync::CancellationToken;
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
+    let script = repository().join("tests/browser/dashboard.mjs");
+    assert!(
+        repository().join("tests/browser/node_modules/playwright-core").is_dir(),
+        "tests/browser has no node_modules: run scripts/test.sh (it runs `npm ci --prefix tests/browser`)"
+    );
+
+    let id = unique("dashboard");
+    let kafka = kafka_config(&id);
+    let shutdown = CancellationToken::new();
+    let bridge = Bridge::bind(bridge_config(&id, &kafka)).await.unwrap();
+    let bridge_address = bridge.local_addr().unwrap();
+    let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
+    let audit_task = tokio::spawn(telemetry_audit::run(
+        audit_config(&id, &format!("{id}-audit"), &kafka),
+        shutdown.clone(),
+    ));
+    let api = Api::bind(ApiConfig {
+        mysql_url: database_url(&id),
+        mysql_max_connections: 2,
+        listen: "127.0.0.1:0".to_string(),
+        live_url: Some(format!("ws://{bridge_address}/ws")),
+        stale_after_seconds: 300,
+        failing_dlq_ratio: 0.5,
+        failing_min_rejections: 3,
+    })
+    .await
+    .unwrap();
+    let api_address = api.local_addr().unwrap();
+    let api_task = tokio::spawn(api.run(shutdown.clone()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(bridge_address, "/readyz").await, Ok((200, _))) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A device publishing a reading every 250 ms, with aliases and a unit the contract converts
+    // (`temp`, `battery_mv`), and a malformed payload every 2 s.
+    let device = format!("pico-{}", &id[id.len() - 6..]);
+    let topic = format!("{id}/devices/{device}/telemetry");
+    let publisher = tokio::spawn({
+        let (shutdown, topic, device, id) =
+            (shutdown.clone(), topic.clone(), device.clone(), id.clone());
+        async move {
+            let acknowledged = AtomicUsize::new(0);
+            let mut seq = 0u64;
+            while !shutdown.is_cancelled() {
+                let now = chrono::Utc::now().timestamp_millis();
+                #[allow(clippy::cast_precision_loss)]
+                let temperature = 21.0 + (seq % 40) as f64 / 10.0;
+                let mut messages = vec![(
+                    topic.clone(),
+                    format!(
+                        r#"{{"device_id":"{device}","device_ts":{now},"seq":{seq},"temp":{temperature},"battery_mv":{}}}"#,
+                        3_900 - seq % 300
+                    )
+                    .into_bytes(),
+                )];
+                if seq % 8 == 0 {
+                    messages.push((topic.clone(), b"temperature=21.5;oops".to_vec()));
+                }
+                publish_qos1_to(
+                    &mqtt_url(),
+                    &format!("{id}-device"),
+                    &messages,
+                    None,
+                    &acknowledged,
+                )
+                .await;
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+
+    let screenshot = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repository().join("target"), PathBuf::from)
+        .join("screenshots/dashboard.png");
+    let browser = tokio::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", &format!("http://{api_address}/")])
+        .args(["--device", &device])
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .args(["--timeout-seconds", "120"])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node runs (Node.js is installed)");
+    let stdout = String::from_utf8_lossy(&browser.stdout);
+    let stderr = String::from_utf8_lossy(&browser.stderr);
+    println!("{stdout}{stderr}");
+    println!("screenshot: {}", screenshot.display());
+
+    shutdown.cancel();
+    publisher.await.unwrap();
+    bridge_task.await.unwrap().unwrap();
+    audit_task.await.unwrap().unwrap();
+    api_task.await.unwrap().unwrap();
+    assert!(
+        browser.status.success(),
+        "the browser check failed:\n{stdout}{stderr}"
+    );
+    for step in ["ok a:", "ok b:", "ok c:", "ok d:"] {
+        assert!(stdout.contains(step), "step {step} did not pass:\n{stdout}");
+    }
+}
