@@ -88,6 +88,25 @@ fn letter<'a>(
     }
 }
 
+/// Checks `body` against the OpenAPI document's schema `name`, so the document stays true.
+fn conforms(name: &str, body: &Value) {
+    let document: Value =
+        serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON");
+    let schema = serde_json::json!({
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": document["components"],
+    });
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|error| format!("{} at {}", error, error.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{name} does not match openapi.json: {errors:?}\n{body}"
+    );
+}
+
 async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
     let response = app(state.clone())
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
@@ -152,6 +171,7 @@ async fn devices_carry_counts_metrics_and_health() {
 
     let (status, body) = get(&state(store), "/api/devices").await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("Devices", &body);
     let devices = body["devices"].as_array().unwrap();
     let ids: Vec<&str> = devices
         .iter()
@@ -215,6 +235,7 @@ async fn telemetry_is_downsampled_into_buckets_by_the_database() {
     );
     let (status, body) = get(&state, &uri).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("Series", &body);
     assert_eq!(body["bucket_ms"], MINUTE_MS);
     let points = body["points"].as_array().unwrap();
     assert_eq!(points.len(), 10);
@@ -301,6 +322,7 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
 
     let (status, body) = get(&state, "/api/dlq").await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("DeadLetters", &body);
     let offsets: Vec<i64> = body["entries"]
         .as_array()
         .unwrap()

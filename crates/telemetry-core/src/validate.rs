@@ -676,18 +676,23 @@ impl Validator {
                 "must be a whole number",
             );
         }
+        // A converted value is named in the metric's unit, which is what the bound is in.
+        let value = match conversion {
+            Some(_) => format!("converts to {number} {}, which is", spec.name),
+            None => String::from("is"),
+        };
         if let Some(min) = spec.min.filter(|min| number < *min) {
             return reject(
                 Code::MetricOutOfRange,
                 format!("metrics.{}.min = {min}", spec.name),
-                &format!("is {number} {}, below the minimum", spec.name),
+                &format!("{value} below the minimum of {min}"),
             );
         }
         if let Some(max) = spec.max.filter(|max| number > *max) {
             return reject(
                 Code::MetricOutOfRange,
                 format!("metrics.{}.max = {max}", spec.name),
-                &format!("is {number} {}, above the maximum", spec.name),
+                &format!("{value} above the maximum of {max}"),
             );
         }
         Ok(number)
@@ -1392,7 +1397,16 @@ mod tests {
         );
         assert_eq!(
             out_of_range.to_string(),
-            "field `temp` is 900 temperature_c, above the maximum: 900 (rule metrics.temperature_c.max = 125)"
+            "field `temp` is above the maximum of 125: 900 (rule metrics.temperature_c.max = 125)"
+        );
+        let converted = rejected_by(
+            &validator(),
+            format!(r#"{{"device_id":"d","device_ts":{TS},"temperature_f":500}}"#).as_bytes(),
+        );
+        assert_eq!(
+            converted.to_string(),
+            "field `temperature_f` converts to 260 temperature_c, which is above the maximum of \
+             125: 500 (rule metrics.temperature_c.max = 125)"
         );
     }
 
