@@ -10,7 +10,9 @@
 //   (b) after a click on it the row is selected, live-status says "live" and live-points reaches 3;
 //   (c) history-points is at least 1 (the history chart got data);
 //   (d) a DLQ row with data-code="invalid_json" appears;
-// then a full-page screenshot is saved. Console errors and uncaught page errors fail the run
+// then a full-page screenshot is saved. With --expect-reconnect, after the screenshot:
+//   (e) the live view shows "disconnected..." (the caller stops the bridge), then "live" again
+//       with new live points (the caller starts it again). Console errors and uncaught page errors fail the run
 // (except Chromium's "WebSocket connection to ... failed" lines while the dashboard reconnects).
 // --timeout-seconds bounds the whole run (all steps together). Exit code: 0 passed, 1 failed,
 // 2 bad arguments. On failure a screenshot is still saved, next to the given path as
@@ -36,13 +38,13 @@ function usage(message) {
   if (message) console.error(`dashboard.mjs: ${message}`);
   console.error(
     "usage: node tests/browser/dashboard.mjs --url URL --device DEVICE_ID --screenshot FILE.png " +
-      "[--timeout-seconds 60] [--chromium /usr/bin/chromium]",
+      "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect]",
   );
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const opts = { timeoutSeconds: 60, chromium: "/usr/bin/chromium" };
+  const opts = { timeoutSeconds: 60, chromium: "/usr/bin/chromium", expectReconnect: false };
   const names = {
     "--url": "url",
     "--device": "device",
@@ -53,6 +55,10 @@ function parseArgs(argv) {
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "-h" || arg === "--help") usage();
+    if (arg === "--expect-reconnect") {
+      opts.expectReconnect = true;
+      continue;
+    }
     let [name, value] = arg.includes("=") ? [arg.slice(0, arg.indexOf("=")), arg.slice(arg.indexOf("=") + 1)] : [arg, undefined];
     if (!(name in names)) usage(`unknown argument ${arg}`);
     if (value === undefined) {
@@ -247,6 +253,31 @@ async function main() {
     checkBrowserErrors("screenshot");
     const tail = ignoredWsErrors ? `; ignored ${ignoredWsErrors} WebSocket reconnect error(s)` : "";
     console.log(`ok screenshot: ${opts.screenshot} (${elapsed()}${tail})`);
+
+    // (e) the bridge goes away and comes back: the live view says so, reconnects by itself and
+    // receives points again.
+    if (opts.expectReconnect) {
+      const e1 = await waitFor(
+        page,
+        "e",
+        'live-status to say "disconnected..." (the bridge stopped)',
+        pageState,
+        null,
+        (s) => (s.liveStatus || "").startsWith("disconnected"),
+        summary,
+      );
+      console.log(`ok e1: the live view shows "${e1.liveStatus}" (${elapsed()})`);
+      const e2 = await waitFor(
+        page,
+        "e",
+        'live-status "live" again and new live points',
+        pageState,
+        null,
+        (s) => s.liveStatus === "live" && s.livePoints > e1.livePoints,
+        summary,
+      );
+      console.log(`ok e2: reconnected, live points ${e1.livePoints} -> ${e2.livePoints} (${elapsed()})`);
+    }
     return 0;
   } catch (e) {
     const message = e instanceof StepFailure ? e.message : `unexpected error: ${(e && e.stack) || e}`;

@@ -2,7 +2,8 @@
 //! in-process against the real Mosquitto, Kafka and MariaDB; a device publishes over MQTT; headless
 //! Chromium (Debian's, driven by playwright-core from `tests/browser/dashboard.mjs`) loads the
 //! dashboard and checks that the device appears, the live chart receives points, the history
-//! chart has data and a malformed event shows in the DLQ panel. `scripts/test.sh` installs
+//! chart has data and a malformed event shows in the DLQ panel; then the bridge is stopped and
+//! started again, and the page must show the live view disconnected and reconnect by itself. `scripts/test.sh` installs
 //! Chromium and the script's npm packages.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -11,6 +12,8 @@ mod common;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
 
 use common::{audit_config, bridge_config, kafka_config};
 use telemetry_api::{Api, ApiConfig};
@@ -35,7 +38,8 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     let shutdown = CancellationToken::new();
     let bridge = Bridge::bind(bridge_config(&id, &kafka)).await.unwrap();
     let bridge_address = bridge.local_addr().unwrap();
-    let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
+    let bridge_stop = shutdown.child_token();
+    let bridge_task = tokio::spawn(bridge.run(bridge_stop.clone()));
     let audit_task = tokio::spawn(telemetry_audit::run(
         audit_config(&id, &format!("{id}-audit"), &kafka),
         shutdown.clone(),
@@ -105,32 +109,62 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     let screenshot = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| repository().join("target"), PathBuf::from)
         .join("screenshots/dashboard.png");
-    let browser = tokio::process::Command::new("node")
+    let mut browser = tokio::process::Command::new("node")
         .arg(&script)
         .args(["--url", &format!("http://{api_address}/")])
         .args(["--device", &device])
         .arg("--screenshot")
         .arg(&screenshot)
-        .args(["--timeout-seconds", "120"])
+        .args(["--timeout-seconds", "150", "--expect-reconnect"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .expect("node runs (Node.js is installed)");
-    let stdout = String::from_utf8_lossy(&browser.stdout);
-    let stderr = String::from_utf8_lossy(&browser.stderr);
-    println!("{stdout}{stderr}");
+    let stderr = tokio::spawn({
+        let mut stderr = browser.stderr.take().unwrap();
+        async move {
+            let mut text = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+            text
+        }
+    });
+    // Follow the script's steps: once the screenshot is taken, stop the bridge; once the page
+    // shows the live view disconnected, start a bridge again on the same address.
+    let mut lines = tokio::io::BufReader::new(browser.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    let mut second_bridge = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        println!("{line}");
+        stdout.push_str(&line);
+        stdout.push('\n');
+        if line.starts_with("ok screenshot:") {
+            bridge_stop.cancel();
+        } else if line.starts_with("ok e1:") {
+            let mut config = bridge_config(&id, &kafka);
+            config.listen = bridge_address.to_string();
+            let bridge = Bridge::bind(config).await.unwrap();
+            second_bridge = Some(tokio::spawn(bridge.run(shutdown.clone())));
+        }
+    }
+    let status = browser.wait().await.unwrap();
+    let stderr = stderr.await.unwrap();
+    println!("{stderr}");
     println!("screenshot: {}", screenshot.display());
 
     shutdown.cancel();
     publisher.await.unwrap();
     bridge_task.await.unwrap().unwrap();
+    if let Some(second_bridge) = second_bridge {
+        second_bridge.await.unwrap().unwrap();
+    }
     audit_task.await.unwrap().unwrap();
     api_task.await.unwrap().unwrap();
     assert!(
-        browser.status.success(),
+        status.success(),
         "the browser check failed:\n{stdout}{stderr}"
     );
-    for step in ["ok a:", "ok b:", "ok c:", "ok d:"] {
+    for step in ["ok a:", "ok b:", "ok c:", "ok d:", "ok e1:", "ok e2:"] {
         assert!(stdout.contains(step), "step {step} did not pass:\n{stdout}");
     }
 }
