@@ -273,6 +273,14 @@ pub async fn dlq(
             let truncated = entry.payload.len() < entry.payload_bytes as usize;
             let (payload, payload_encoding) = match String::from_utf8(entry.payload) {
                 Ok(text) => (text, "utf8"),
+                // Text cut inside a character by the index's 64 KiB limit is still text.
+                Err(error) if truncated && error.utf8_error().error_len().is_none() => {
+                    let mut bytes = error.into_bytes();
+                    let valid =
+                        std::str::from_utf8(&bytes).map_or_else(|e| e.valid_up_to(), str::len);
+                    bytes.truncate(valid);
+                    (String::from_utf8_lossy(&bytes).into_owned(), "utf8")
+                }
                 Err(error) => (
                     base64::engine::general_purpose::STANDARD.encode(error.as_bytes()),
                     "base64",

@@ -147,7 +147,11 @@ impl Params {
                 .ok()
                 .map(|time| time.with_timezone(&Utc)),
         };
-        let in_range = parsed.filter(|time| (EARLIEST..=LATEST).contains(&time.timestamp()));
+        // A leap second (`23:59:60`) parses, but no database time can hold it.
+        let in_range = parsed.filter(|time| {
+            (EARLIEST..=LATEST).contains(&time.timestamp())
+                && chrono::Timelike::nanosecond(time) < 1_000_000_000
+        });
         in_range.map(Some).ok_or_else(|| {
             ApiError::bad(
                 name,

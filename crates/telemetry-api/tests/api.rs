@@ -304,6 +304,8 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
     let store = store(&telemetry_testkit::unique("api_dlq")).await;
     let now = Utc::now().timestamp_millis();
     let binary = [0xff_u8, 0x00, 0x7b];
+    // 80,000 bytes of two-byte characters: the index keeps 64 KiB, cut inside a character.
+    let long = "é".repeat(40_000);
     let letters = [
         letter(Some("pico-1"), "invalid_json", b"oops", now - 3_000, 1),
         letter(
@@ -315,6 +317,13 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
         ),
         letter(Some("pico-1"), "invalid_json", &binary, now - 1_000, 3),
         letter(None, "invalid_json", b"no key", now, 4),
+        letter(
+            Some("pico-3"),
+            "payload_too_large",
+            long.as_bytes(),
+            now - 4_000,
+            5,
+        ),
     ];
     store.insert_dead_letters(&letters).await.unwrap();
     store.insert_dead_letters(&letters).await.unwrap(); // redelivered: indexed once
@@ -329,7 +338,7 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
         .iter()
         .map(|entry| entry["source"]["offset"].as_i64().unwrap())
         .collect();
-    assert_eq!(offsets, [4, 3, 2, 1]);
+    assert_eq!(offsets, [5, 4, 3, 2, 1]);
 
     let (_, body) = get(&state, "/api/dlq?device=pico-1&code=invalid_json&limit=1").await;
     let entries = body["entries"].as_array().unwrap();
@@ -342,6 +351,13 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
     assert_eq!(entry["payload_bytes"], 3);
     assert_eq!(entry["rule"], "json");
     assert_eq!(entry["source"]["topic"], "telemetry.raw");
+
+    let (_, body) = get(&state, "/api/dlq?device=pico-3").await;
+    let entry = &body["entries"][0];
+    assert_eq!(entry["payload_encoding"], "utf8");
+    assert_eq!(entry["payload_truncated"], true);
+    assert_eq!(entry["payload_bytes"], 80_000);
+    assert_eq!(entry["payload"].as_str().unwrap().chars().count(), 32_768);
 
     let (_, body) = get(&state, "/api/dlq?code=missing_device_id").await;
     let entries = body["entries"].as_array().unwrap();
@@ -379,6 +395,10 @@ async fn bad_parameters_are_a_400_naming_the_parameter() {
         (
             format!("{series}?metric=temperature_c&from=yesterday"),
             Some("from"),
+        ),
+        (
+            format!("{series}?metric=temperature_c&to=2016-12-31T23:59:60Z"),
+            Some("to"),
         ),
         (
             format!("{series}?metric=temperature_c&to=99999999999999999999"),

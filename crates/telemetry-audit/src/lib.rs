@@ -481,8 +481,9 @@ fn dead_letters<'a>(
 }
 
 /// Indexes the batch's rejected records in the database (the API's DLQ view and device health),
-/// retrying while the database is unavailable. `false` if `shutdown` came first. A record the
-/// database refuses to index is logged and left out: the DLQ topic has it all the same.
+/// retrying while the database is unavailable. `false` if `shutdown` came first. When the database
+/// refuses the data itself, the batch is split in halves until the refused record is alone; that
+/// one is logged and left out of the index (the DLQ topic has it all the same).
 async fn index_dead_letters(
     store: &Store,
     letters: &[(Letter<'_>, u32)],
@@ -512,24 +513,38 @@ async fn index_dead_letters(
             payload: letter.message.payload().unwrap_or_default(),
         })
         .collect();
-    let outcome = retry("Indexing rejected records", shutdown, || async {
-        match store.insert_dead_letters(&rows).await {
-            Ok(()) => {
-                readiness.set(DATABASE, true);
-                Ok(())
+    let mut ranges = Vec::new();
+    ranges.push(0..rows.len());
+    while let Some(range) = ranges.pop() {
+        let chunk = &rows[range.clone()];
+        let outcome = retry("Indexing rejected records", shutdown, || async {
+            match store.insert_dead_letters(chunk).await {
+                Ok(()) => {
+                    readiness.set(DATABASE, true);
+                    Ok(None)
+                }
+                Err(error) if error.is_data_error() => Ok(Some(error)),
+                Err(error) => {
+                    readiness.set(DATABASE, false);
+                    Err(error)
+                }
             }
-            Err(error) if error.is_data_error() => {
-                tracing::warn!(%error, records = rows.len(), "The database refused to index rejected records; they are on the DLQ topic only.");
-                Ok(())
+        })
+        .await;
+        match outcome {
+            None => return false,
+            Some(None) => {}
+            Some(Some(error)) if range.len() == 1 => {
+                tracing::warn!(%error, offset = chunk[0].source_offset, "The database refused to index a rejected record; it is on the DLQ topic only.");
             }
-            Err(error) => {
-                readiness.set(DATABASE, false);
-                Err(error)
+            Some(Some(_)) => {
+                let middle = range.start + range.len() / 2;
+                ranges.push(middle..range.end);
+                ranges.push(range.start..middle);
             }
         }
-    })
-    .await;
-    outcome.is_some()
+    }
+    true
 }
 
 /// The longest device id the DLQ index keeps (the column's width); a longer key is not a device id.
@@ -618,7 +633,12 @@ fn received_at(message: &OwnedMessage) -> i64 {
             .filter(|millis| (0..=MAX_TIMESTAMP_MS).contains(millis))
     });
     from_header
-        .or_else(|| message.timestamp().to_millis())
+        .or_else(|| {
+            message
+                .timestamp()
+                .to_millis()
+                .filter(|millis| (0..=MAX_TIMESTAMP_MS).contains(millis))
+        })
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

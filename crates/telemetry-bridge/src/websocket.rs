@@ -74,9 +74,14 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
         Outcome::Accepted(event) => (Some(&event.metrics), None),
         Outcome::Rejected(rejection) => (None, Some(rejection.code())),
     };
+    // The device as the audit service will store it when the payload passes; else the topic's.
+    let device_id = match &outcome {
+        Outcome::Accepted(event) => Some(event.device_id.as_str()),
+        Outcome::Rejected(_) => message.device_id.as_deref(),
+    };
     let frame = Frame {
         topic: &message.publish.topic,
-        device_id: message.device_id.as_deref(),
+        device_id,
         received_at: message.received_at,
         payload,
         metrics,

@@ -12,6 +12,9 @@ pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Longest `field` and `rule` kept (the columns' width); longer ones are cut.
 const MAX_TEXT_COLUMN_CHARS: usize = 255;
 
+/// Longest `message` kept: messages quote a field name and a value, and a name may be long.
+const MAX_MESSAGE_CHARS: usize = 4_096;
+
 /// Rows per INSERT: payloads may be up to 64 KiB each, so far fewer rows than for events keep a
 /// statement under the server's packet limit (16 MiB by default).
 const DEAD_LETTERS_PER_STATEMENT: usize = 100;
@@ -181,9 +184,9 @@ async fn insert_letters(
             .push_bind(letter.device_id)
             .push_bind(*received_at)
             .push_bind(letter.code)
-            .push_bind(letter.message)
-            .push_bind(letter.field.map(cut))
-            .push_bind(letter.rule.map(cut))
+            .push_bind(cut(letter.message, MAX_MESSAGE_CHARS))
+            .push_bind(letter.field.map(|field| cut(field, MAX_TEXT_COLUMN_CHARS)))
+            .push_bind(letter.rule.map(|rule| cut(rule, MAX_TEXT_COLUMN_CHARS)))
             .push_bind(letter.contract_version)
             .push_bind(kept)
             .push_bind(u32::try_from(letter.payload.len()).unwrap_or(u32::MAX));
@@ -230,9 +233,9 @@ async fn new_letters<'r, 'a, 'b>(
         .collect())
 }
 
-/// `text` cut to the width of a `VARCHAR(255)` column.
-fn cut(text: &str) -> &str {
-    match text.char_indices().nth(MAX_TEXT_COLUMN_CHARS) {
+/// `text` cut to `max_chars` characters.
+fn cut(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
         Some((end, _)) => &text[..end],
         None => text,
     }

@@ -87,6 +87,17 @@ impl Store {
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    // Counting only new rows relies on the gap locks of REPEATABLE READ (the
+                    // default, set here in case the server's is READ COMMITTED): no other writer
+                    // can slip a row in between reading which rows are stored and inserting.
+                    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                        .execute(connection)
+                        .await?;
+                    Ok(())
+                })
+            })
             .connect_with(options.timezone(Some(String::from("+00:00"))))
             .await?;
         Ok(Store { pool })
