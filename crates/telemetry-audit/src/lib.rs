@@ -17,6 +17,7 @@
 
 mod kafka_sink;
 mod kafka_source;
+pub mod replay;
 
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use telemetry_core::names::headers;
 use telemetry_core::validate::MAX_TIMESTAMP_MS;
 use telemetry_core::{Contract, Outcome, Rejection, SequenceTracker, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
-use telemetry_store::Store;
+use telemetry_store::{Store, Table};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka_sink::{DeadLetter, OutcomeSink, OutgoingRecord};
@@ -48,6 +49,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
+    /// A replay could not run as asked.
+    #[error("replay: {0}")]
+    Replay(String),
 }
 
 /// Result with this crate's [`Error`].
@@ -192,6 +196,7 @@ async fn consume(
 
     let linger = Duration::from_millis(config.batch_linger_ms);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    let live = Table::live();
     while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
         let decided = decide(&batch, &validator, &mut sequences);
         let span = tracing::debug_span!(
@@ -203,7 +208,8 @@ async fn consume(
         let _entered = span.enter();
         // The table first: what it refuses goes to the DLQ instead of the cleaned topic.
         metrics::histogram!("audit_batch_records", "service" => "audit").record(batch.len() as f64);
-        let Some(refused) = write_accepted(&store, &decided.accepted, readiness, &abandon).await
+        let Some(Written { refused, .. }) =
+            write_accepted(&store, &live, &decided.accepted, readiness, &abandon).await
         else {
             break; // Stopped before the batch was durable: its offsets stay, it is redelivered.
         };
@@ -386,11 +392,13 @@ fn count_quality(event: &telemetry_core::Event) {
 /// and the database's reason), or `None` if `shutdown` came first.
 async fn write_accepted(
     store: &Store,
+    table: &Table,
     records: &[CleanedRecord],
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
-) -> Option<Vec<(usize, String)>> {
+) -> Option<Written> {
     let mut refused = Vec::new();
+    let mut inserted = 0;
     let mut ranges = Vec::new();
     ranges.push(0..records.len());
     while let Some(range) = ranges.pop() {
@@ -400,17 +408,17 @@ async fn write_accepted(
         let chunk = &records[range.clone()];
         let outcome = retry("Writing to the database", shutdown, || async {
             let started = std::time::Instant::now();
-            let result = store.insert_events(chunk).await;
+            let result = store.insert_events_into(table, chunk).await;
             metrics::histogram!("db_write_duration_seconds", "service" => "audit")
                 .record(started.elapsed().as_secs_f64());
             match result {
-                Ok(()) => {
+                Ok(new) => {
                     readiness.set(DATABASE, true);
                     metrics::counter!("events_written_total", "service" => "audit")
                         .increment(chunk.len() as u64);
-                    Ok(None)
+                    Ok(Ok(new))
                 }
-                Err(error) if error.is_data_error() => Ok(Some(error)),
+                Err(error) if error.is_data_error() => Ok(Err(error)),
                 Err(error) => {
                     readiness.set(DATABASE, false);
                     metrics::counter!("db_write_retries_total", "service" => "audit").increment(1);
@@ -419,13 +427,15 @@ async fn write_accepted(
             }
         })
         .await?;
-        if let Some(error) = outcome {
-            if range.len() == 1 {
+        match outcome {
+            Ok(new) => inserted += new,
+            Err(error) if range.len() == 1 => {
                 tracing::warn!(%error, offset = chunk[0].source.offset, "The database refused a record; it goes to the DLQ.");
                 metrics::counter!("events_rejected_total", "service" => "audit", "error_code" => DB_REJECTED)
                     .increment(1);
                 refused.push((range.start, error.to_string()));
-            } else {
+            }
+            Err(_) => {
                 let middle = range.start + range.len() / 2;
                 ranges.push(middle..range.end);
                 ranges.push(range.start..middle);
@@ -433,7 +443,15 @@ async fn write_accepted(
         }
     }
     refused.sort_unstable_by_key(|(position, _)| *position);
-    Some(refused)
+    Some(Written { refused, inserted })
+}
+
+/// What writing a batch's accepted events did.
+struct Written {
+    /// Records the database refused: index in the accepted events and the database's reason.
+    refused: Vec<(usize, String)>,
+    /// Rows that were new (the others were stored already).
+    inserted: u64,
 }
 
 /// A rejected or refused record of the batch, with its reason, for the DLQ index.

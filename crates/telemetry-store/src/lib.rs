@@ -38,6 +38,9 @@ pub enum Error {
     /// A migration failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A table name that is not a plain identifier.
+    #[error("`{0}` is not a usable table name: use ASCII letters, digits and `_`, starting with a letter, at most 64 characters")]
+    InvalidTableName(String),
     /// A timestamp does not fit SQL's DATETIME; validation rules out such events.
     #[error("timestamp {0} ms is out of the DATETIME range")]
     TimestampOutOfRange(i64),
@@ -134,55 +137,162 @@ impl Store {
 
     /// Inserts the events in one transaction, and notes their devices as seen and counts them
     /// per minute of arrival. Idempotent: an event whose identity (device_id, device_ts, seq) is
-    /// already stored is skipped, so redelivery adds no row and counts nothing twice.
-    pub async fn insert_events(&self, records: &[CleanedRecord]) -> Result<()> {
+    /// already stored is skipped, so redelivery adds no row and counts nothing twice. Returns how
+    /// many rows were new.
+    pub async fn insert_events(&self, records: &[CleanedRecord]) -> Result<u64> {
+        self.insert_into(&Table::live(), records, true).await
+    }
+
+    /// Inserts the events into `table` (a copy of `telemetry` made by [`Store::create_table_like_live`])
+    /// in one transaction, as idempotently as [`Store::insert_events`], without touching the
+    /// device tables. Returns how many rows were new.
+    pub async fn insert_events_into(
+        &self,
+        table: &Table,
+        records: &[CleanedRecord],
+    ) -> Result<u64> {
+        self.insert_into(table, records, table.is_live()).await
+    }
+
+    async fn insert_into(
+        &self,
+        table: &Table,
+        records: &[CleanedRecord],
+        note_devices: bool,
+    ) -> Result<u64> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let rows = records.iter().map(Row::new).collect::<Result<Vec<_>>>()?;
         let mut sightings = Sightings::default();
+        let mut inserted = 0;
         let mut transaction = self.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             // The common case, new events only, is one plain INSERT. A stored identity fails it
             // (InnoDB undoes just the statement); then the chunk is sorted into new and stored.
             let all: Vec<&Row<'_>> = chunk.iter().collect();
-            let new = match insert_rows(&mut transaction, &all, false).await {
+            let new = match insert_rows(&mut transaction, table, &all, false).await {
                 Ok(()) => all,
                 Err(error) if is_duplicate_key(&error) => {
-                    let new = new_rows(&mut transaction, chunk).await?;
-                    insert_rows(&mut transaction, &new, true).await?;
+                    let new = new_rows(&mut transaction, table, chunk).await?;
+                    insert_rows(&mut transaction, table, &new, true).await?;
                     new
                 }
                 Err(error) => return Err(error.into()),
             };
-            for row in chunk {
-                sightings.saw(&row.record.event.device_id, row.received_at, Seen::Accepted);
-            }
-            for row in new {
-                sightings.count(&row.record.event.device_id, row.received_at, Seen::Accepted);
+            inserted += new.len() as u64;
+            if note_devices {
+                for row in chunk {
+                    sightings.saw(&row.record.event.device_id, row.received_at, Seen::Accepted);
+                }
+                for row in new {
+                    sightings.count(&row.record.event.device_id, row.received_at, Seen::Accepted);
+                }
             }
         }
         sightings.upsert(&mut transaction).await?;
         transaction.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Creates `table` as an empty copy of `telemetry` (columns, keys, checks) unless it exists.
+    pub async fn create_table_like_live(&self, table: &Table) -> Result<()> {
+        if table.is_live() {
+            return Ok(());
+        }
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS `{}` LIKE telemetry",
+            table.name()
+        ))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
+
+    /// Makes `table` the live `telemetry` table and keeps the current one as `keep_as`, in one
+    /// atomic `RENAME TABLE`: writers and readers see either the old table or the new one.
+    pub async fn swap_into_live(&self, table: &Table, keep_as: &Table) -> Result<()> {
+        sqlx::query(&format!(
+            "RENAME TABLE telemetry TO `{}`, `{}` TO telemetry",
+            keep_as.name(),
+            table.name()
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many rows `table` has.
+    pub async fn count_rows(&self, table: &Table) -> Result<u64> {
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{}`", table.name()))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(rows).unwrap_or(0))
+    }
 }
+
+/// A telemetry table's name: `telemetry`, or a copy of it for a rebuild. Only ASCII letters,
+/// digits and `_`, starting with a letter, at most 64 characters, so it is safe in SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table(String);
+
+impl Table {
+    /// The live table, `telemetry`.
+    pub fn live() -> Self {
+        Table(String::from(LIVE_TABLE))
+    }
+
+    /// A table name, checked.
+    pub fn new(name: &str) -> Result<Self> {
+        let mut characters = name.chars();
+        let valid = characters
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic())
+            && characters.all(|character| character.is_ascii_alphanumeric() || character == '_')
+            && name.len() <= 64;
+        if valid {
+            Ok(Table(name.to_string()))
+        } else {
+            Err(Error::InvalidTableName(name.chars().take(80).collect()))
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is the live table.
+    pub fn is_live(&self) -> bool {
+        self.0 == LIVE_TABLE
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The table the audit service writes and the API reads.
+const LIVE_TABLE: &str = "telemetry";
 
 /// Inserts `rows` in one statement; with `skip_stored`, rows whose identity is stored (or repeats
 /// within `rows`) are skipped instead of failing the statement.
 async fn insert_rows(
     connection: &mut sqlx::MySqlConnection,
+    table: &Table,
     rows: &[&Row<'_>],
     skip_stored: bool,
 ) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut insert = QueryBuilder::<MySql>::new(
-        "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
+    let mut insert = QueryBuilder::<MySql>::new(format!(
+        "INSERT INTO `{table}` (device_id, device_ts, seq, seq_key, received_at, metrics, \
          schema_version, attributes, quality, \
-         source_topic, source_partition, source_offset) ",
-    );
+         source_topic, source_partition, source_offset) "
+    ));
     insert.push_values(rows, |mut values, row| {
         let seq = row.record.event.seq;
         values
@@ -214,13 +324,14 @@ async fn insert_rows(
 /// The rows of `chunk` whose identity is not stored yet, each identity once.
 async fn new_rows<'r, 'a>(
     connection: &mut sqlx::MySqlConnection,
+    table: &Table,
     chunk: &'r [Row<'a>],
 ) -> Result<Vec<&'r Row<'a>>> {
     type Identity = (String, chrono::NaiveDateTime, i64);
-    let mut query = QueryBuilder::<MySql>::new(
-        "SELECT CAST(device_id AS CHAR), device_ts, seq_key FROM telemetry \
-         WHERE (device_id, device_ts, seq_key) IN ",
-    );
+    let mut query = QueryBuilder::<MySql>::new(format!(
+        "SELECT CAST(device_id AS CHAR), device_ts, seq_key FROM `{table}` \
+         WHERE (device_id, device_ts, seq_key) IN "
+    ));
     query.push_tuples(chunk, |mut tuple, row| {
         tuple
             .push_bind(&row.record.event.device_id)

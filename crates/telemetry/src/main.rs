@@ -35,8 +35,27 @@ enum Command {
     Audit(telemetry_audit::AuditConfig),
     /// HTTP API (devices, history, DLQ) and the dashboard, reading the database.
     Api(telemetry_api::ApiConfig),
+    /// Validate a range of the raw topic again, into the live table or a new one (`replay swap`
+    /// makes that one live). Never touches the audit service's offsets.
+    Replay(ReplayArgs),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ReplayArgs {
+    #[command(subcommand)]
+    action: Option<ReplayAction>,
+    #[command(flatten)]
+    run: telemetry_audit::replay::ReplayConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplayAction {
+    /// Make a table rebuilt with `replay --into` the live `telemetry` table (one atomic rename;
+    /// the old one is kept).
+    Swap(telemetry_audit::replay::SwapConfig),
 }
 
 #[tokio::main]
@@ -58,6 +77,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Api(config) => telemetry_api::run(config, shutdown)
             .await
             .context("the API stopped with an error"),
+        Command::Replay(ReplayArgs {
+            action: Some(ReplayAction::Swap(config)),
+            ..
+        }) => {
+            let kept_as = telemetry_audit::replay::swap(config)
+                .await
+                .context("the swap failed")?;
+            println!(
+                "The rebuilt table is now `telemetry`; the previous one is kept as `{kept_as}`."
+            );
+            Ok(())
+        }
+        Command::Replay(ReplayArgs { run, .. }) => {
+            let summary = telemetry_audit::replay::run(run, shutdown)
+                .await
+                .context("the replay failed")?;
+            print!("{summary}");
+            Ok(())
+        }
         Command::Contract(_) => Ok(()), // Handled above, before any service starts.
     }
 }
