@@ -15,6 +15,7 @@
 //! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, migrate, create topics, then
 //!   batch → validate → write → produce → store offsets.
 
+pub mod dlq;
 mod kafka_sink;
 mod kafka_source;
 pub mod replay;
@@ -49,9 +50,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
-    /// A replay could not run as asked.
-    #[error("replay: {0}")]
-    Replay(String),
+    /// A tool (`replay`, `dlq`) could not do what it was asked.
+    #[error("{0}")]
+    Tool(String),
 }
 
 /// Result with this crate's [`Error`].

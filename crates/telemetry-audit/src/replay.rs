@@ -347,7 +347,7 @@ async fn handle(
 }
 
 /// `[start, end)` offsets of every partition of `topic` for the positions.
-fn ranges(
+pub(crate) fn ranges(
     consumer: &StreamConsumer,
     topic: &str,
     from: Position,
@@ -363,7 +363,7 @@ fn ranges(
         .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(Error::Replay(format!(
+        return Err(Error::Tool(format!(
             "the raw topic `{topic}` has no partitions (does it exist?)"
         )));
     }
@@ -511,7 +511,7 @@ pub struct SwapConfig {
 pub async fn swap(config: SwapConfig) -> Result<String> {
     let table = Table::new(&config.table)?;
     if table.is_live() {
-        return Err(Error::Replay(
+        return Err(Error::Tool(
             "--table names the live table; give the rebuilt one".into(),
         ));
     }

@@ -4,7 +4,9 @@
 
 use sqlx::{MySql, QueryBuilder};
 
-use crate::{is_duplicate_key, utc_datetime, Result, Seen, Sightings, Store};
+use telemetry_core::event::CleanedRecord;
+
+use crate::{is_duplicate_key, utc_datetime, Result, Seen, Sightings, Store, Table};
 
 /// Longest part of the original payload kept in the index; the DLQ topic keeps it whole.
 pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -239,4 +241,125 @@ fn cut(text: &str, max_chars: usize) -> &str {
         Some((end, _)) => &text[..end],
         None => text,
     }
+}
+
+/// Where a record is in the DLQ topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DlqPosition {
+    /// The DLQ topic.
+    pub topic: String,
+    /// Partition in it.
+    pub partition: i32,
+    /// Offset in that partition.
+    pub offset: i64,
+}
+
+/// What replaying one DLQ record into the table did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReplay {
+    /// It had been replayed before: nothing done.
+    AlreadyReplayed,
+    /// Stored as a new row; its cleaned record waits to be produced.
+    Stored,
+    /// Its event was in the table already (sent again by the device and accepted): nothing to
+    /// produce.
+    AlreadyStored,
+}
+
+impl Store {
+    /// Replays one accepted DLQ record: notes it in the replay ledger and inserts its row, in one
+    /// transaction, so each DLQ record is stored once however often it is replayed. The
+    /// `cleaned` JSON waits in the ledger until [`Store::mark_cleaned_produced`].
+    pub async fn replay_dead_letter(
+        &self,
+        position: &DlqPosition,
+        record: &CleanedRecord,
+        cleaned: &str,
+    ) -> Result<DeadLetterReplay> {
+        let mut transaction = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO dlq_replays (dlq_topic, dlq_partition, dlq_offset, device_id, cleaned) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&position.topic)
+        .bind(position.partition)
+        .bind(position.offset)
+        .bind(&record.event.device_id)
+        .bind(cleaned)
+        .execute(&mut *transaction)
+        .await;
+        match claimed {
+            Ok(_) => {}
+            Err(error) if is_duplicate_key(&error) => return Ok(DeadLetterReplay::AlreadyReplayed),
+            Err(error) => return Err(error.into()),
+        }
+        let inserted = self
+            .insert_in(
+                &mut transaction,
+                &Table::live(),
+                std::slice::from_ref(record),
+                true,
+            )
+            .await?;
+        let outcome = if inserted == 1 {
+            DeadLetterReplay::Stored
+        } else {
+            mark_produced(&mut transaction, std::slice::from_ref(position)).await?;
+            DeadLetterReplay::AlreadyStored
+        };
+        transaction.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Replayed DLQ records whose cleaned record Kafka has not acknowledged yet, with that record.
+    pub async fn pending_cleaned(&self) -> Result<Vec<(DlqPosition, String, String)>> {
+        let rows: Vec<(String, i32, i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT dlq_topic, dlq_partition, dlq_offset, CAST(device_id AS CHAR), cleaned \
+             FROM dlq_replays WHERE NOT produced ORDER BY replayed_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(topic, partition, offset, device_id, cleaned)| {
+                cleaned.map(|cleaned| {
+                    (
+                        DlqPosition {
+                            topic,
+                            partition,
+                            offset,
+                        },
+                        device_id,
+                        cleaned,
+                    )
+                })
+            })
+            .collect())
+    }
+
+    /// Notes that Kafka acknowledged the cleaned records of `positions`.
+    pub async fn mark_cleaned_produced(&self, positions: &[DlqPosition]) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        mark_produced(&mut transaction, positions).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+async fn mark_produced(
+    connection: &mut sqlx::MySqlConnection,
+    positions: &[DlqPosition],
+) -> Result<()> {
+    for position in positions {
+        sqlx::query(
+            "UPDATE dlq_replays SET produced = TRUE, cleaned = NULL \
+             WHERE dlq_topic = ? AND dlq_partition = ? AND dlq_offset = ?",
+        )
+        .bind(&position.topic)
+        .bind(position.partition)
+        .bind(position.offset)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
 }

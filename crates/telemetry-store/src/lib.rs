@@ -10,7 +10,7 @@
 mod dead_letters;
 mod queries;
 
-pub use dead_letters::NewDeadLetter;
+pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 
 use std::time::Duration;
@@ -163,19 +163,34 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
+        let mut transaction = self.pool.begin().await?;
+        let inserted = self
+            .insert_in(&mut transaction, table, records, note_devices)
+            .await?;
+        transaction.commit().await?;
+        Ok(inserted)
+    }
+
+    /// The body of [`Store::insert_events_into`], inside the caller's transaction.
+    async fn insert_in(
+        &self,
+        transaction: &mut sqlx::MySqlConnection,
+        table: &Table,
+        records: &[CleanedRecord],
+        note_devices: bool,
+    ) -> Result<u64> {
         let rows = records.iter().map(Row::new).collect::<Result<Vec<_>>>()?;
         let mut sightings = Sightings::default();
         let mut inserted = 0;
-        let mut transaction = self.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             // The common case, new events only, is one plain INSERT. A stored identity fails it
             // (InnoDB undoes just the statement); then the chunk is sorted into new and stored.
             let all: Vec<&Row<'_>> = chunk.iter().collect();
-            let new = match insert_rows(&mut transaction, table, &all, false).await {
+            let new = match insert_rows(&mut *transaction, table, &all, false).await {
                 Ok(()) => all,
                 Err(error) if is_duplicate_key(&error) => {
-                    let new = new_rows(&mut transaction, table, chunk).await?;
-                    insert_rows(&mut transaction, table, &new, true).await?;
+                    let new = new_rows(&mut *transaction, table, chunk).await?;
+                    insert_rows(&mut *transaction, table, &new, true).await?;
                     new
                 }
                 Err(error) => return Err(error.into()),
@@ -190,8 +205,7 @@ impl Store {
                 }
             }
         }
-        sightings.upsert(&mut transaction).await?;
-        transaction.commit().await?;
+        sightings.upsert(&mut *transaction).await?;
         Ok(inserted)
     }
 

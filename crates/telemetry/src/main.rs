@@ -38,8 +38,29 @@ enum Command {
     /// Validate a range of the raw topic again, into the live table or a new one (`replay swap`
     /// makes that one live). Never touches the audit service's offsets.
     Replay(ReplayArgs),
+    /// List, show or count the rejected records in the DLQ topic.
+    Dlq(DlqArgs),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DlqArgs {
+    #[command(subcommand)]
+    action: DlqAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Rejected records, one line each: time, PARTITION:OFFSET, device, code, message.
+    List(telemetry_audit::dlq::DlqFilter),
+    /// One rejected record in full: every header and the original bytes.
+    Show(telemetry_audit::dlq::ShowConfig),
+    /// Rejected records counted by reason code and by device.
+    Stats(telemetry_audit::dlq::DlqFilter),
+    /// Validate selected rejected records again (after a contract fix): accepted ones go to the
+    /// table and the cleaned topic once; still invalid ones stay in the DLQ.
+    Replay(telemetry_audit::dlq::ReplayConfig),
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +115,26 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("the replay failed")?;
             print!("{summary}");
+            Ok(())
+        }
+        Command::Dlq(DlqArgs { action }) => {
+            use telemetry_audit::dlq;
+            let text = match action {
+                DlqAction::List(filter) => {
+                    dlq::list_text(&dlq::read(&filter).await.context("reading the DLQ failed")?)
+                }
+                DlqAction::Show(config) => {
+                    dlq::show_text(&dlq::show(&config).await.context("reading the DLQ failed")?)
+                }
+                DlqAction::Stats(filter) => dlq::stats_text(&dlq::stats(
+                    &dlq::read(&filter).await.context("reading the DLQ failed")?,
+                )),
+                DlqAction::Replay(config) => dlq::replay(&config)
+                    .await
+                    .context("the DLQ replay failed")?
+                    .to_string(),
+            };
+            print!("{text}");
             Ok(())
         }
         Command::Contract(_) => Ok(()), // Handled above, before any service starts.

@@ -188,6 +188,24 @@ async fn replay_rebuilds_the_table_adds_no_duplicates_and_leaves_the_audit_offse
     nothing.from = Position::Time(chrono::Utc::now().timestamp_millis() + 60_000);
     assert_eq!(replay(nothing).await.read, 0);
 
+    // The documented contract change: a rebuild with contract version 2 stamps every row with it.
+    let contract = telemetry_core::Contract {
+        version: 2,
+        ..telemetry_core::Contract::default()
+    };
+    let path = std::env::temp_dir().join(format!("{id}-v2.toml"));
+    std::fs::write(&path, contract.to_toml()).unwrap();
+    let mut rebuild = replay_config(&id, &kafka);
+    rebuild.into = Some("telemetry_v3".into());
+    rebuild.contract = Some(path);
+    assert_eq!(replay(rebuild).await.inserted, 200);
+    let versions: Vec<u32> =
+        sqlx::query_scalar("SELECT DISTINCT schema_version FROM telemetry_v3 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [2]);
+
     // The audit group's committed offsets are as they were.
     assert_eq!(committed(&group, &kafka.raw_topic), offsets_before);
 

@@ -1,0 +1,522 @@
+//! `telemetry dlq list|show|stats`: the rejected records in the DLQ topic, as Kafka has them (every
+//! header, the original bytes), filtered by device, reason code and time. Read-only: it assigns
+//! itself the partitions and commits nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use telemetry_core::names::headers;
+use telemetry_kafka::KafkaConfig;
+
+use crate::replay::{ranges, Position};
+use crate::{Error, Result};
+
+/// Which DLQ records to read.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqFilter {
+    /// Only this device's records (the device of the MQTT topic they were published to).
+    #[arg(long)]
+    pub device: Option<String>,
+
+    /// Only records with this reason code (`error.code`), e.g. `invalid_json`.
+    #[arg(long)]
+    pub code: Option<String>,
+
+    /// From this time (RFC 3339, when the DLQ record was written); default: 24 hours ago.
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+
+    /// Until this time (exclusive); default: now.
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+
+    /// Kafka settings (the DLQ topic is `--dlq-topic`).
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// One record of the DLQ topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRecord {
+    /// Partition in the DLQ topic.
+    pub partition: i32,
+    /// Offset in that partition.
+    pub offset: i64,
+    /// When Kafka stored it, UTC milliseconds.
+    pub timestamp: Option<i64>,
+    /// Its key: the device of its MQTT topic, as the bridge keyed the raw record.
+    pub key: Option<String>,
+    /// Every header, in order, values as text when they are UTF-8.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The original bytes.
+    pub payload: Vec<u8>,
+}
+
+impl DeadRecord {
+    fn new(message: &OwnedMessage) -> Self {
+        DeadRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            key: message
+                .key()
+                .map(|key| String::from_utf8_lossy(key).into_owned()),
+            headers: message.headers().map_or_else(Vec::new, |record_headers| {
+                record_headers
+                    .iter()
+                    .map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec)))
+                    .collect()
+            }),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }
+    }
+
+    /// The value of header `key` as text.
+    pub fn header(&self, key: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name == key)
+            .and_then(|(_, value)| value.as_deref())
+            .map(|value| String::from_utf8_lossy(value).into_owned())
+    }
+
+    /// The reason code.
+    pub fn code(&self) -> String {
+        self.header(headers::ERROR_CODE)
+            .unwrap_or_else(|| String::from("(none)"))
+    }
+}
+
+/// The DLQ records matching `filter`, oldest first per partition, partitions in order.
+pub async fn read(filter: &DlqFilter) -> Result<Vec<DeadRecord>> {
+    let now = Utc::now();
+    let since = filter.since.unwrap_or(now - chrono::Duration::days(1));
+    let until = filter.until.unwrap_or(now);
+    let topic = filter.kafka.dlq_topic.as_str();
+    let consumer = reader(&filter.kafka)?;
+    let ranges = ranges(
+        &consumer,
+        topic,
+        Position::Time(since.timestamp_millis()),
+        Position::Time(until.timestamp_millis()),
+    )?;
+    let records = read_ranges(&consumer, topic, &ranges).await?;
+    Ok(records
+        .iter()
+        .map(DeadRecord::new)
+        .filter(|record| {
+            filter
+                .device
+                .as_ref()
+                .is_none_or(|device| record.key.as_ref() == Some(device))
+                && filter
+                    .code
+                    .as_ref()
+                    .is_none_or(|code| record.header(headers::ERROR_CODE).as_ref() == Some(code))
+        })
+        .collect())
+}
+
+/// Settings of `telemetry dlq show`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShowConfig {
+    /// Partition of the record in the DLQ topic (as `dlq list` prints it: PARTITION:OFFSET).
+    #[arg(long)]
+    pub partition: i32,
+
+    /// Offset of the record in that partition.
+    #[arg(long)]
+    pub offset: i64,
+
+    /// Kafka settings (the DLQ topic is `--dlq-topic`).
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// One DLQ record by its position.
+pub async fn show(config: &ShowConfig) -> Result<DeadRecord> {
+    let (kafka, partition, offset) = (&config.kafka, config.partition, config.offset);
+    let topic = kafka.dlq_topic.as_str();
+    let consumer = reader(kafka)?;
+    let mut ranges = BTreeMap::new();
+    ranges.insert(partition, (offset, offset + 1));
+    let records = read_ranges(&consumer, topic, &ranges).await?;
+    records
+        .iter()
+        .find(|message| message.offset() == offset)
+        .map(DeadRecord::new)
+        .ok_or_else(|| {
+            Error::Tool(format!(
+                "the DLQ topic `{topic}` has no record at partition {partition}, offset {offset}"
+            ))
+        })
+}
+
+/// A consumer that reads partitions it assigns itself, commits nothing and reports their ends.
+fn reader(kafka: &KafkaConfig) -> Result<StreamConsumer> {
+    Ok(kafka
+        .client_config(&[
+            ("group.id", "telemetry-dlq-reader"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+        ])?
+        .create()
+        .map_err(telemetry_kafka::Error::from)?)
+}
+
+/// Reads `[start, end)` of every partition in `ranges`.
+async fn read_ranges(
+    consumer: &StreamConsumer,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+) -> Result<Vec<OwnedMessage>> {
+    let mut assignment = TopicPartitionList::new();
+    let mut open = HashSet::new();
+    for (partition, (start, end)) in ranges {
+        if start < end {
+            assignment
+                .add_partition_offset(topic, *partition, Offset::Offset(*start))
+                .map_err(telemetry_kafka::Error::from)?;
+            open.insert(*partition);
+        }
+    }
+    let mut records = Vec::new();
+    if open.is_empty() {
+        return Ok(records);
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(telemetry_kafka::Error::from)?;
+    while !open.is_empty() {
+        match tokio::time::timeout(READ_TIMEOUT, consumer.recv()).await {
+            Err(_) => {
+                return Err(Error::Tool(format!(
+                    "the DLQ topic `{topic}` sent nothing for {} s",
+                    READ_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Ok(message)) => {
+                let partition = message.partition();
+                let Some((_, end)) = ranges.get(&partition) else {
+                    continue;
+                };
+                if message.offset() + 1 >= *end {
+                    open.remove(&partition);
+                }
+                if message.offset() < *end {
+                    records.push(message.detach());
+                }
+            }
+            Ok(Err(KafkaError::PartitionEOF(partition))) => {
+                open.remove(&partition);
+            }
+            Ok(Err(error)) => return Err(telemetry_kafka::Error::from(error).into()),
+        }
+    }
+    Ok(records)
+}
+
+/// Longest wait for the next DLQ record while some are still expected.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counts by reason code and by device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records counted.
+    pub total: u64,
+    /// Records per reason code.
+    pub by_code: BTreeMap<String, u64>,
+    /// Records per device (`(none)` for records without one).
+    pub by_device: BTreeMap<String, u64>,
+}
+
+/// Counts `records` by code and device.
+pub fn stats(records: &[DeadRecord]) -> Stats {
+    let mut stats = Stats::default();
+    for record in records {
+        stats.total += 1;
+        *stats.by_code.entry(record.code()).or_default() += 1;
+        let device = record.key.clone().unwrap_or_else(|| String::from("(none)"));
+        *stats.by_device.entry(device).or_default() += 1;
+    }
+    stats
+}
+
+/// `records` as a table, one line each: time, position, device, code, message.
+pub fn list_text(records: &[DeadRecord]) -> String {
+    let mut text = String::new();
+    for record in records {
+        let time = record
+            .timestamp
+            .and_then(DateTime::from_timestamp_millis)
+            .map_or_else(
+                || String::from("-"),
+                |time| time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            );
+        let message = record.header(headers::ERROR_MESSAGE).unwrap_or_default();
+        let message: String = message.chars().take(100).collect();
+        let _ = writeln!(
+            text,
+            "{time}  {}:{:<8} {:<24} {:<22} {message}",
+            record.partition,
+            record.offset,
+            record.key.as_deref().unwrap_or("-"),
+            record.code(),
+        );
+    }
+    text
+}
+
+/// One record in full: position, every header and the payload (text, or a hex dump of bytes that
+/// are not UTF-8).
+pub fn show_text(record: &DeadRecord) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "partition {}, offset {}",
+        record.partition, record.offset
+    );
+    if let Some(time) = record.timestamp.and_then(DateTime::from_timestamp_millis) {
+        let _ = writeln!(
+            text,
+            "timestamp {}",
+            time.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
+    }
+    let _ = writeln!(
+        text,
+        "key       {}",
+        record.key.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(text, "headers");
+    for (name, value) in &record.headers {
+        let value = value.as_deref().map_or_else(
+            || String::from("(null)"),
+            |value| String::from_utf8_lossy(value).into_owned(),
+        );
+        let _ = writeln!(text, "  {name}: {value}");
+    }
+    let _ = writeln!(text, "payload ({} bytes)", record.payload.len());
+    match std::str::from_utf8(&record.payload) {
+        Ok(payload) => {
+            let _ = writeln!(text, "{payload}");
+        }
+        Err(_) => {
+            for (line, chunk) in record.payload.chunks(16).enumerate() {
+                let hex: Vec<String> = chunk.iter().map(|byte| format!("{byte:02x}")).collect();
+                let ascii: String = chunk
+                    .iter()
+                    .map(|byte| {
+                        if byte.is_ascii_graphic() {
+                            char::from(*byte)
+                        } else {
+                            '.'
+                        }
+                    })
+                    .collect();
+                let _ = writeln!(text, "{:08x}  {:<47}  {ascii}", line * 16, hex.join(" "));
+            }
+        }
+    }
+    text
+}
+
+/// `stats` as text: totals by code, then by device (most first).
+pub fn stats_text(stats: &Stats) -> String {
+    let mut text = String::new();
+    let _ = writeln!(text, "{} rejected records", stats.total);
+    let _ = writeln!(text, "by code:");
+    let mut codes: Vec<_> = stats.by_code.iter().collect();
+    codes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (code, count) in codes {
+        let _ = writeln!(text, "  {code:<24} {count}");
+    }
+    let _ = writeln!(text, "by device:");
+    let mut devices: Vec<_> = stats.by_device.iter().collect();
+    devices.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (device, count) in devices {
+        let _ = writeln!(text, "  {device:<24} {count}");
+    }
+    text
+}
+
+/// Settings of `telemetry dlq replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayConfig {
+    /// Which DLQ records to replay.
+    #[command(flatten)]
+    pub filter: DlqFilter,
+
+    /// MySQL/MariaDB URL of the telemetry database.
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_URL",
+        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+    )]
+    pub mysql_url: String,
+
+    /// The payload contract to validate with (as `telemetry audit --contract`): usually the fixed
+    /// one the audit service now runs with.
+    #[arg(long, env = "TELEMETRY_CONTRACT")]
+    pub contract: Option<std::path::PathBuf>,
+
+    /// Only say what would happen: validate, count, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// What `telemetry dlq replay` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// DLQ records selected by the filter.
+    pub selected: u64,
+    /// Accepted now and stored as new rows (their cleaned records produced).
+    pub stored: u64,
+    /// Accepted now, but their event was in the table already.
+    pub already_stored: u64,
+    /// Replayed by an earlier run: left alone.
+    pub already_replayed: u64,
+    /// Still rejected by the contract, by reason code: they stay in the DLQ, no new entry.
+    pub still_rejected: BTreeMap<String, u64>,
+    /// Cleaned records produced (including any an earlier, interrupted run left).
+    pub produced: u64,
+    /// Whether nothing was written.
+    pub dry_run: bool,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.dry_run {
+            "would replay"
+        } else {
+            "replayed"
+        };
+        writeln!(f, "{verb} {} DLQ records:", self.selected)?;
+        writeln!(f, "  accepted, new rows           {}", self.stored)?;
+        writeln!(f, "  accepted, already in table   {}", self.already_stored)?;
+        writeln!(
+            f,
+            "  replayed before, skipped     {}",
+            self.already_replayed
+        )?;
+        let rejected: u64 = self.still_rejected.values().sum();
+        writeln!(f, "  still rejected (stay in DLQ) {rejected}")?;
+        for (code, count) in &self.still_rejected {
+            writeln!(f, "    {code:<24} {count}")?;
+        }
+        writeln!(f, "  cleaned records produced     {}", self.produced)
+    }
+}
+
+/// Validates the selected DLQ records again with the (fixed) contract. Accepted ones are stored
+/// (each DLQ record once, however often this runs; with the time it was first received) and their
+/// cleaned record produced once Kafka acknowledges it; still invalid ones stay where they are.
+pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
+    let validator =
+        telemetry_core::Validator::new(crate::load_contract(config.contract.as_deref())?)?;
+    let kafka = &config.filter.kafka;
+    let records = read(&config.filter).await?;
+    let mut summary = ReplaySummary {
+        selected: records.len() as u64,
+        dry_run: config.dry_run,
+        ..ReplaySummary::default()
+    };
+    let store = if config.dry_run {
+        None
+    } else {
+        let store = telemetry_store::Store::connect(&config.mysql_url, 2).await?;
+        store.migrate().await?;
+        Some(store)
+    };
+    for record in &records {
+        let received_at = record
+            .header(headers::RECEIVED_AT)
+            .and_then(|text| text.parse::<i64>().ok())
+            .filter(|millis| (0..=telemetry_core::validate::MAX_TIMESTAMP_MS).contains(millis))
+            .or(record.timestamp)
+            .unwrap_or_else(|| Utc::now().timestamp_millis());
+        let event = match validator.validate(&record.payload, received_at) {
+            telemetry_core::Outcome::Accepted(event) => event,
+            telemetry_core::Outcome::Rejected(rejection) => {
+                *summary
+                    .still_rejected
+                    .entry(rejection.code().to_string())
+                    .or_default() += 1;
+                continue;
+            }
+        };
+        let Some(store) = &store else {
+            summary.stored += 1;
+            continue;
+        };
+        // The row points at the raw record, as rows the audit service writes do.
+        let source = telemetry_core::SourcePosition {
+            topic: record
+                .header(headers::SOURCE_TOPIC)
+                .unwrap_or_else(|| kafka.raw_topic.clone()),
+            partition: record
+                .header(headers::SOURCE_PARTITION)
+                .and_then(|text| text.parse().ok())
+                .unwrap_or(record.partition),
+            offset: record
+                .header(headers::SOURCE_OFFSET)
+                .and_then(|text| text.parse().ok())
+                .unwrap_or(record.offset),
+        };
+        let cleaned = telemetry_core::event::CleanedRecord { event, source };
+        let json = serde_json::to_string(&cleaned)
+            .map_err(|error| Error::Tool(format!("could not encode a cleaned event: {error}")))?;
+        let position = telemetry_store::DlqPosition {
+            topic: kafka.dlq_topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+        };
+        match store.replay_dead_letter(&position, &cleaned, &json).await? {
+            telemetry_store::DeadLetterReplay::Stored => summary.stored += 1,
+            telemetry_store::DeadLetterReplay::AlreadyStored => summary.already_stored += 1,
+            telemetry_store::DeadLetterReplay::AlreadyReplayed => summary.already_replayed += 1,
+        }
+    }
+    if let Some(store) = &store {
+        summary.produced = produce_pending(store, kafka).await?;
+    }
+    Ok(summary)
+}
+
+/// Produces the cleaned records the ledger holds and marks each once Kafka acknowledged it.
+async fn produce_pending(store: &telemetry_store::Store, kafka: &KafkaConfig) -> Result<u64> {
+    let pending = store.pending_cleaned().await?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    telemetry_kafka::ensure_topics(kafka, &[&kafka.cleaned_topic]).await?;
+    let producer: rdkafka::producer::FutureProducer = kafka
+        .producer_config(&[])?
+        .create()
+        .map_err(telemetry_kafka::Error::from)?;
+    let mut produced = Vec::with_capacity(pending.len());
+    for (position, device_id, cleaned) in &pending {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&kafka.cleaned_topic)
+                    .key(device_id.as_bytes())
+                    .payload(cleaned.as_bytes()),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(error, _)| telemetry_kafka::Error::from(error))?;
+        // Marked one by one: a stop in between repeats at most the record in flight.
+        store
+            .mark_cleaned_produced(std::slice::from_ref(position))
+            .await?;
+        produced.push(position);
+    }
+    Ok(produced.len() as u64)
+}

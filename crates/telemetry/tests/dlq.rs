@@ -1,0 +1,270 @@
+//! `telemetry dlq list|show|stats` against the real Kafka: the audit service's dead letters,
+//! filtered by device, code and time, shown whole, and counted.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{audit_config, kafka_config};
+use telemetry_audit::dlq::{self, DlqFilter, ShowConfig};
+use telemetry_core::names::headers;
+use telemetry_testkit::{produce, read_topic, unique, TestRecord};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_tools_list_show_and_count_what_the_audit_service_rejected() {
+    let id = unique("dlq");
+    let kafka = kafka_config(&id);
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+    // Rejected records as the bridge produced them: two devices, three reasons, one binary.
+    let raw = |device: &str, payload: &[u8]| TestRecord {
+        key: Some(device.as_bytes().to_vec()),
+        payload: payload.to_vec(),
+        headers: vec![(
+            headers::MQTT_TOPIC.to_string(),
+            format!("devices/{device}/telemetry").into_bytes(),
+        )],
+    };
+    produce(
+        &kafka.raw_topic,
+        &[
+            raw("pico-1", b"oops"),
+            raw("pico-1", br#"{"device_ts":1}"#),
+            raw("pico-2", b"{\"device_id\":\"pico-2\""),
+            raw("pico-2", &[0xff, 0xfe, 0x00]),
+        ],
+    )
+    .await;
+    let shutdown = CancellationToken::new();
+    let audit = tokio::spawn(telemetry_audit::run(
+        audit_config(&id, &format!("{id}-audit"), &kafka),
+        shutdown.clone(),
+    ));
+    let dead = read_topic(
+        &kafka.dlq_topic,
+        4,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(dead.len(), 4);
+    shutdown.cancel();
+    audit.await.unwrap().unwrap();
+
+    let filter = DlqFilter {
+        device: None,
+        code: None,
+        since: None,
+        until: None,
+        kafka: kafka.clone(),
+    };
+    let all = dlq::read(&filter).await.unwrap();
+    assert_eq!(all.len(), 4);
+    let text = dlq::list_text(&all);
+    assert_eq!(text.lines().count(), 4);
+    assert!(
+        text.contains("pico-1") && text.contains("invalid_json"),
+        "{text}"
+    );
+
+    let only_pico_1 = dlq::read(&DlqFilter {
+        device: Some("pico-1".into()),
+        ..filter.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(only_pico_1.len(), 2);
+    assert!(only_pico_1
+        .iter()
+        .all(|record| record.key.as_deref() == Some("pico-1")));
+    let invalid_json = dlq::read(&DlqFilter {
+        code: Some("invalid_json".into()),
+        ..filter.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(invalid_json.len(), 3, "{}", dlq::list_text(&invalid_json));
+    let later = dlq::read(&DlqFilter {
+        since: Some(chrono::Utc::now() + chrono::Duration::minutes(1)),
+        until: Some(chrono::Utc::now() + chrono::Duration::minutes(2)),
+        ..filter.clone()
+    })
+    .await
+    .unwrap();
+    assert!(later.is_empty());
+
+    let stats = dlq::stats(&all);
+    assert_eq!(stats.total, 4);
+    assert_eq!(stats.by_code.get("invalid_json"), Some(&3));
+    assert_eq!(stats.by_code.get("missing_device_id"), Some(&1));
+    assert_eq!(stats.by_device.get("pico-2"), Some(&2));
+
+    // One record whole: the original bytes (here not UTF-8, so a hex dump) and every header.
+    let binary = all
+        .iter()
+        .find(|record| record.payload == [0xff, 0xfe, 0x00])
+        .unwrap();
+    let shown = dlq::show(&ShowConfig {
+        partition: binary.partition,
+        offset: binary.offset,
+        kafka: kafka.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(&shown, binary);
+    let text = dlq::show_text(&shown);
+    assert!(text.contains("00000000  ff fe 00"), "{text}");
+    assert!(text.contains("error.code: invalid_json"), "{text}");
+    assert!(
+        text.contains("mqtt.topic: devices/pico-2/telemetry"),
+        "{text}"
+    );
+    assert!(text.contains("source.topic: "), "{text}");
+    let missing = dlq::show(&ShowConfig {
+        partition: binary.partition,
+        offset: binary.offset + 1_000,
+        kafka,
+    })
+    .await;
+    assert!(missing.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_table() {
+    let id = unique("dlqreplay");
+    let kafka = kafka_config(&id);
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+    let ts = common::base_ts();
+    let event = |seq: i64, humidity: f64| TestRecord {
+        key: Some(b"dev-1".to_vec()),
+        payload: format!(
+            r#"{{"device_id":"dev-1","device_ts":{},"seq":{seq},"humidity_pct":{humidity}}}"#,
+            ts + seq * 1_000
+        )
+        .into_bytes(),
+        headers: vec![(
+            headers::RECEIVED_AT.to_string(),
+            (ts + seq * 1_000 + 250).to_string().into_bytes(),
+        )],
+    };
+    // One valid event, three above the contract's humidity maximum (100), two not JSON.
+    let mut records = vec![
+        event(0, 50.0),
+        event(1, 140.0),
+        event(2, 150.0),
+        event(3, 160.0),
+    ];
+    for _ in 0..2 {
+        records.push(TestRecord {
+            key: Some(b"dev-2".to_vec()),
+            payload: b"oops".to_vec(),
+            headers: Vec::new(),
+        });
+    }
+    produce(&kafka.raw_topic, &records).await;
+    let shutdown = CancellationToken::new();
+    let audit = tokio::spawn(telemetry_audit::run(
+        audit_config(&id, &format!("{id}-audit"), &kafka),
+        shutdown.clone(),
+    ));
+    let dead = read_topic(
+        &kafka.dlq_topic,
+        5,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(dead.len(), 5);
+    let cleaned = read_topic(
+        &kafka.cleaned_topic,
+        1,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(cleaned.len(), 1);
+    shutdown.cancel();
+    audit.await.unwrap().unwrap();
+
+    // The fix: humidity up to 200.
+    let mut fixed = telemetry_core::Contract {
+        version: 2,
+        ..telemetry_core::Contract::default()
+    };
+    fixed.metrics.get_mut("humidity_pct").unwrap().max = Some(200.0);
+    let contract = std::env::temp_dir().join(format!("{id}-fixed.toml"));
+    std::fs::write(&contract, fixed.to_toml()).unwrap();
+    let config = dlq::ReplayConfig {
+        filter: DlqFilter {
+            device: None,
+            code: None,
+            since: None,
+            until: None,
+            kafka: kafka.clone(),
+        },
+        mysql_url: telemetry_testkit::database_url(&id),
+        contract: Some(contract),
+        dry_run: false,
+    };
+    let dry = dlq::replay(&dlq::ReplayConfig {
+        dry_run: true,
+        ..config.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!((dry.selected, dry.stored), (5, 3));
+
+    let first = dlq::replay(&config).await.unwrap();
+    assert_eq!(first.selected, 5);
+    assert_eq!(first.stored, 3, "{first}");
+    assert_eq!(first.produced, 3);
+    assert_eq!(first.still_rejected.get("invalid_json"), Some(&2));
+    // Again: nothing more.
+    let second = dlq::replay(&config).await.unwrap();
+    assert_eq!(
+        (second.stored, second.already_replayed, second.produced),
+        (0, 3, 0),
+        "{second}"
+    );
+
+    let pool = sqlx::MySqlPool::connect(&telemetry_testkit::database_url(&id))
+        .await
+        .unwrap();
+    let rows: Vec<(i64, u32, i64)> = sqlx::query_as(
+        "SELECT seq, schema_version, \
+                CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', received_at) DIV 1000 AS SIGNED) \
+         FROM telemetry ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        (0..4)
+            .map(|seq| (seq, if seq == 0 { 1 } else { 2 }, ts + seq * 1_000 + 250))
+            .collect::<Vec<_>>(),
+        "the fixed records are stored once, with the time they were first received"
+    );
+    // Exactly the three fixed events reached the cleaned topic, once each; the DLQ is unchanged.
+    let cleaned = read_topic(
+        &kafka.cleaned_topic,
+        5,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(cleaned.len(), 4);
+    let dead = read_topic(
+        &kafka.dlq_topic,
+        6,
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(dead.len(), 5);
+}
