@@ -166,6 +166,8 @@ fn reader(kafka: &KafkaConfig) -> Result<StreamConsumer> {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "true"),
+            // A start offset retention removed meanwhile: read from the oldest left, not the end.
+            ("auto.offset.reset", "earliest"),
         ])?
         .create()
         .map_err(telemetry_kafka::Error::from)?)
@@ -428,12 +430,16 @@ pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
         dry_run: config.dry_run,
         ..ReplaySummary::default()
     };
-    let store = if config.dry_run {
-        None
+    let (store, _lock) = if config.dry_run {
+        (None, None)
     } else {
         let store = telemetry_store::Store::connect(&config.mysql_url, 2).await?;
         store.migrate().await?;
-        Some(store)
+        // One DLQ replay at a time: two would produce the same pending cleaned records.
+        let lock = store.lock_dlq_replay().await?;
+        // What an earlier run stored but could not produce goes first.
+        summary.produced += produce_pending(&store, kafka).await?;
+        (Some(store), Some(lock))
     };
     for record in &records {
         let received_at = record
@@ -478,14 +484,25 @@ pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
             partition: record.partition,
             offset: record.offset,
         };
-        match store.replay_dead_letter(&position, &cleaned, &json).await? {
-            telemetry_store::DeadLetterReplay::Stored => summary.stored += 1,
-            telemetry_store::DeadLetterReplay::AlreadyStored => summary.already_stored += 1,
-            telemetry_store::DeadLetterReplay::AlreadyReplayed => summary.already_replayed += 1,
+        match store.replay_dead_letter(&position, &cleaned, &json).await {
+            Ok(telemetry_store::DeadLetterReplay::Stored) => summary.stored += 1,
+            Ok(telemetry_store::DeadLetterReplay::AlreadyStored) => summary.already_stored += 1,
+            Ok(telemetry_store::DeadLetterReplay::AlreadyReplayed) => {
+                summary.already_replayed += 1;
+            }
+            // The database refuses the row itself: it stays in the DLQ, the others go on.
+            Err(error) if error.is_data_error() => {
+                tracing::warn!(%error, partition = record.partition, offset = record.offset, "The database refused a replayed record; it stays in the DLQ.");
+                *summary
+                    .still_rejected
+                    .entry(crate::DB_REJECTED.to_string())
+                    .or_default() += 1;
+            }
+            Err(error) => return Err(error.into()),
         }
     }
     if let Some(store) = &store {
-        summary.produced = produce_pending(store, kafka).await?;
+        summary.produced += produce_pending(store, kafka).await?;
     }
     Ok(summary)
 }

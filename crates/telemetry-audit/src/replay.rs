@@ -154,12 +154,24 @@ pub struct Summary {
     pub filtered_out: u64,
     /// The table written.
     pub table: String,
+    /// Records in the range when the replay started.
+    pub expected: u64,
+    /// Whether it was stopped (Ctrl-C) before the end of the range.
+    pub stopped_early: bool,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let rejected: u64 = self.rejected.values().sum();
-        writeln!(f, "replayed {} records into `{}`:", self.read, self.table)?;
+        if self.stopped_early {
+            writeln!(
+                f,
+                "STOPPED EARLY: replayed {} of {} records into `{}`; run it again to finish (stored events are skipped):",
+                self.read, self.expected, self.table
+            )?;
+        } else {
+            writeln!(f, "replayed {} records into `{}`:", self.read, self.table)?;
+        }
         writeln!(
             f,
             "  accepted    {} ({} new rows, {} duplicates skipped)",
@@ -186,6 +198,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
     let store = Store::connect(&config.mysql_url, 2).await?;
     store.migrate().await?;
     store.create_table_like_live(&table).await?;
+    store.check_like_live(&table).await?;
 
     let consumer: StreamConsumer = config
         .kafka
@@ -230,6 +243,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
     let mut sequences = SequenceTracker::new();
     let mut summary = Summary {
         table: table.to_string(),
+        expected: u64::try_from(total).unwrap_or(0),
         ..Summary::default()
     };
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
@@ -238,7 +252,10 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
         let deadline = tokio::time::Instant::now() + LINGER;
         while !open.is_empty() && batch.len() < batch_size {
             let received = tokio::select! {
-                () = shutdown.cancelled() => return Ok(summary),
+                () = shutdown.cancelled() => {
+                    summary.stopped_early = true;
+                    return Ok(summary);
+                }
                 () = tokio::time::sleep_until(deadline) => break,
                 received = consumer.recv() => received,
             };
@@ -280,6 +297,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
         )
         .await
         {
+            summary.stopped_early = true;
             return Ok(summary);
         }
         progress.advance(batch.len() as u64);
@@ -310,7 +328,6 @@ async fn handle(
     summary: &mut Summary,
 ) -> bool {
     let mut decided = decide(batch, validator, sequences);
-    summary.read += batch.len() as u64;
     if !devices.is_empty() {
         let before = decided.accepted.len() + decided.rejected.len();
         decided
@@ -325,17 +342,19 @@ async fn handle(
         let after = decided.accepted.len() + decided.rejected.len();
         summary.filtered_out += (before - after) as u64;
     }
+    let Some(Written { refused, inserted }) =
+        write_accepted(store, table, &decided.accepted, readiness, shutdown).await
+    else {
+        return false;
+    };
+    // Counted once the batch is written: a stopped replay reports only what it did.
+    summary.read += batch.len() as u64;
     for (_, rejection) in &decided.rejected {
         *summary
             .rejected
             .entry(rejection.code().to_string())
             .or_default() += 1;
     }
-    let Some(Written { refused, inserted }) =
-        write_accepted(store, table, &decided.accepted, readiness, shutdown).await
-    else {
-        return false;
-    };
     let accepted = (decided.accepted.len() - refused.len()) as u64;
     if !refused.is_empty() {
         *summary.rejected.entry(DB_REJECTED.to_string()).or_default() += refused.len() as u64;

@@ -6,7 +6,7 @@ use sqlx::{MySql, QueryBuilder};
 
 use telemetry_core::event::CleanedRecord;
 
-use crate::{is_duplicate_key, utc_datetime, Result, Seen, Sightings, Store, Table};
+use crate::{is_duplicate_key, utc_datetime, Error, Result, Seen, Sightings, Store, Table};
 
 /// Longest part of the original payload kept in the index; the DLQ topic keeps it whole.
 pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -304,11 +304,45 @@ impl Store {
         let outcome = if inserted == 1 {
             DeadLetterReplay::Stored
         } else {
-            mark_produced(&mut transaction, std::slice::from_ref(position)).await?;
+            // The event is stored. If the audit service stored it (the device sent it again), its
+            // cleaned record went out then. If `telemetry replay` stored it from this very raw
+            // record (same source), nothing produced it: it stays pending.
+            let source: Option<(String, i32, i64)> = sqlx::query_as(
+                "SELECT source_topic, source_partition, source_offset FROM telemetry \
+                 WHERE device_id = ? AND device_ts = ? AND seq_key = ?",
+            )
+            .bind(&record.event.device_id)
+            .bind(utc_datetime(record.event.device_ts)?)
+            .bind(record.event.seq.unwrap_or(-1))
+            .fetch_optional(&mut *transaction)
+            .await?;
+            let same_source = source.is_some_and(|(topic, partition, offset)| {
+                topic == record.source.topic
+                    && partition == record.source.partition
+                    && offset == record.source.offset
+            });
+            if !same_source {
+                mark_produced(&mut transaction, std::slice::from_ref(position)).await?;
+            }
             DeadLetterReplay::AlreadyStored
         };
         transaction.commit().await?;
         Ok(outcome)
+    }
+
+    /// Holds the database-wide lock of `telemetry dlq replay` until the returned connection is
+    /// dropped (closing it releases the lock, also when the process dies). Fails when another
+    /// replay holds it.
+    pub async fn lock_dlq_replay(&self) -> Result<sqlx::MySqlConnection> {
+        let mut connection = self.pool.acquire().await?.detach();
+        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('telemetry_dlq_replay', 0)")
+            .fetch_one(&mut connection)
+            .await?;
+        if locked == Some(1) {
+            Ok(connection)
+        } else {
+            Err(Error::Busy("another `telemetry dlq replay` is running"))
+        }
     }
 
     /// Replayed DLQ records whose cleaned record Kafka has not acknowledged yet, with that record.

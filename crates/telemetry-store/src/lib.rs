@@ -38,8 +38,14 @@ pub enum Error {
     /// A migration failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another process holds a lock this operation needs.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// A table that is not a copy of `telemetry`.
+    #[error("table `{0}` is not a copy of `telemetry` (its columns differ); give a new name or a table made by `telemetry replay --into`")]
+    NotLikeLive(String),
     /// A table name that is not a plain identifier.
-    #[error("`{0}` is not a usable table name: use ASCII letters, digits and `_`, starting with a letter, at most 64 characters")]
+    #[error("`{0}` is not a usable table name: use ASCII letters, digits and `_`, starting with a letter, at most 64 characters, and not one of the service's own tables")]
     InvalidTableName(String),
     /// A timestamp does not fit SQL's DATETIME; validation rules out such events.
     #[error("timestamp {0} ms is out of the DATETIME range")]
@@ -223,9 +229,30 @@ impl Store {
         Ok(())
     }
 
+    /// Fails unless `table` has exactly the live table's columns (names, types, order): so a
+    /// replay or a swap never writes into, or makes live, a table of another kind.
+    pub async fn check_like_live(&self, table: &Table) -> Result<()> {
+        let columns = |name: String| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT CAST(CONCAT(COLUMN_NAME, ' ', COLUMN_TYPE, ' ', IS_NULLABLE) AS CHAR) \
+                 FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            )
+            .bind(name)
+            .fetch_all(&self.pool)
+        };
+        let live = columns(String::from(LIVE_TABLE)).await?;
+        let other = columns(table.name().to_string()).await?;
+        if other.is_empty() || other != live {
+            return Err(Error::NotLikeLive(table.to_string()));
+        }
+        Ok(())
+    }
+
     /// Makes `table` the live `telemetry` table and keeps the current one as `keep_as`, in one
     /// atomic `RENAME TABLE`: writers and readers see either the old table or the new one.
     pub async fn swap_into_live(&self, table: &Table, keep_as: &Table) -> Result<()> {
+        self.check_like_live(table).await?;
         sqlx::query(&format!(
             "RENAME TABLE telemetry TO `{}`, `{}` TO telemetry",
             keep_as.name(),
@@ -264,7 +291,7 @@ impl Table {
             .is_some_and(|first| first.is_ascii_alphabetic())
             && characters.all(|character| character.is_ascii_alphanumeric() || character == '_')
             && name.len() <= 64;
-        if valid {
+        if valid && !RESERVED_TABLES.contains(&name) {
             Ok(Table(name.to_string()))
         } else {
             Err(Error::InvalidTableName(name.chars().take(80).collect()))
@@ -290,6 +317,15 @@ impl std::fmt::Display for Table {
 
 /// The table the audit service writes and the API reads.
 const LIVE_TABLE: &str = "telemetry";
+
+/// The service's other tables: never a replay's target.
+const RESERVED_TABLES: &[&str] = &[
+    "devices",
+    "device_minutes",
+    "dlq_events",
+    "dlq_replays",
+    "_sqlx_migrations",
+];
 
 /// Inserts `rows` in one statement; with `skip_stored`, rows whose identity is stored (or repeats
 /// within `rows`) are skipped instead of failing the statement.

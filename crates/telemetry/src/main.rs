@@ -115,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("the replay failed")?;
             print!("{summary}");
+            if summary.stopped_early {
+                anyhow::bail!("the replay was stopped before the end of its range");
+            }
             Ok(())
         }
         Command::Dlq(DlqArgs { action }) => {

@@ -140,10 +140,12 @@ async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_t
         .await
         .unwrap();
     let ts = common::base_ts();
-    let event = |seq: i64, humidity: f64| TestRecord {
-        key: Some(b"dev-1".to_vec()),
+    let event = |seq: i64, humidity: f64| {
+        let device = if seq == 3 { "dev-3" } else { "dev-1" };
+        TestRecord {
+        key: Some(device.as_bytes().to_vec()),
         payload: format!(
-            r#"{{"device_id":"dev-1","device_ts":{},"seq":{seq},"humidity_pct":{humidity}}}"#,
+            r#"{{"device_id":"{device}","device_ts":{},"seq":{seq},"humidity_pct":{humidity}}}"#,
             ts + seq * 1_000
         )
         .into_bytes(),
@@ -151,6 +153,7 @@ async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_t
             headers::RECEIVED_AT.to_string(),
             (ts + seq * 1_000 + 250).to_string().into_bytes(),
         )],
+    }
     };
     // One valid event, three above the contract's humidity maximum (100), two not JSON.
     let mut records = vec![
@@ -219,9 +222,30 @@ async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_t
     .unwrap();
     assert_eq!((dry.selected, dry.stored), (5, 3));
 
+    // A table rebuild with the fixed contract stores dev-3's event first (rows only, no cleaned
+    // record): `dlq replay` must still produce its cleaned record.
+    let rebuilt = telemetry_audit::replay::run(
+        telemetry_audit::replay::ReplayConfig {
+            mysql_url: telemetry_testkit::database_url(&id),
+            from: telemetry_audit::replay::Position::Earliest,
+            to: telemetry_audit::replay::Position::Latest,
+            devices: vec!["dev-3".into()],
+            into: None,
+            contract: config.contract.clone(),
+            batch_size: 100,
+            group_id: format!("{id}-replay"),
+            progress: telemetry_audit::replay::ProgressMode::None,
+            kafka: kafka.clone(),
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rebuilt.inserted, 1);
+
     let first = dlq::replay(&config).await.unwrap();
     assert_eq!(first.selected, 5);
-    assert_eq!(first.stored, 3, "{first}");
+    assert_eq!((first.stored, first.already_stored), (2, 1), "{first}");
     assert_eq!(first.produced, 3);
     assert_eq!(first.still_rejected.get("invalid_json"), Some(&2));
     // Again: nothing more.

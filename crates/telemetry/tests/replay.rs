@@ -221,6 +221,38 @@ async fn replay_rebuilds_the_table_adds_no_duplicates_and_leaves_the_audit_offse
     assert_eq!(rows(&pool, "telemetry").await, live);
     assert_eq!(rows(&pool, "telemetry_old").await, live);
 
+    // Never into, or swapped from, a table that is not a copy of `telemetry`.
+    for table in ["devices", "dlq_events"] {
+        let mut wrong = replay_config(&id, &kafka);
+        wrong.into = Some(table.into());
+        assert!(
+            telemetry_audit::replay::run(wrong, CancellationToken::new())
+                .await
+                .is_err()
+        );
+    }
+    sqlx::query("CREATE TABLE other_kind (id INT PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut wrong = replay_config(&id, &kafka);
+    wrong.into = Some("other_kind".into());
+    let error = telemetry_audit::replay::run(wrong, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("not a copy of `telemetry`"),
+        "{error}"
+    );
+    let swap_wrong = telemetry_audit::replay::swap(SwapConfig {
+        mysql_url: database_url(&id),
+        table: "other_kind".into(),
+        keep_as: None,
+    })
+    .await;
+    assert!(swap_wrong.is_err());
+    assert_eq!(rows(&pool, "telemetry").await, live);
+
     shutdown.cancel();
     audit.await.unwrap().unwrap();
 }
