@@ -24,7 +24,7 @@ use std::time::Duration;
 use telemetry_kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-pub use mqtt_source::device_id_from_topic;
+pub use mqtt_source::{device_id_from_topic, mqtt_options};
 
 /// Errors that stop the bridge.
 #[derive(Debug, thiserror::Error)]

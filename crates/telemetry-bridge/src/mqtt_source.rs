@@ -125,6 +125,17 @@ pub(crate) fn parse_mqtt_url(raw: &str) -> Result<MqttAddress> {
     })
 }
 
+/// MQTT client options for the broker at `url` (`mqtt://[user:password@]host[:port]`), with the
+/// URL's credentials: what every MQTT client of ours starts from.
+pub fn mqtt_options(url: &str, client_id: &str) -> Result<MqttOptions> {
+    let address = parse_mqtt_url(url)?;
+    let mut options = MqttOptions::new(client_id, address.host, address.port);
+    if let Some((user, password)) = address.credentials {
+        options.set_credentials(user, password);
+    }
+    Ok(options)
+}
+
 /// The topic segment matched by the first `+` of `filter`, e.g. `pico-1` for
 /// `devices/+/telemetry` and `devices/pico-1/telemetry`.
 pub fn device_id_from_topic<'a>(filter: &str, topic: &'a str) -> Option<&'a str> {
@@ -137,17 +148,13 @@ pub(crate) fn start(
     config: &BridgeConfig,
     readiness: Arc<Readiness>,
 ) -> Result<(MqttHandle, mpsc::UnboundedReceiver<Message>)> {
-    let address = parse_mqtt_url(&config.mqtt_url)?;
-    let mut options = MqttOptions::new(&config.mqtt_client_id, address.host, address.port);
+    let mut options = mqtt_options(&config.mqtt_url, &config.mqtt_client_id)?;
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_request_channel_capacity(REQUEST_CAPACITY);
-    if let Some((user, password)) = address.credentials {
-        options.set_credentials(user, password);
-    }
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     // Unbounded so that the MQTT task never waits and keeps answering pings: the broker's
     // in-flight window (messages sent but not acknowledged, `max_inflight_messages` in

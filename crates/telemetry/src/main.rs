@@ -40,6 +40,8 @@ enum Command {
     Replay(ReplayArgs),
     /// List, show or count the rejected records in the DLQ topic.
     Dlq(DlqArgs),
+    /// Simulated devices publishing realistic telemetry (and faults) over MQTT.
+    Simulate(telemetry_simulator::SimulateConfig),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
 }
@@ -138,6 +140,13 @@ async fn main() -> anyhow::Result<()> {
                     .to_string(),
             };
             print!("{text}");
+            Ok(())
+        }
+        Command::Simulate(config) => {
+            let summary = telemetry_simulator::run(config, shutdown)
+                .await
+                .context("the simulator stopped with an error")?;
+            print!("{summary}");
             Ok(())
         }
         Command::Contract(_) => Ok(()), // Handled above, before any service starts.
