@@ -56,7 +56,7 @@ pub struct ApiConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
-        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
 

@@ -360,7 +360,7 @@ pub struct ReplayConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
-        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
 
@@ -518,7 +518,6 @@ async fn produce_pending(store: &telemetry_store::Store, kafka: &KafkaConfig) ->
         .producer_config(&[])?
         .create()
         .map_err(telemetry_kafka::Error::from)?;
-    let mut produced = Vec::with_capacity(pending.len());
     for (position, device_id, cleaned) in &pending {
         producer
             .send(
@@ -533,7 +532,6 @@ async fn produce_pending(store: &telemetry_store::Store, kafka: &KafkaConfig) ->
         store
             .mark_cleaned_produced(std::slice::from_ref(position))
             .await?;
-        produced.push(position);
     }
-    Ok(produced.len() as u64)
+    Ok(pending.len() as u64)
 }

@@ -90,7 +90,7 @@ pub struct ReplayConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
-        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
 
@@ -513,7 +513,7 @@ pub struct SwapConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
-        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry"
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
 

@@ -23,6 +23,9 @@ use telemetry_core::event::CleanedRecord;
 /// The schema migrations, embedded in the binary.
 static MIGRATOR: Migrator = sqlx::migrate!();
 
+/// The database every service uses unless told otherwise (what `scripts/services.sh` starts).
+pub const DEFAULT_MYSQL_URL: &str = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry";
+
 /// Rows per INSERT statement: well under MySQL's 65,535 placeholders per statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -261,14 +264,6 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// How many rows `table` has.
-    pub async fn count_rows(&self, table: &Table) -> Result<u64> {
-        let rows: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{}`", table.name()))
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(rows).unwrap_or(0))
     }
 }
 
