@@ -10,7 +10,9 @@ use telemetry_core::names::headers;
 use telemetry_kafka::{KafkaConfig, RenewableProducer};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, RETRY_BACKOFF};
+use telemetry_ops::RETRY_BACKOFF;
+
+use crate::Result;
 
 /// A record to produce, owned so it can be produced again after a failure.
 pub(crate) struct OutgoingRecord {

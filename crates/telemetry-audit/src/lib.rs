@@ -10,14 +10,13 @@
 //!
 //! # Layout
 //! - [`AuditConfig`]: every setting, with its flag and environment variable.
-//! - `kafka_source`: the consumer, batching and offset storage.
+//! - [`telemetry_kafka::BatchConsumer`]: the consumer, batching and offset storage.
 //! - `kafka_sink`: the cleaned and DLQ producer, retried until acknowledged.
 //! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, migrate, create topics, then
 //!   batch → validate → write → produce → store offsets.
 
 pub mod dlq;
 mod kafka_sink;
-mod kafka_source;
 pub mod replay;
 
 use std::time::Duration;
@@ -33,7 +32,6 @@ use telemetry_store::{Store, Table};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka_sink::{DeadLetter, OutcomeSink, OutgoingRecord};
-use crate::kafka_source::KafkaSource;
 
 /// Errors that stop the audit service.
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +126,6 @@ const DATABASE: &str = "database";
 /// value outside a constraint an operator added).
 pub const DB_REJECTED: &str = "db_rejected";
 
-/// Shortest and longest wait between retries of a failed database write or produce.
-const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
-
 /// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
 /// finished if it can be within `shutdown_grace_seconds`; its offsets are committed only if it was.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
@@ -179,7 +174,8 @@ async fn consume(
         &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
     )
     .await?;
-    let source = KafkaSource::new(config)?;
+    let source =
+        telemetry_kafka::BatchConsumer::new(kafka, &config.group_id, &[kafka.raw_topic.as_str()])?;
     let sink = OutcomeSink::new(kafka)?;
     let mut sequences = SequenceTracker::new();
     tokio::spawn(prune_dead_letters(
@@ -273,37 +269,7 @@ async fn connect_store(
             tracing::warn!(%error, "The database is not reachable yet; retrying.");
         }
     }
-    Ok(retry("Connecting to the database", shutdown, connect).await)
-}
-
-/// Retries `attempt` with capped exponential backoff until it succeeds (`Some`) or `shutdown` is
-/// cancelled (`None`, also mid-attempt). Every failure is logged with `what`.
-async fn retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, E>>,
-{
-    let (mut backoff, max_backoff) = RETRY_BACKOFF;
-    loop {
-        // An attempt against a hung database may take long; shutdown does not wait for it (an
-        // abandoned transaction is rolled back, and the batch is redelivered).
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            result = attempt() => result,
-        };
-        match result {
-            Ok(value) => return Some(value),
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying.");
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(max_backoff);
-    }
+    Ok(telemetry_ops::retry("Connecting to the database", shutdown, connect).await)
 }
 
 /// What one batch turns into.
@@ -407,7 +373,7 @@ async fn write_accepted(
             continue;
         }
         let chunk = &records[range.clone()];
-        let outcome = retry("Writing to the database", shutdown, || async {
+        let outcome = telemetry_ops::retry("Writing to the database", shutdown, || async {
             let started = std::time::Instant::now();
             let result = store.insert_events_into(table, chunk).await;
             metrics::histogram!("db_write_duration_seconds", "service" => "audit")
@@ -536,7 +502,7 @@ async fn index_dead_letters(
     ranges.push(0..rows.len());
     while let Some(range) = ranges.pop() {
         let chunk = &rows[range.clone()];
-        let outcome = retry("Indexing rejected records", shutdown, || async {
+        let outcome = telemetry_ops::retry("Indexing rejected records", shutdown, || async {
             match store.insert_dead_letters(chunk).await {
                 Ok(()) => {
                     readiness.set(DATABASE, true);

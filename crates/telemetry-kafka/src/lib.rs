@@ -1,4 +1,4 @@
-//! Kafka plumbing shared by the bridge and the audit service: the settings every Kafka client
+//! Kafka plumbing shared by every service: the settings every Kafka client
 //! needs, the topic names, and creating those topics at start-up.
 //!
 //! Kept apart from `telemetry-core` so the model stays free of I/O, and shared so the two services
@@ -11,6 +11,12 @@
 //! - [`ensure_topics`]: create missing topics, leave existing ones alone.
 //! - [`RenewableProducer`]: a producer that replaces its librdkafka instance when it stops
 //!   delivering.
+//! - [`BatchConsumer`]: a consumer-group member reading in batches, committing only what its
+//!   caller declared durable.
+
+mod consumer;
+
+pub use consumer::BatchConsumer;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -9,6 +9,7 @@
 //! - [`Readiness`]: named checks a service flips as its dependencies come and go.
 //! - [`router`]: the three routes, to serve alone or merge into a service's router.
 //! - [`HttpServer`]: bind an address, then serve a router until shutdown.
+//! - [`retry`]: retry an operation with capped backoff until it succeeds or shutdown.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -180,6 +181,46 @@ async fn render_metrics(State(state): State<OpsState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// Shortest and longest wait between retries of a failed database write or produce.
+pub const RETRY_BACKOFF: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(30),
+);
+
+/// Retries `attempt` with capped exponential backoff until it succeeds (`Some`) or `shutdown` is
+/// cancelled (`None`, also mid-attempt). Every failure is logged with `what`.
+pub async fn retry<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let (mut backoff, max_backoff) = RETRY_BACKOFF;
+    loop {
+        // An attempt against a hung database may take long; shutdown does not wait for it (an
+        // abandoned transaction is rolled back, and the batch is redelivered).
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            result = attempt() => result,
+        };
+        match result {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying.");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-//! The raw-topic consumer: batches records and stores their offsets once they are durable.
+//! [`BatchConsumer`]: a consumer-group member that hands out records in batches and commits only
+//! the offsets of batches its caller declared durable. Every consumer of ours (the audit service,
+//! the rollup, the alerter) reads this way: at-least-once, with the caller's idempotent writes
+//! absorbing what a crash makes it read twice.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,12 +14,13 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::{AuditConfig, Result};
+use crate::{KafkaConfig, Result};
 
 /// Wait after a consumer error before reading again, so a broker outage does not spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
-pub(crate) struct KafkaSource {
+/// A consumer-group member reading in batches; see the module documentation.
+pub struct BatchConsumer {
     consumer: StreamConsumer<RebalanceLogger>,
 }
 
@@ -46,12 +50,13 @@ impl ConsumerContext for RebalanceLogger {
     }
 }
 
-impl KafkaSource {
-    pub fn new(config: &AuditConfig) -> Result<Self> {
-        let consumer: StreamConsumer<RebalanceLogger> = config
-            .kafka
+impl BatchConsumer {
+    /// Joins consumer group `group_id` on `topics`. A group without committed offsets starts at
+    /// the beginning of each partition.
+    pub fn new(kafka: &KafkaConfig, group_id: &str, topics: &[&str]) -> Result<Self> {
+        let consumer: StreamConsumer<RebalanceLogger> = kafka
             .client_config(&[
-                ("group.id", config.group_id.as_str()),
+                ("group.id", group_id),
                 ("auto.offset.reset", "earliest"),
                 // Offsets are committed in the background, but only those we stored: stored only
                 // after a batch is durable, so a commit never runs ahead of the database.
@@ -63,12 +68,9 @@ impl KafkaSource {
                 ("session.timeout.ms", "10000"),
                 ("heartbeat.interval.ms", "2000"),
             ])?
-            .create_with_context(RebalanceLogger)
-            .map_err(telemetry_kafka::Error::from)?;
-        consumer
-            .subscribe(&[config.kafka.raw_topic.as_str()])
-            .map_err(telemetry_kafka::Error::from)?;
-        Ok(KafkaSource { consumer })
+            .create_with_context(RebalanceLogger)?;
+        consumer.subscribe(topics)?;
+        Ok(BatchConsumer { consumer })
     }
 
     /// Waits for a first record, then collects up to `size` records or until `linger` passed.
