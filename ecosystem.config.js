@@ -1,8 +1,9 @@
-// PM2 ecosystem of telemetry-pipeline: runs the `telemetry` release binary as three services.
+// PM2 ecosystem of telemetry-pipeline: runs the `telemetry` release binary as four services.
 //
 //   telemetry-bridge   `telemetry bridge`  MQTT -> WebSocket live view (/ws) + Kafka raw topic
 //   telemetry-audit    `telemetry audit`   Kafka raw topic -> validate -> MariaDB + cleaned topic/DLQ
 //   telemetry-api      `telemetry api`     HTTP API and dashboard, reading MariaDB
+//   telemetry-rollup   `telemetry rollup`  Kafka cleaned topic -> minute/hour aggregates in MariaDB
 //
 // Normally driven by ./start-services.sh (pm2 startOrReload ecosystem.config.js --update-env) and
 // ./stop-services.sh; the infrastructure (MariaDB, Mosquitto, Kafka) comes from scripts/services.sh.
@@ -24,7 +25,7 @@
 //   PM2 keeps retrying through a long outage instead of marking the app "errored".
 // - env: only the TELEMETRY_* variables (and RUST_LOG) that are set in the environment of the pm2
 //   command are passed; the binary applies its own defaults to the rest (`telemetry bridge --help`,
-//   `telemetry audit --help`, `telemetry api --help`). Reload with --update-env so that changed values take effect.
+//   `telemetry audit --help`, `telemetry api --help`, `telemetry rollup --help`). Reload with --update-env so that changed values take effect.
 'use strict';
 
 const fs = require('fs');
@@ -86,6 +87,7 @@ module.exports = {
     service('telemetry-bridge', 'bridge'),
     service('telemetry-audit', 'audit'),
     service('telemetry-api', 'api'),
+    service('telemetry-rollup', 'rollup'),
     // start-services.sh and stop-services.sh take the app names from this list.
   ],
 };

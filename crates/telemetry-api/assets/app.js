@@ -790,6 +790,8 @@
     const samples = points.reduce((a, p) => a + (Number(p.count) || 0), 0);
     const parts = [`${fmtInt(samples)} events`];
     if (Number.isFinite(bucketMs)) parts.push(`bucket ${fmtDuration(bucketMs)}`);
+    const sources = { rollup_1m: "from minute rollups", rollup_1h: "from hour rollups" };
+    if (Object.hasOwn(sources, body.source)) parts.push(sources[body.source]);
     parts.push("min / avg / max");
     $("history-meta").textContent = parts.join(" · ");
   }

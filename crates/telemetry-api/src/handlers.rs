@@ -11,7 +11,7 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use telemetry_core::validate::Code;
-use telemetry_store::{DeadLetterFilter, SeriesQuery};
+use telemetry_store::DeadLetterFilter;
 
 use crate::health::{dlq_rate, Health};
 use crate::params::{check_name, shorten, ApiError, Params};
@@ -121,6 +121,7 @@ struct SeriesBody {
     from: String,
     to: String,
     bucket_ms: i64,
+    source: &'static str,
     points: Vec<PointBody>,
 }
 
@@ -134,7 +135,8 @@ struct PointBody {
 }
 
 /// `GET /api/devices/{id}/telemetry?metric=&from=&to=&max_points=`: one metric over a range,
-/// downsampled by the database to at most `max_points` buckets (min/avg/max per bucket).
+/// downsampled by the database to at most `max_points` buckets (min/avg/max per bucket); from the
+/// rollup tables when buckets are a minute or wider and the rollup covers the range (`source`).
 pub async fn telemetry(
     State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
@@ -176,23 +178,26 @@ pub async fn telemetry(
             shorten(&device_id)
         )));
     }
-    let buckets = store
-        .series(&SeriesQuery {
-            device_id: &device_id,
-            metric,
-            from,
-            to,
-            bucket: chrono::Duration::milliseconds(bucket_ms.max(1)),
-        })
-        .await
-        .map_err(|error| ApiError::unavailable(&error))?;
+    let series = crate::series::read(
+        store,
+        &device_id,
+        metric,
+        from.timestamp_millis(),
+        to.timestamp_millis(),
+        bucket_ms.max(1),
+    )
+    .await
+    .map_err(|error| ApiError::unavailable(&error))?;
+    let time = |millis: i64| rfc3339(DateTime::from_timestamp_millis(millis).unwrap_or_default());
     Ok(Json(SeriesBody {
         metric: metric.to_string(),
         device_id,
-        from: rfc3339(from),
-        to: rfc3339(to),
-        bucket_ms: bucket_ms.max(1),
-        points: buckets
+        from: time(series.from),
+        to: time(series.to),
+        bucket_ms: series.bucket_ms,
+        source: series.source.name(),
+        points: series
+            .buckets
             .into_iter()
             .map(|bucket| PointBody {
                 t: bucket.start,

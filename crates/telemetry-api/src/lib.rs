@@ -7,13 +7,15 @@
 //! - [`ApiConfig`]: every setting, with its flag and environment variable.
 //! - [`app`]: the router, separate from the listener so handlers are tested with `oneshot`.
 //! - `handlers`: one function per endpoint; `params`: query checking and the JSON error;
-//!   `health`: how a device's health is judged; `assets`: the embedded dashboard.
+//!   `health`: how a device's health is judged; `assets`: the embedded dashboard; `series`:
+//!   whether a series is read from the rows or from the rollups.
 //! - [`run`]: serve until shutdown, with `/healthz`, `/readyz` (database reachable), `/metrics`.
 
 mod assets;
 mod handlers;
 mod health;
 mod params;
+mod series;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -237,6 +237,7 @@ async fn telemetry_is_downsampled_into_buckets_by_the_database() {
     assert_eq!(status, StatusCode::OK, "{body}");
     conforms("Series", &body);
     assert_eq!(body["bucket_ms"], MINUTE_MS);
+    assert_eq!(body["source"], "raw", "no rollup has seen the device");
     let points = body["points"].as_array().unwrap();
     assert_eq!(points.len(), 10);
     for (index, point) in points.iter().enumerate() {
@@ -297,6 +298,138 @@ async fn telemetry_is_downsampled_into_buckets_by_the_database() {
         .as_str()
         .unwrap()
         .contains("nobody"));
+}
+
+/// (count, min, max, avg) of `readings` (device time, value) per bucket of `width` from `origin`.
+fn aggregate_by(
+    readings: &[(i64, f64)],
+    origin: i64,
+    width: i64,
+) -> Vec<(i64, u64, f64, f64, f64)> {
+    let mut buckets: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+    for (at, value) in readings {
+        buckets
+            .entry(origin + (at - origin).div_euclid(width) * width)
+            .or_default()
+            .push(*value);
+    }
+    buckets
+        .into_iter()
+        .map(|(start, values)| {
+            let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            #[allow(clippy::cast_precision_loss)]
+            let avg = values.iter().sum::<f64>() / values.len() as f64;
+            (start, values.len() as u64, min, max, avg)
+        })
+        .collect()
+}
+
+fn points_of(body: &Value) -> Vec<(i64, u64, f64, f64, f64)> {
+    body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| {
+            (
+                point["t"].as_i64().unwrap(),
+                point["count"].as_u64().unwrap(),
+                point["min"].as_f64().unwrap(),
+                point["max"].as_f64().unwrap(),
+                point["avg"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_points(got: &[(i64, u64, f64, f64, f64)], expected: &[(i64, u64, f64, f64, f64)]) {
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for (got, expected) in got.iter().zip(expected) {
+        assert_eq!(
+            (got.0, got.1, got.2, got.3),
+            (expected.0, expected.1, expected.2, expected.3)
+        );
+        assert!((got.4 - expected.4).abs() < 1e-9, "{got:?} vs {expected:?}");
+    }
+}
+
+#[tokio::test]
+async fn long_ranges_are_read_from_the_rollups_where_they_cover_them_and_from_rows_elsewhere() {
+    let store = store(&telemetry_testkit::unique("api_rollup")).await;
+    let hour = 60 * MINUTE_MS;
+    let start = Utc::now().timestamp_millis() / hour * hour - 4 * hour;
+    // Three hours of readings every 10 s, all stored. The rollup started 30 minutes in (the
+    // cleaned topic no longer had the first ones) and lags 20 minutes behind.
+    let readings: Vec<(i64, f64)> = (0..1_080)
+        .map(|index: i64| {
+            #[allow(clippy::cast_precision_loss)]
+            let value = ((index * 37) % 101) as f64 / 3.0;
+            (start + index * 10_000, value)
+        })
+        .collect();
+    let records: Vec<_> = readings
+        .iter()
+        .zip(0..)
+        .map(|((at, value), offset)| record("pico-r", *at, *at, *value, offset))
+        .collect();
+    store.insert_events(&records).await.unwrap();
+    let rolled: Vec<_> = records
+        .iter()
+        .filter(|record| {
+            (start + 30 * MINUTE_MS..start + 160 * MINUTE_MS).contains(&record.event.device_ts)
+        })
+        .map(|record| record.event.clone())
+        .collect();
+    store.roll_up(&rolled, 600_000).await.unwrap();
+    let state = state(store);
+
+    // 18 buckets of 10 minutes: from the minute rollup where it covers the range, from the rows
+    // before it (its first minutes) and after it (the minutes still filling). The same numbers
+    // as the rows give.
+    let uri = format!(
+        "/api/devices/pico-r/telemetry?metric=temperature_c&from={start}&to={}&max_points=18",
+        start + 3 * hour
+    );
+    let (status, body) = get(&state, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("Series", &body);
+    assert_eq!(body["source"], "rollup_1m");
+    assert_eq!(body["bucket_ms"], 10 * MINUTE_MS);
+    assert_points(
+        &points_of(&body),
+        &aggregate_by(&readings, start, 10 * MINUTE_MS),
+    );
+
+    // 3 buckets of an hour: from the hour rollup, same numbers. An odd `from` is widened to the
+    // hour before it.
+    let uri = format!(
+        "/api/devices/pico-r/telemetry?metric=temperature_c&from={}&to={}&max_points=3",
+        start + 90_000,
+        start + 3 * hour + 90_000
+    );
+    let (status, body) = get(&state, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("Series", &body);
+    assert_eq!(body["source"], "rollup_1h");
+    assert_eq!(body["bucket_ms"], hour);
+    let from = chrono::DateTime::from_timestamp_millis(start).unwrap();
+    assert_eq!(
+        body["from"],
+        from.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    assert_points(&points_of(&body), &aggregate_by(&readings, start, hour));
+
+    // Short buckets are read from the rows.
+    let uri = format!(
+        "/api/devices/pico-r/telemetry?metric=temperature_c&from={start}&to={}&max_points=60",
+        start + 10 * MINUTE_MS
+    );
+    let (_, body) = get(&state, &uri).await;
+    assert_eq!(body["source"], "raw");
+    assert_points(
+        &points_of(&body),
+        &aggregate_by(&readings[..60], start, 10_000),
+    );
 }
 
 #[tokio::test]

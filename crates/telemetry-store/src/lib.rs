@@ -6,12 +6,17 @@
 //! - [`Store`]: a connection pool; the audit service's writes are here.
 //! - `dead_letters`: the bounded index of rejected records (written by the audit service).
 //! - `queries`: what the API reads: devices and their health counts, downsampled series, the DLQ.
+//! - `rollups`: the minute and hour aggregates `telemetry rollup` writes and the API reads.
 
 mod dead_letters;
 mod queries;
+mod rollups;
 
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
+pub use rollups::{
+    Aggregate, Resolution, RollupCoverage, RollupOutcome, RollupRow, MAX_METRIC_NAME_CHARS,
+};
 
 use std::time::Duration;
 
@@ -319,6 +324,10 @@ const RESERVED_TABLES: &[&str] = &[
     "device_minutes",
     "dlq_events",
     "dlq_replays",
+    "rollup_1m",
+    "rollup_1h",
+    "rollup_devices",
+    "rollup_seen",
     "_sqlx_migrations",
 ];
 

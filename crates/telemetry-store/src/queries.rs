@@ -188,6 +188,17 @@ impl Store {
         Ok(found.is_some())
     }
 
+    /// The device time of the device's earliest stored event (one step along the primary key), or
+    /// `None` when it has none.
+    pub async fn first_event_ts(&self, device_id: &str) -> Result<Option<i64>> {
+        let first: Option<NaiveDateTime> =
+            sqlx::query_scalar("SELECT MIN(device_ts) FROM telemetry WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(first.map(|first| first.and_utc().timestamp_millis()))
+    }
+
     /// The metric's readings in the range, aggregated per bucket on the database side; only
     /// buckets with readings, in time order. A range read of the device's rows (the primary
     /// key); ranges longer than [`PARALLEL_FROM`] are read as [`PARALLEL_PARTS`] parts, split on

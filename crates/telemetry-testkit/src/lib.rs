@@ -90,6 +90,7 @@ pub async fn read_topic(
 }
 
 /// A record for [`produce`].
+#[derive(Debug, Clone)]
 pub struct TestRecord {
     /// Record key.
     pub key: Option<Vec<u8>>,
@@ -237,4 +238,13 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago: for a service that must be told its
+/// address before it starts (a port given back by the OS is not handed out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("binding 127.0.0.1:0")
 }

@@ -40,6 +40,9 @@ enum Command {
     Replay(ReplayArgs),
     /// List, show or count the rejected records in the DLQ topic.
     Dlq(DlqArgs),
+    /// Cleaned topic → per-device, per-metric minute and hour aggregates (count, min, max, avg,
+    /// last) in MySQL, for long time ranges.
+    Rollup(telemetry_rollup::RollupConfig),
     /// Simulated devices publishing realistic telemetry (and faults) over MQTT.
     Simulate(telemetry_simulator::SimulateConfig),
     /// Check, show or export the payload contract, or try payloads against it.
@@ -100,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Api(config) => telemetry_api::run(config, shutdown)
             .await
             .context("the API stopped with an error"),
+        Command::Rollup(config) => telemetry_rollup::run(config, shutdown)
+            .await
+            .context("the rollup service stopped with an error"),
         Command::Replay(ReplayArgs {
             action: Some(ReplayAction::Swap(config)),
             ..

@@ -97,7 +97,7 @@ struct Service {
 
 impl Service {
     fn new(name: &str, args: &[&str], mut env: Vec<(String, String)>, log_dir: &Path) -> Self {
-        let http_port = free_port();
+        let http_port = telemetry_testkit::free_port();
         let listen = if args == ["bridge"] {
             "TELEMETRY_BRIDGE_LISTEN"
         } else {
@@ -428,14 +428,6 @@ async fn count(pool: &sqlx::MySqlPool, query: &str) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Restarts a process a few times at random moments of the stream.

@@ -1,0 +1,311 @@
+//! `telemetry rollup`: a consumer group on the cleaned topic that keeps per-device, per-metric
+//! aggregates (count, min, max, avg, last) by minute and by hour of device time in the
+//! `rollup_1m` and `rollup_1h` tables. The API reads them for long ranges.
+//!
+//! It is also the worked example of adding a consumer (`docs/architecture.md`): it reads the
+//! cleaned topic in its own consumer group with [`telemetry_kafka::BatchConsumer`], writes only
+//! its own tables, and touches neither the bridge nor the audit service.
+//!
+//! Delivery: each batch is folded in one database transaction ([`Store::roll_up`]), and its
+//! offsets are committed only after that transaction. The fold skips events it folded before, so
+//! redelivery after a crash, a duplicate on the topic, or a replay of the whole topic leaves the
+//! tables as they were. Events behind their device's watermark (its latest device time) by more
+//! than the late window are left out and counted (`rollup_events_too_late_total`); the
+//! `telemetry` table still has them.
+//!
+//! # Layout
+//! - [`RollupConfig`]: every setting, with its flag and environment variable.
+//! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, migrate; then batch → decode →
+//!   fold → commit offsets.
+
+use std::time::Duration;
+
+use rdkafka::message::{Message, OwnedMessage};
+use telemetry_core::validate::MAX_TIMESTAMP_MS;
+use telemetry_core::Event;
+use telemetry_kafka::{BatchConsumer, KafkaConfig};
+use telemetry_store::{RollupOutcome, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the rollup service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kafka set-up failed.
+    #[error(transparent)]
+    Kafka(#[from] telemetry_kafka::Error),
+    /// The database could not be set up.
+    #[error(transparent)]
+    Store(#[from] telemetry_store::Error),
+    /// The HTTP listener could not be bound or served.
+    #[error(transparent)]
+    Listen(#[from] telemetry_ops::ListenError),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Rollup service settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollupConfig {
+    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_URL",
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
+    )]
+    pub mysql_url: String,
+
+    /// Database connections in the pool.
+    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 2)]
+    pub mysql_max_connections: u32,
+
+    /// Kafka consumer group of the rollup. Instances in one group share the partitions; a new
+    /// group starts from the beginning of the cleaned topic.
+    #[arg(
+        long,
+        env = "TELEMETRY_ROLLUP_GROUP",
+        default_value = "telemetry-rollup"
+    )]
+    pub group_id: String,
+
+    /// Most records folded per batch (one database transaction).
+    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_SIZE", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Longest wait for a batch to fill before it is folded anyway, in milliseconds.
+    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_LINGER_MS", default_value_t = 100)]
+    pub batch_linger_ms: u64,
+
+    /// How far behind its device's latest device time an event may arrive and still be folded
+    /// in, in seconds. Later ones are counted and left out of the rollups (the `telemetry` table
+    /// has them). Also how long event identities are remembered to skip duplicates.
+    #[arg(long, env = "TELEMETRY_ROLLUP_LATE_WINDOW_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(0..=30 * 24 * 3600))]
+    pub late_window_seconds: u32,
+
+    /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(
+        long = "rollup-listen",
+        env = "TELEMETRY_ROLLUP_LISTEN",
+        default_value = "127.0.0.1:8083"
+    )]
+    pub listen: String,
+
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// The readiness check the rollup reports on `/readyz`: passing while database writes succeed.
+const DATABASE: &str = "database";
+
+/// Runs the rollup service until `shutdown` is cancelled. A batch in hand then is dropped
+/// uncommitted (its transaction rolls back) and read again on the next start.
+pub async fn run(config: RollupConfig, shutdown: CancellationToken) -> Result<()> {
+    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
+    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
+    let result = consume(&config, &readiness, &shutdown).await;
+    shutdown.cancel();
+    telemetry_ops::join(server).await?;
+    result
+}
+
+async fn consume(
+    config: &RollupConfig,
+    readiness: &telemetry_ops::Readiness,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let connect = || async {
+        let store = Store::connect(&config.mysql_url, config.mysql_max_connections).await?;
+        store.migrate().await?;
+        Ok::<_, telemetry_store::Error>(store)
+    };
+    // A URL that does not parse will not parse later either.
+    let store = match connect().await {
+        Ok(store) => store,
+        Err(error @ telemetry_store::Error::InvalidUrl(_)) => return Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "The database is not reachable yet; retrying.");
+            match telemetry_ops::retry("Connecting to the database", shutdown, connect).await {
+                Some(store) => store,
+                None => return Ok(()),
+            }
+        }
+    };
+    readiness.set(DATABASE, true);
+    let kafka = &config.kafka;
+    telemetry_kafka::ensure_topics(kafka, &[&kafka.cleaned_topic]).await?;
+    let consumer = BatchConsumer::new(kafka, &config.group_id, &[kafka.cleaned_topic.as_str()])?;
+    let late_window_ms = i64::from(config.late_window_seconds) * 1_000;
+    tracing::info!(
+        cleaned_topic = %kafka.cleaned_topic,
+        group_id = %config.group_id,
+        late_window_seconds = config.late_window_seconds,
+        "Rollup service started."
+    );
+    let linger = Duration::from_millis(config.batch_linger_ms);
+    let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    while let Some(batch) = consumer.next_batch(batch_size, linger, shutdown).await {
+        let events = decode(&batch);
+        let Some(outcome) = fold(&store, &events, late_window_ms, readiness, shutdown).await else {
+            break; // Stopped first: the batch is read again on the next start.
+        };
+        count(&outcome, batch.len());
+        consumer.store_offsets(&batch);
+    }
+    // The final commit needs Kafka; while it is down it may block, so it gets a thread and a
+    // few seconds. Whatever is not committed is read again and skipped as already folded.
+    let (closed, closing) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        consumer.commit_on_shutdown();
+        drop(consumer);
+        let _ = closed.send(());
+    });
+    if tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!("Kafka did not answer the final offset commit; the last batches will be read again on restart.");
+    }
+    tracing::info!("Rollup service stopped.");
+    Ok(())
+}
+
+/// The events of `batch`. Records that are not cleaned events (another producer's, or damaged)
+/// are logged with their position, counted, and left out: the topic keeps them.
+fn decode(batch: &[OwnedMessage]) -> Vec<Event> {
+    let mut events = Vec::with_capacity(batch.len());
+    for message in batch {
+        let problem = match serde_json::from_slice::<Event>(message.payload().unwrap_or_default()) {
+            Ok(event) => match storable(&event) {
+                None => {
+                    events.push(event);
+                    continue;
+                }
+                Some(problem) => problem.to_string(),
+            },
+            Err(error) => format!("not a cleaned event: {error}"),
+        };
+        metrics::counter!("rollup_records_invalid_total", "service" => "rollup").increment(1);
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            %problem,
+            "Skipped a record of the cleaned topic."
+        );
+    }
+    events
+}
+
+/// Why `event` cannot be stored in the rollup tables, if it cannot: the validator never produces
+/// such events, but the cleaned topic is open to other producers.
+fn storable(event: &Event) -> Option<&'static str> {
+    if event.device_id.is_empty() || event.device_id.chars().count() > 128 {
+        Some("device_id is empty or longer than 128 characters")
+    } else if !(0..=MAX_TIMESTAMP_MS).contains(&event.device_ts) {
+        Some("device_ts is outside the years 1970-9999")
+    } else {
+        None
+    }
+}
+
+/// Folds `events`, retrying while the database is unavailable. Should the database refuse the
+/// data itself, events are folded one by one and the refused ones logged and left out, so one
+/// record never holds back the stream. `None` when `shutdown` came first.
+async fn fold(
+    store: &Store,
+    events: &[Event],
+    late_window_ms: i64,
+    readiness: &telemetry_ops::Readiness,
+    shutdown: &CancellationToken,
+) -> Option<RollupOutcome> {
+    let attempt = |events: &[Event]| {
+        let events = events.to_vec();
+        async move {
+            let mut result = store.roll_up(&events, late_window_ms).await;
+            if matches!(&result, Err(error) if error.is_data_error()) {
+                result = Ok(fold_one_by_one(store, &events, late_window_ms).await?);
+            }
+            readiness.set(DATABASE, result.is_ok());
+            result
+        }
+    };
+    telemetry_ops::retry("Writing the rollups", shutdown, || attempt(events)).await
+}
+
+async fn fold_one_by_one(
+    store: &Store,
+    events: &[Event],
+    late_window_ms: i64,
+) -> telemetry_store::Result<RollupOutcome> {
+    let mut total = RollupOutcome::default();
+    for event in events {
+        match store
+            .roll_up(std::slice::from_ref(event), late_window_ms)
+            .await
+        {
+            Ok(outcome) => {
+                total.folded += outcome.folded;
+                total.duplicates += outcome.duplicates;
+                total.too_late += outcome.too_late;
+                total.skipped_readings += outcome.skipped_readings;
+            }
+            Err(error) if error.is_data_error() => {
+                metrics::counter!("rollup_records_invalid_total", "service" => "rollup")
+                    .increment(1);
+                tracing::error!(%error, device_id = %event.device_id, device_ts = event.device_ts,
+                    "The database refused a rollup; the event is left out of the rollups.");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(total)
+}
+
+fn count(outcome: &RollupOutcome, records: usize) {
+    metrics::counter!("events_received_total", "service" => "rollup").increment(records as u64);
+    metrics::counter!("rollup_events_folded_total", "service" => "rollup")
+        .increment(outcome.folded);
+    metrics::counter!("rollup_events_duplicate_total", "service" => "rollup")
+        .increment(outcome.duplicates);
+    metrics::counter!("rollup_events_too_late_total", "service" => "rollup")
+        .increment(outcome.too_late);
+    metrics::counter!("rollup_readings_skipped_total", "service" => "rollup")
+        .increment(outcome.skipped_readings);
+    if outcome.too_late > 0 {
+        tracing::info!(
+            events = outcome.too_late,
+            "Events arrived later than the late window; they are in the telemetry table but not in the rollups."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(device_id: &str, device_ts: i64) -> Event {
+        Event {
+            device_id: device_id.to_string(),
+            device_ts,
+            received_at: device_ts,
+            seq: None,
+            metrics: telemetry_core::event::Metrics::new(),
+            attributes: Default::default(),
+            schema_version: 1,
+            quality: Default::default(),
+        }
+    }
+
+    #[test]
+    fn events_the_tables_cannot_hold_are_named() {
+        assert_eq!(storable(&event("pico-1", 1_700_000_000_000)), None);
+        assert!(storable(&event("", 1_700_000_000_000)).is_some());
+        assert!(storable(&event(&"x".repeat(129), 1_700_000_000_000)).is_some());
+        assert!(storable(&event("pico-1", -1)).is_some());
+        assert!(storable(&event("pico-1", MAX_TIMESTAMP_MS + 1)).is_some());
+    }
+}
