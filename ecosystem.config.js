@@ -1,9 +1,11 @@
-// PM2 ecosystem of telemetry-pipeline: runs the `telemetry` release binary as four services.
+// PM2 ecosystem of telemetry-pipeline: runs the `telemetry` release binary as five services.
 //
 //   telemetry-bridge   `telemetry bridge`  MQTT -> WebSocket live view (/ws) + Kafka raw topic
 //   telemetry-audit    `telemetry audit`   Kafka raw topic -> validate -> MariaDB + cleaned topic/DLQ
 //   telemetry-api      `telemetry api`     HTTP API and dashboard, reading MariaDB
 //   telemetry-rollup   `telemetry rollup`  Kafka cleaned topic -> minute/hour aggregates in MariaDB
+//   telemetry-alert    `telemetry alert`   Kafka cleaned + DLQ topics -> rules (config/alerts.toml)
+//                                          -> telemetry.alerts topic and an optional webhook
 //
 // Normally driven by ./start-services.sh (pm2 startOrReload ecosystem.config.js --update-env) and
 // ./stop-services.sh; the infrastructure (MariaDB, Mosquitto, Kafka) comes from scripts/services.sh.
@@ -25,7 +27,8 @@
 //   PM2 keeps retrying through a long outage instead of marking the app "errored".
 // - env: only the TELEMETRY_* variables (and RUST_LOG) that are set in the environment of the pm2
 //   command are passed; the binary applies its own defaults to the rest (`telemetry bridge --help`,
-//   `telemetry audit --help`, `telemetry api --help`, `telemetry rollup --help`). Reload with --update-env so that changed values take effect.
+//   `telemetry audit --help`, `telemetry api --help`, `telemetry rollup --help`,
+//   `telemetry alert --help`). Reload with --update-env so that changed values take effect.
 'use strict';
 
 const fs = require('fs');
@@ -88,6 +91,7 @@ module.exports = {
     service('telemetry-audit', 'audit'),
     service('telemetry-api', 'api'),
     service('telemetry-rollup', 'rollup'),
+    service('telemetry-alert', 'alert'),
     // start-services.sh and stop-services.sh take the app names from this list.
   ],
 };

@@ -4,7 +4,7 @@
 #   2. builds the release binary (cargo build --release -p telemetry);
 #   3. installs PM2 when missing (npm install -g pm2);
 #   4. starts or reloads the services under PM2 (ecosystem.config.js: telemetry-bridge,
-#      telemetry-audit, telemetry-api and telemetry-rollup); running this script again reloads them, it never
+#      telemetry-audit, telemetry-api, telemetry-rollup and telemetry-alert); running this script again reloads them, it never
 #      duplicates them;
 #   5. waits until the bridge answers 200 on /readyz, then prints how to use it (the dashboard URL).
 # Stop with ./stop-services.sh (add --all to stop the infrastructure too).
@@ -37,6 +37,7 @@ bridge_http=$(loopback "${TELEMETRY_BRIDGE_LISTEN:-127.0.0.1:8080}")
 audit_http=$(loopback "${TELEMETRY_AUDIT_LISTEN:-127.0.0.1:8081}")
 api_http=$(loopback "${TELEMETRY_API_LISTEN:-127.0.0.1:8082}")
 rollup_http=$(loopback "${TELEMETRY_ROLLUP_LISTEN:-127.0.0.1:8083}")
+alert_http=$(loopback "${TELEMETRY_ALERT_LISTEN:-127.0.0.1:8084}")
 mqtt_port=${TELEMETRY_MQTT_PORT:-1883}
 mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
 
@@ -80,7 +81,8 @@ port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 for check in "telemetry-bridge $bridge_http TELEMETRY_BRIDGE_LISTEN" \
   "telemetry-audit $audit_http TELEMETRY_AUDIT_LISTEN" \
   "telemetry-api $api_http TELEMETRY_API_LISTEN" \
-  "telemetry-rollup $rollup_http TELEMETRY_ROLLUP_LISTEN"; do
+  "telemetry-rollup $rollup_http TELEMETRY_ROLLUP_LISTEN" \
+  "telemetry-alert $alert_http TELEMETRY_ALERT_LISTEN"; do
   read -r app address variable <<<"$check"
   pid=$("$pm2" pid "$app" 2>/dev/null || true)
   if { [ -z "$pid" ] || [ "$pid" = 0 ]; } && port_open "$address"; then
@@ -143,6 +145,7 @@ check_ready() {
 check_ready telemetry-audit "$audit_http" "the audit service is"
 check_ready telemetry-api "$api_http" "the API and dashboard are"
 check_ready telemetry-rollup "$rollup_http" "the rollup service is"
+check_ready telemetry-alert "$alert_http" "the alerter is"
 
 # --- summary -------------------------------------------------------------------------------
 "$pm2" ls
@@ -150,12 +153,14 @@ cat <<EOF
 
 Telemetry pipeline is running.
   Dashboard:  http://$api_http/   (API: http://$api_http/api/devices, documented at /api/openapi.json)
-  Logs:       $log_dir/telemetry-{bridge,audit,api,rollup}.error.log
+  Logs:       $log_dir/telemetry-{bridge,audit,api,rollup,alert}.error.log
               (stdout in *.out.log; or: pm2 logs)
   WebSocket:  ws://$bridge_http/ws
   Health:     http://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit),
-              http://$api_http/readyz (API), http://$rollup_http/readyz (rollup);
-              also /healthz, /metrics
+              http://$api_http/readyz (API), http://$rollup_http/readyz (rollup),
+              http://$alert_http/readyz (alerts); also /healthz, /metrics
+  Alerts:     rules in config/alerts.toml; every alert is produced to telemetry.alerts and logged
+              in $log_dir/telemetry-alert.error.log
   Try it:
     mosquitto_pub -h 127.0.0.1 -p $mqtt_port -t devices/pico-1/telemetry -q 1 -m "{\\"device_id\\":\\"pico-1\\",\\"device_ts\\":\$(date +%s),\\"temp\\":21.5}"
     mariadb -h127.0.0.1 -P$mysql_port -utelemetry -ptelemetry telemetry -e 'select device_id, device_ts, metrics from telemetry order by received_at desc limit 3'

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Stops the telemetry pipeline's services that run under PM2 (the apps of ecosystem.config.js:
-# telemetry-bridge, telemetry-audit, telemetry-api, telemetry-rollup), gracefully: `pm2 stop`
-# signals the app (SIGTERM from a PM2 daemon started by start-services.sh, SIGINT from one started
-# with PM2's defaults: the services handle both alike) and waits up to the app's kill_timeout
-# (20 s) while the service finishes in-flight work and commits its Kafka offsets; `pm2 delete`
-# then removes the app from PM2's list. Other PM2 apps are left alone.
+# telemetry-bridge, telemetry-audit, telemetry-api, telemetry-rollup, telemetry-alert),
+# gracefully: `pm2 stop` signals the app (SIGTERM from a PM2 daemon started by start-services.sh,
+# SIGINT from one started with PM2's defaults: the services handle both alike) and waits up to the
+# app's kill_timeout (20 s) while the service finishes in-flight work and commits its Kafka
+# offsets; `pm2 delete` then removes the app from PM2's list. Other PM2 apps are left alone.
 #
 #   ./stop-services.sh          stop our PM2 apps (nothing to do when they or PM2 are absent)
 #   ./stop-services.sh --all    also stop MariaDB, Mosquitto and Kafka (scripts/services.sh stop),
@@ -28,7 +28,7 @@ esac
 
 # The app names, from the ecosystem file (so a new app there is stopped too).
 apps=$(node -e 'console.log(require(process.argv[1]).apps.map((app) => app.name).join(" "))' \
-  "$repo/ecosystem.config.js" 2>/dev/null || echo "telemetry-bridge telemetry-audit telemetry-api telemetry-rollup")
+  "$repo/ecosystem.config.js" 2>/dev/null || echo "telemetry-bridge telemetry-audit telemetry-api telemetry-rollup telemetry-alert")
 
 # Whether the PM2 daemon runs; asking the pm2 command would start one.
 pm2_home=${PM2_HOME:-$HOME/.pm2}

@@ -164,7 +164,9 @@ async fn consume(
     });
     let _abandon_on_return = abandon.clone().drop_guard();
     let shutdown = shutdown.clone();
-    let Some(store) = connect_store(config, &shutdown).await? else {
+    let Some(store) =
+        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, &shutdown).await?
+    else {
         return Ok(());
     };
     readiness.set(DATABASE, true);
@@ -221,18 +223,7 @@ async fn consume(
         source.store_offsets(&batch);
     }
     sink.flush();
-    // The final commit and leaving the group need Kafka. While it is down they may block for long,
-    // so they get a few seconds on a thread of their own; whatever was not committed is read
-    // again on restart, and the idempotent insert absorbs it.
-    let (closed, closing) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        source.commit_on_shutdown();
-        drop(source);
-        let _ = closed.send(());
-    });
-    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
-        tracing::warn!("Kafka did not answer the final offset commit; the last batches will be read again on restart.");
-    }
+    source.close(CLOSE_TIMEOUT).await;
     tracing::info!("Audit service stopped.");
     Ok(())
 }
@@ -250,27 +241,6 @@ pub fn load_contract(path: Option<&std::path::Path>) -> Result<Contract> {
 
 /// How long shutdown waits for the final offset commit and for leaving the consumer group.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Connects and migrates, retrying while the database is unreachable. `None` when shut down first.
-async fn connect_store(
-    config: &AuditConfig,
-    shutdown: &CancellationToken,
-) -> Result<Option<Store>> {
-    let connect = || async {
-        let store = Store::connect(&config.mysql_url, config.mysql_max_connections).await?;
-        store.migrate().await?;
-        Ok::<_, telemetry_store::Error>(store)
-    };
-    match connect().await {
-        Ok(store) => return Ok(Some(store)),
-        // A URL that does not parse will not parse later either.
-        Err(error @ telemetry_store::Error::InvalidUrl(_)) => return Err(error.into()),
-        Err(error) => {
-            tracing::warn!(%error, "The database is not reachable yet; retrying.");
-        }
-    }
-    Ok(telemetry_ops::retry("Connecting to the database", shutdown, connect).await)
-}
 
 /// What one batch turns into.
 struct Decided {

@@ -8,6 +8,8 @@ pub mod topics {
     pub const CLEANED: &str = "telemetry.cleaned";
     /// Rejected records: original bytes plus the reason, produced by the audit service.
     pub const DLQ: &str = "telemetry.dlq";
+    /// Alerts fired and resolved, produced by the alerter.
+    pub const ALERTS: &str = "telemetry.alerts";
 }
 
 /// Header keys on Kafka records.

@@ -19,6 +19,15 @@ use crate::{KafkaConfig, Result};
 /// Wait after a consumer error before reading again, so a broker outage does not spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
+/// Where a consumer group without committed offsets starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// At the beginning of each partition: the retained history first (rollups, tables).
+    Earliest,
+    /// At the end: only what arrives from now on (alerts about the present).
+    Latest,
+}
+
 /// A consumer-group member reading in batches; see the module documentation.
 pub struct BatchConsumer {
     consumer: StreamConsumer<RebalanceLogger>,
@@ -54,10 +63,25 @@ impl BatchConsumer {
     /// Joins consumer group `group_id` on `topics`. A group without committed offsets starts at
     /// the beginning of each partition.
     pub fn new(kafka: &KafkaConfig, group_id: &str, topics: &[&str]) -> Result<Self> {
+        Self::starting_at(kafka, group_id, topics, StartAt::Earliest)
+    }
+
+    /// Joins consumer group `group_id` on `topics`; a group without committed offsets starts
+    /// where `start` says.
+    pub fn starting_at(
+        kafka: &KafkaConfig,
+        group_id: &str,
+        topics: &[&str],
+        start: StartAt,
+    ) -> Result<Self> {
+        let reset = match start {
+            StartAt::Earliest => "earliest",
+            StartAt::Latest => "latest",
+        };
         let consumer: StreamConsumer<RebalanceLogger> = kafka
             .client_config(&[
                 ("group.id", group_id),
-                ("auto.offset.reset", "earliest"),
+                ("auto.offset.reset", reset),
                 // Offsets are committed in the background, but only those we stored: stored only
                 // after a batch is durable, so a commit never runs ahead of the database.
                 ("enable.auto.commit", "true"),
@@ -81,10 +105,31 @@ impl BatchConsumer {
         linger: Duration,
         shutdown: &CancellationToken,
     ) -> Option<Vec<OwnedMessage>> {
+        self.next_batch_within(size, linger, None, shutdown).await
+    }
+
+    /// As [`BatchConsumer::next_batch`], but gives up waiting for a first record after `wait`
+    /// (when given), returning an empty batch: for consumers that also act on a clock.
+    pub async fn next_batch_within(
+        &self,
+        size: usize,
+        linger: Duration,
+        wait: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<OwnedMessage>> {
         let mut batch = Vec::with_capacity(size);
+        let give_up = async {
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(give_up);
         loop {
+            // Nothing has been taken from the consumer when a wait ends: nothing is dropped.
             let received = tokio::select! {
                 () = shutdown.cancelled() => return None,
+                () = &mut give_up => return Some(batch),
                 received = self.consumer.recv() => received,
             };
             match received {
@@ -138,11 +183,21 @@ impl BatchConsumer {
         }
     }
 
-    /// Commits the stored offsets synchronously before the consumer leaves the group.
-    pub fn commit_on_shutdown(&self) {
-        if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last commit is reported as an error too.
-            tracing::debug!(%error, "Final offset commit did not happen.");
+    /// Commits the stored offsets and leaves the group. Both need Kafka, and while it is down
+    /// they may block for long, so they run on a thread of their own for at most `timeout`;
+    /// whatever was not committed is read again on restart (the callers' writes are idempotent).
+    pub async fn close(self, timeout: Duration) {
+        let (closed, closing) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+                // Nothing stored since the last commit is reported as an error too.
+                tracing::debug!(%error, "Final offset commit did not happen.");
+            }
+            drop(self);
+            let _ = closed.send(());
+        });
+        if tokio::time::timeout(timeout, closing).await.is_err() {
+            tracing::warn!("Kafka did not answer the final offset commit; the last batches will be read again on restart.");
         }
     }
 }

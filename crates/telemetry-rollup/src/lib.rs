@@ -117,22 +117,10 @@ async fn consume(
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let connect = || async {
-        let store = Store::connect(&config.mysql_url, config.mysql_max_connections).await?;
-        store.migrate().await?;
-        Ok::<_, telemetry_store::Error>(store)
-    };
-    // A URL that does not parse will not parse later either.
-    let store = match connect().await {
-        Ok(store) => store,
-        Err(error @ telemetry_store::Error::InvalidUrl(_)) => return Err(error.into()),
-        Err(error) => {
-            tracing::warn!(%error, "The database is not reachable yet; retrying.");
-            match telemetry_ops::retry("Connecting to the database", shutdown, connect).await {
-                Some(store) => store,
-                None => return Ok(()),
-            }
-        }
+    let Some(store) =
+        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, shutdown).await?
+    else {
+        return Ok(());
     };
     readiness.set(DATABASE, true);
     let kafka = &config.kafka;
@@ -155,20 +143,7 @@ async fn consume(
         count(&outcome, batch.len());
         consumer.store_offsets(&batch);
     }
-    // The final commit needs Kafka; while it is down it may block, so it gets a thread and a
-    // few seconds. Whatever is not committed is read again and skipped as already folded.
-    let (closed, closing) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        consumer.commit_on_shutdown();
-        drop(consumer);
-        let _ = closed.send(());
-    });
-    if tokio::time::timeout(Duration::from_secs(5), closing)
-        .await
-        .is_err()
-    {
-        tracing::warn!("Kafka did not answer the final offset commit; the last batches will be read again on restart.");
-    }
+    consumer.close(Duration::from_secs(5)).await;
     tracing::info!("Rollup service stopped.");
     Ok(())
 }

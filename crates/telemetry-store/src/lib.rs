@@ -7,11 +7,14 @@
 //! - `dead_letters`: the bounded index of rejected records (written by the audit service).
 //! - `queries`: what the API reads: devices and their health counts, downsampled series, the DLQ.
 //! - `rollups`: the minute and hour aggregates `telemetry rollup` writes and the API reads.
+//! - `alerts`: the alerter's states and outbox.
 
+mod alerts;
 mod dead_letters;
 mod queries;
 mod rollups;
 
+pub use alerts::{AlertStateRow, NewAlert, OutboxEntry};
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 pub use rollups::{
@@ -118,6 +121,29 @@ impl Store {
             .connect_with(options.timezone(Some(String::from("+00:00"))))
             .await?;
         Ok(Store { pool })
+    }
+
+    /// For writers: [`Store::connect`] and [`Store::migrate`], retried with backoff while the
+    /// database is unreachable; `None` when `shutdown` came first. A URL that does not parse is an
+    /// error at once (it will not parse later either).
+    pub async fn connect_migrated(
+        url: &str,
+        max_connections: u32,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Self>> {
+        let connect = || async {
+            let store = Store::connect(url, max_connections).await?;
+            store.migrate().await?;
+            Ok::<_, Error>(store)
+        };
+        match connect().await {
+            Ok(store) => Ok(Some(store)),
+            Err(error @ Error::InvalidUrl(_)) => Err(error),
+            Err(error) => {
+                tracing::warn!(%error, "The database is not reachable yet; retrying.");
+                Ok(telemetry_ops::retry("Connecting to the database", shutdown, connect).await)
+            }
+        }
     }
 
     /// Connects to an existing database without creating or migrating it: for readers (the API),
@@ -328,6 +354,8 @@ const RESERVED_TABLES: &[&str] = &[
     "rollup_1h",
     "rollup_devices",
     "rollup_seen",
+    "alert_states",
+    "alert_outbox",
     "_sqlx_migrations",
 ];
 

@@ -43,6 +43,9 @@ enum Command {
     /// Cleaned topic → per-device, per-metric minute and hour aggregates (count, min, max, avg,
     /// last) in MySQL, for long time ranges.
     Rollup(telemetry_rollup::RollupConfig),
+    /// Alert rules over the cleaned and DLQ topics (thresholds, silent devices, rejection rates):
+    /// alerts to the `telemetry.alerts` topic and a webhook, fired and resolved once.
+    Alert(telemetry_alert::AlertConfig),
     /// Simulated devices publishing realistic telemetry (and faults) over MQTT.
     Simulate(telemetry_simulator::SimulateConfig),
     /// Check, show or export the payload contract, or try payloads against it.
@@ -106,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Rollup(config) => telemetry_rollup::run(config, shutdown)
             .await
             .context("the rollup service stopped with an error"),
+        Command::Alert(config) => telemetry_alert::run(config, shutdown)
+            .await
+            .context("the alerter stopped with an error"),
         Command::Replay(ReplayArgs {
             action: Some(ReplayAction::Swap(config)),
             ..

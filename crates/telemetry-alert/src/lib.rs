@@ -1,0 +1,485 @@
+//! `telemetry alert`: evaluates the rules of a rules file (`config/alerts.toml`) over the cleaned
+//! topic (thresholds held for a while, silent devices) and the DLQ topic (rejection rates), and
+//! sends each alert that fires or resolves to the `telemetry.alerts` topic and, optionally, a
+//! webhook. A second consumer built like the rollup: its own consumer group and tables, no change
+//! to the bridge or the audit service.
+//!
+//! Delivery: a batch's state changes and the alerts they raise are written in one database
+//! transaction (`alert_states`, `alert_outbox`), then the alerts are produced to Kafka, then the
+//! batch's offsets are committed. A crash before the transaction replays the batch into the same
+//! alerts (their ids come from the input); after it, the stored state already holds the batch, and
+//! the outbox still holds what Kafka has not acknowledged. So every alert fires once and resolves
+//! once, across restarts. The webhook is fed from the outbox in order, with retries and backoff,
+//! on its own task: a webhook that is down delays its deliveries, never the stream.
+//!
+//! A new consumer group starts at the end of the topics: alerts are about the present, not the
+//! retained history.
+//!
+//! # Layout
+//! - `rules`: the rules file. `engine`: the state machine (pure). `webhook`: delivery.
+//! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, restore the states; then batch
+//!   (or clock tick) → evaluate → save → produce → commit.
+
+pub mod engine;
+pub mod rules;
+mod webhook;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use telemetry_core::names::{headers, topics};
+use telemetry_core::Event;
+use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer, StartAt};
+use telemetry_store::{NewAlert, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, Key, State, Transition};
+use crate::rules::{Rule, Rules};
+
+/// Errors that stop the alerter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The rules file is missing or wrong.
+    #[error(transparent)]
+    Rules(#[from] rules::RulesError),
+    /// Kafka set-up failed.
+    #[error(transparent)]
+    Kafka(#[from] telemetry_kafka::Error),
+    /// The database could not be set up.
+    #[error(transparent)]
+    Store(#[from] telemetry_store::Error),
+    /// The HTTP listener could not be bound or served.
+    #[error(transparent)]
+    Listen(#[from] telemetry_ops::ListenError),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Alerter settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AlertConfig {
+    /// The alert rules (TOML; see `config/alerts.toml`). Read at start-up: restart to apply
+    /// changes.
+    #[arg(
+        long,
+        env = "TELEMETRY_ALERT_RULES",
+        default_value = "config/alerts.toml"
+    )]
+    pub rules: PathBuf,
+
+    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_URL",
+        default_value = telemetry_store::DEFAULT_MYSQL_URL
+    )]
+    pub mysql_url: String,
+
+    /// Database connections in the pool.
+    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 2)]
+    pub mysql_max_connections: u32,
+
+    /// Kafka consumer group of the alerter. A new group starts at the end of the topics.
+    #[arg(long, env = "TELEMETRY_ALERT_GROUP", default_value = "telemetry-alert")]
+    pub group_id: String,
+
+    /// Topic the alerts are produced to.
+    #[arg(long, env = "TELEMETRY_ALERTS_TOPIC", default_value = topics::ALERTS)]
+    pub alerts_topic: String,
+
+    /// How often silences and DLQ rates are judged against the clock, in milliseconds.
+    #[arg(long, env = "TELEMETRY_ALERT_TICK_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub tick_ms: u64,
+
+    /// Silences are judged only while the alerter is at most this far behind the topics, in
+    /// seconds (while it catches up, every device would look silent).
+    #[arg(long, env = "TELEMETRY_ALERT_MAX_LAG_SECONDS", default_value_t = 30)]
+    pub max_lag_seconds: u64,
+
+    /// Most records evaluated per batch.
+    #[arg(long, env = "TELEMETRY_ALERT_BATCH_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(
+        long = "alert-listen",
+        env = "TELEMETRY_ALERT_LISTEN",
+        default_value = "127.0.0.1:8084"
+    )]
+    pub listen: String,
+
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// The readiness check the alerter reports on `/readyz`: passing while database writes succeed.
+const DATABASE: &str = "database";
+
+/// Runs the alerter until `shutdown` is cancelled.
+pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()> {
+    // Rules that do not load stop the service before it touches anything.
+    let rules = Rules::load(&config.rules)?;
+    tracing::info!(
+        path = %config.rules.display(),
+        rules = rules.rules.len(),
+        webhook = rules.webhook.as_ref().map_or("none", |webhook| webhook.url.as_str()),
+        "Loaded the alert rules."
+    );
+    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
+    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
+    let result = evaluate(&config, rules, &readiness, &shutdown).await;
+    shutdown.cancel();
+    telemetry_ops::join(server).await?;
+    result
+}
+
+async fn evaluate(
+    config: &AlertConfig,
+    rules: Rules,
+    readiness: &telemetry_ops::Readiness,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let Some(store) =
+        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, shutdown).await?
+    else {
+        return Ok(());
+    };
+    readiness.set(DATABASE, true);
+    let kafka = &config.kafka;
+    telemetry_kafka::ensure_topics(
+        kafka,
+        &[&kafka.cleaned_topic, &kafka.dlq_topic, &config.alerts_topic],
+    )
+    .await?;
+    let Some(restored) = telemetry_ops::retry("Reading the alert states", shutdown, || {
+        store.alert_states()
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let mut engine = Engine::new(rules.rules.clone(), restore(&rules.rules, restored));
+    let producer = RenewableProducer::new(kafka.producer_config(&[])?)?;
+    let outbox = Outbox {
+        store: store.clone(),
+        producer,
+        topic: config.alerts_topic.clone(),
+        readiness,
+        wake_webhook: Arc::new(tokio::sync::Notify::new()),
+    };
+    // What an earlier run wrote but Kafka never acknowledged goes first.
+    if !outbox.produce_pending(shutdown).await {
+        return Ok(());
+    }
+    if let Some(hook) = rules.webhook.clone() {
+        tokio::spawn(webhook::deliver(
+            store.clone(),
+            hook,
+            outbox.wake_webhook.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(prune_outbox(store.clone(), shutdown.clone()));
+    let consumer = BatchConsumer::starting_at(
+        kafka,
+        &config.group_id,
+        &[&kafka.cleaned_topic, &kafka.dlq_topic],
+        StartAt::Latest,
+    )?;
+    tracing::info!(group_id = %config.group_id, alerts_topic = %config.alerts_topic, "Alerter started.");
+
+    let tick = Duration::from_millis(config.tick_ms);
+    let max_lag = i64::try_from(config.max_lag_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX);
+    let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    let mut last_tick = tokio::time::Instant::now();
+    let mut caught_up = true;
+    while let Some(batch) = consumer
+        .next_batch_within(batch_size, Duration::from_millis(20), Some(tick), shutdown)
+        .await
+    {
+        let now = Utc::now().timestamp_millis();
+        let mut transitions = Vec::new();
+        for message in &batch {
+            transitions.extend(observe(&mut engine, message, kafka));
+        }
+        if let Some(newest) = batch.iter().filter_map(|m| m.timestamp().to_millis()).max() {
+            caught_up = now.saturating_sub(newest) <= max_lag;
+        } else if batch.is_empty() {
+            caught_up = true;
+        }
+        if last_tick.elapsed() >= tick {
+            last_tick = tokio::time::Instant::now();
+            transitions.extend(engine.tick(now, caught_up));
+        }
+        if !outbox
+            .save(&mut engine, &transitions, rules.webhook.is_some(), shutdown)
+            .await
+        {
+            break;
+        }
+        if !transitions.is_empty() && !outbox.produce_pending(shutdown).await {
+            break;
+        }
+        if !batch.is_empty() {
+            consumer.store_offsets(&batch);
+        }
+    }
+    consumer.close(Duration::from_secs(5)).await;
+    tracing::info!("Alerter stopped.");
+    Ok(())
+}
+
+/// The stored states of the rules still in the file.
+fn restore(rules: &[Rule], rows: Vec<telemetry_store::AlertStateRow>) -> Vec<(Key, State)> {
+    let index: HashMap<&str, usize> = rules
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| (rule.name.as_str(), index))
+        .collect();
+    let mut restored = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(rule) = index.get(row.rule.as_str()) else {
+            tracing::info!(rule = %row.rule, device_id = %row.device_id, "A stored alert state belongs to a rule no longer in the file; ignored.");
+            continue;
+        };
+        match serde_json::from_str::<State>(&row.state) {
+            Ok(state) => restored.push(((*rule, row.device_id), state)),
+            Err(error) => {
+                tracing::warn!(%error, rule = %row.rule, device_id = %row.device_id, "A stored alert state does not parse; starting that one afresh.");
+            }
+        }
+    }
+    restored
+}
+
+/// Feeds one record to the engine: an event from the cleaned topic, a rejection from the DLQ.
+/// Records that are neither are logged, counted and skipped.
+fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> Vec<Transition> {
+    let skip = |problem: &str| {
+        metrics::counter!("alert_records_invalid_total", "service" => "alert").increment(1);
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            problem,
+            "Skipped a record."
+        );
+        Vec::new()
+    };
+    metrics::counter!("events_received_total", "service" => "alert").increment(1);
+    if message.topic() == kafka.cleaned_topic {
+        match serde_json::from_slice::<Event>(message.payload().unwrap_or_default()) {
+            Ok(event) => {
+                let arrival = event.received_at;
+                engine.event(&event, arrival)
+            }
+            Err(error) => skip(&format!("not a cleaned event: {error}")),
+        }
+    } else {
+        // A rejected record's device is its key (from the MQTT topic); its arrival time is the
+        // bridge's header, kept on the DLQ record.
+        let Some(device_id) = message
+            .key()
+            .and_then(|key| std::str::from_utf8(key).ok())
+            .filter(|key| !key.is_empty() && key.chars().count() <= 128)
+        else {
+            return skip("a rejected record without a usable device key");
+        };
+        let arrival = message
+            .headers()
+            .and_then(|record_headers| {
+                record_headers
+                    .iter()
+                    .find(|header| header.key == headers::RECEIVED_AT)
+                    .and_then(|header| header.value)
+                    .and_then(|value| std::str::from_utf8(value).ok())
+                    .and_then(|text| text.parse::<i64>().ok())
+            })
+            .or_else(|| message.timestamp().to_millis())
+            .unwrap_or_else(|| Utc::now().timestamp_millis());
+        engine.rejection(device_id, arrival)
+    }
+}
+
+/// Writes state changes and alerts, and hands the alerts to Kafka.
+struct Outbox<'a> {
+    store: Store,
+    producer: RenewableProducer,
+    topic: String,
+    readiness: &'a telemetry_ops::Readiness,
+    wake_webhook: Arc<tokio::sync::Notify>,
+}
+
+impl Outbox<'_> {
+    /// Saves the engine's changes and `transitions` in one transaction, retrying while the
+    /// database is unavailable. False when shut down first.
+    async fn save(
+        &self,
+        engine: &mut Engine,
+        transitions: &[Transition],
+        webhook: bool,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let changes = engine.take_changes();
+        if changes.is_empty() && transitions.is_empty() {
+            return true;
+        }
+        let rules = engine.rules();
+        let mut states = Vec::with_capacity(changes.len());
+        for ((rule, device_id), state) in &changes {
+            let Some(rule) = rules.get(*rule) else {
+                continue;
+            };
+            let json = match state.as_ref().map(serde_json::to_string).transpose() {
+                Ok(json) => json,
+                Err(error) => {
+                    tracing::error!(%error, "Could not encode an alert state; it is not stored.");
+                    continue;
+                }
+            };
+            states.push((rule.name.clone(), device_id.clone(), json));
+        }
+        let payloads: Vec<String> = transitions
+            .iter()
+            .map(|transition| payload(&rules[transition.rule], transition).to_string())
+            .collect();
+        for transition in transitions {
+            let rule = &rules[transition.rule];
+            let counter = match transition.status {
+                engine::Status::Firing => "alerts_fired_total",
+                engine::Status::Resolved => "alerts_resolved_total",
+            };
+            metrics::counter!(counter, "service" => "alert", "rule" => rule.name.clone())
+                .increment(1);
+            tracing::info!(
+                alert_id = %transition.alert_id,
+                status = transition.status.name(),
+                rule = %rule.name,
+                device_id = %transition.device_id,
+                condition = %rule.describe(),
+                "Alert {}.", transition.status.name()
+            );
+        }
+        let saved = telemetry_ops::retry("Saving the alert states", shutdown, || async {
+            let states: Vec<(&str, &str, Option<&str>)> = states
+                .iter()
+                .map(|(rule, device, json)| (rule.as_str(), device.as_str(), json.as_deref()))
+                .collect();
+            let alerts: Vec<NewAlert<'_>> = transitions
+                .iter()
+                .zip(&payloads)
+                .map(|(transition, payload)| NewAlert {
+                    alert_id: &transition.alert_id,
+                    status: transition.status.name(),
+                    device_id: &transition.device_id,
+                    payload,
+                })
+                .collect();
+            let result = self.store.save_alerts(&states, &alerts, webhook).await;
+            self.readiness.set(DATABASE, result.is_ok());
+            result
+        })
+        .await
+        .is_some();
+        if saved && !transitions.is_empty() {
+            self.wake_webhook.notify_one();
+        }
+        saved
+    }
+
+    /// Produces every outbox alert Kafka has not acknowledged, in order, retrying until it has.
+    /// False when shut down first.
+    async fn produce_pending(&self, shutdown: &CancellationToken) -> bool {
+        loop {
+            let Some(pending) = telemetry_ops::retry("Reading the alert outbox", shutdown, || {
+                self.store.unproduced_alerts(500)
+            })
+            .await
+            else {
+                return false;
+            };
+            if pending.is_empty() {
+                return true;
+            }
+            for entry in &pending {
+                let produced = telemetry_ops::retry("Producing an alert", shutdown, || {
+                    let record = FutureRecord::to(&self.topic)
+                        .key(entry.device_id.as_bytes())
+                        .payload(entry.payload.as_bytes());
+                    async move {
+                        let result = self.producer.send(record).await;
+                        if let Err(error) = &result {
+                            self.producer.delivery_failed(error);
+                        }
+                        result
+                    }
+                })
+                .await;
+                if produced.is_none() {
+                    return false;
+                }
+                metrics::counter!("records_produced_total", "service" => "alert", "topic" => "alerts")
+                    .increment(1);
+            }
+            let ids: Vec<u64> = pending.iter().map(|entry| entry.id).collect();
+            if telemetry_ops::retry("Marking alerts produced", shutdown, || {
+                self.store.mark_alerts_produced(&ids)
+            })
+            .await
+            .is_none()
+            {
+                return false;
+            }
+        }
+    }
+}
+
+/// The alert as JSON: the alerts topic's value and the webhook's body.
+fn payload(rule: &Rule, transition: &Transition) -> serde_json::Value {
+    let time = |millis: i64| {
+        DateTime::from_timestamp_millis(millis)
+            .unwrap_or_default()
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+    };
+    serde_json::json!({
+        "alert_id": transition.alert_id,
+        "status": transition.status.name(),
+        "rule": rule.name,
+        "severity": rule.severity,
+        "condition": rule.describe(),
+        "device_id": transition.device_id,
+        "started_at": time(transition.started_at),
+        "fired_at": time(transition.fired_at),
+        "resolved_at": transition.resolved_at.map(time),
+        "value": transition.value,
+    })
+}
+
+/// Deletes delivered outbox rows older than a week, hourly.
+async fn prune_outbox(store: Store, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let before = Utc::now() - chrono::Duration::days(7);
+        match store.prune_alert_outbox(before).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "Pruned delivered alerts from the outbox."),
+            Err(error) => {
+                tracing::warn!(%error, "Pruning the alert outbox failed; trying again in an hour.")
+            }
+        }
+    }
+}

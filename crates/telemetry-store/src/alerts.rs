@@ -1,0 +1,237 @@
+//! The alerter's tables: `alert_states` (where every rule stands for every device, as the
+//! engine's JSON) and `alert_outbox` (alerts fired or resolved, until Kafka and the webhook have
+//! them). Written only by `telemetry alert`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{MySql, QueryBuilder, Row as _};
+
+use crate::{Result, Store, ROWS_PER_STATEMENT};
+
+/// One stored state: rule name, device, the engine's state as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertStateRow {
+    /// The rule's name.
+    pub rule: String,
+    /// The device.
+    pub device_id: String,
+    /// The state, as the alerter wrote it (JSON).
+    pub state: String,
+}
+
+/// An alert fired or resolved, to write to the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAlert<'a> {
+    /// `rule:device:start`.
+    pub alert_id: &'a str,
+    /// `firing` or `resolved`.
+    pub status: &'a str,
+    /// The device (the Kafka key).
+    pub device_id: &'a str,
+    /// The alert as JSON: the alerts topic's value and the webhook's body.
+    pub payload: &'a str,
+}
+
+/// An alert in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Outbox order.
+    pub id: u64,
+    /// `rule:device:start`.
+    pub alert_id: String,
+    /// `firing` or `resolved`.
+    pub status: String,
+    /// The device.
+    pub device_id: String,
+    /// The alert as JSON.
+    pub payload: String,
+    /// Webhook attempts so far.
+    pub attempts: u32,
+    /// When the next webhook attempt is due.
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// `alert_outbox.webhook`: waiting for delivery.
+const WEBHOOK_WAITING: u8 = 0;
+/// Delivered.
+const WEBHOOK_DELIVERED: u8 = 1;
+/// Given up after the last attempt.
+const WEBHOOK_GIVEN_UP: u8 = 2;
+/// No webhook configured when the alert was written.
+const WEBHOOK_NONE: u8 = 3;
+
+impl Store {
+    /// Every stored alert state.
+    pub async fn alert_states(&self) -> Result<Vec<AlertStateRow>> {
+        let rows = sqlx::query(
+            "SELECT CAST(rule AS CHAR) AS rule, CAST(device_id AS CHAR) AS device_id, \
+                    CAST(state AS CHAR) AS state FROM alert_states",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AlertStateRow {
+                    rule: row.try_get("rule")?,
+                    device_id: row.try_get("device_id")?,
+                    state: row.try_get("state")?,
+                })
+            })
+            .collect()
+    }
+
+    /// In one transaction: stores the changed states (`Some`) and deletes the emptied ones
+    /// (`None`), and adds `alerts` to the outbox (an alert already there is left as it is).
+    /// `webhook`: whether the alerts are to be POSTed.
+    pub async fn save_alerts(
+        &self,
+        states: &[(&str, &str, Option<&str>)],
+        alerts: &[NewAlert<'_>],
+        webhook: bool,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let (stored, emptied): (Vec<_>, Vec<_>) =
+            states.iter().partition(|(_, _, state)| state.is_some());
+        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+            let mut upsert =
+                QueryBuilder::<MySql>::new("INSERT INTO alert_states (rule, device_id, state) ");
+            upsert.push_values(chunk, |mut values, (rule, device_id, state)| {
+                values
+                    .push_bind(*rule)
+                    .push_bind(*device_id)
+                    .push_bind(state.unwrap_or("{}"));
+            });
+            upsert.push(" ON DUPLICATE KEY UPDATE state = VALUES(state)");
+            upsert
+                .build()
+                .persistent(false)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        for chunk in emptied.chunks(ROWS_PER_STATEMENT) {
+            let mut delete =
+                QueryBuilder::<MySql>::new("DELETE FROM alert_states WHERE (rule, device_id) IN ");
+            delete.push_tuples(chunk, |mut tuple, (rule, device_id, _)| {
+                tuple.push_bind(*rule).push_bind(*device_id);
+            });
+            delete
+                .build()
+                .persistent(false)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        let webhook = if webhook {
+            WEBHOOK_WAITING
+        } else {
+            WEBHOOK_NONE
+        };
+        for chunk in alerts.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT IGNORE INTO alert_outbox (alert_id, status, device_id, payload, webhook) ",
+            );
+            insert.push_values(chunk, |mut values, alert| {
+                values
+                    .push_bind(alert.alert_id)
+                    .push_bind(alert.status)
+                    .push_bind(alert.device_id)
+                    .push_bind(alert.payload)
+                    .push_bind(webhook);
+            });
+            insert
+                .build()
+                .persistent(false)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The oldest alerts not yet acknowledged by Kafka, in outbox order.
+    pub async fn unproduced_alerts(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.outbox("produced = FALSE", limit).await
+    }
+
+    /// Marks alerts as acknowledged by Kafka.
+    pub async fn mark_alerts_produced(&self, ids: &[u64]) -> Result<()> {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut update =
+                QueryBuilder::<MySql>::new("UPDATE alert_outbox SET produced = TRUE WHERE id IN (");
+            let mut separated = update.separated(", ");
+            for id in chunk {
+                separated.push_bind(*id);
+            }
+            update.push(")");
+            update.build().persistent(false).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// The oldest alerts waiting for the webhook, in outbox order (due or not).
+    pub async fn webhook_queue(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.outbox("webhook = 0", limit).await
+    }
+
+    /// Records a webhook attempt: delivered, to be tried again at `retry_at`, or (`None`) given
+    /// up.
+    pub async fn webhook_attempted(
+        &self,
+        id: u64,
+        delivered: bool,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let (webhook, next) = match (delivered, retry_at) {
+            (true, _) => (WEBHOOK_DELIVERED, None),
+            (false, Some(at)) => (WEBHOOK_WAITING, Some(at.naive_utc())),
+            (false, None) => (WEBHOOK_GIVEN_UP, None),
+        };
+        sqlx::query(
+            "UPDATE alert_outbox SET webhook = ?, attempts = attempts + 1, \
+                    next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+        )
+        .bind(webhook)
+        .bind(next)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes outbox rows that are done (produced, webhook not waiting) and older than `before`.
+    pub async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM alert_outbox WHERE produced = TRUE AND webhook <> 0 AND created_at < ? \
+             LIMIT 10000",
+        )
+        .bind(before.naive_utc())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox(&self, condition: &str, limit: u32) -> Result<Vec<OutboxEntry>> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, CAST(alert_id AS CHAR) AS alert_id, status, \
+                    CAST(device_id AS CHAR) AS device_id, CAST(payload AS CHAR) AS payload, \
+                    attempts, next_attempt_at \
+             FROM alert_outbox WHERE {condition} ORDER BY id LIMIT ?"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxEntry {
+                    id: row.try_get("id")?,
+                    alert_id: row.try_get("alert_id")?,
+                    status: row.try_get("status")?,
+                    device_id: row.try_get("device_id")?,
+                    payload: row.try_get("payload")?,
+                    attempts: row.try_get("attempts")?,
+                    next_attempt_at: row
+                        .try_get::<chrono::NaiveDateTime, _>("next_attempt_at")?
+                        .and_utc(),
+                })
+            })
+            .collect()
+    }
+}
