@@ -192,12 +192,14 @@ impl Engine {
                 }
                 Condition::Silent(_) => {
                     let state = self.states.entry(key.clone()).or_default();
-                    let last_seen = state
-                        .memory
-                        .last_seen
-                        .map_or(arrival, |seen| seen.max(arrival));
-                    state.memory.last_seen = Some(last_seen);
+                    let previous = state.memory.last_seen;
+                    state.memory.last_seen =
+                        Some(previous.map_or(arrival, |seen| seen.max(arrival)));
                     self.changed.insert(key.clone());
+                    if previous.is_some_and(|seen| arrival < seen) {
+                        // Older than one already seen: it says nothing about the silence now.
+                        continue;
+                    }
                     self.step(key, false, arrival, None)
                 }
                 Condition::DlqRate { .. } => continue,
@@ -235,11 +237,14 @@ impl Engine {
         transitions
     }
 
-    /// The clock moved to `now` (ms): silences and DLQ rates are judged again. `judge_silence`
-    /// is false while the consumer is catching up (its input is behind the clock, so every
-    /// device would look silent).
-    pub fn tick(&mut self, now: i64, judge_silence: bool) -> Vec<Transition> {
+    /// The clock moved to `now` (ms): silences and DLQ rates are judged again, but only when
+    /// `caught_up` (the input is at the end of its topics): while the consumer catches up, its
+    /// input is behind the clock, every device would look silent and every burst over.
+    pub fn tick(&mut self, now: i64, caught_up: bool) -> Vec<Transition> {
         let mut transitions = Vec::new();
+        if !caught_up {
+            return transitions;
+        }
         let keys: Vec<Key> = self.states.keys().cloned().collect();
         for key in keys {
             let Some(rule) = self.rules.get(key.0) else {
@@ -249,7 +254,7 @@ impl Engine {
                 continue;
             };
             let transition = match rule.condition {
-                Condition::Silent(after) if judge_silence => {
+                Condition::Silent(after) => {
                     let Some(last_seen) = state.memory.last_seen else {
                         continue;
                     };
@@ -269,7 +274,7 @@ impl Engine {
                         Self::over_limit(&state.memory.rejections, above, millis(window), now);
                     self.step(key, holds, now, holds.then_some(count))
                 }
-                _ => continue,
+                Condition::Threshold { .. } => continue,
             };
             transitions.extend(transition);
         }
@@ -494,6 +499,8 @@ mod tests {
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].started_at, 301 * SECOND);
         assert!(engine.tick(500 * SECOND, true).is_empty(), "fires once");
+        // An event that arrived before the last one seen (another partition, late) says nothing.
+        assert!(engine.event(&reading("pico-1", 0, 20.0), 500).is_empty());
         let resolved = engine.event(&reading("pico-1", 0, 20.0), 600 * SECOND);
         assert_eq!(resolved.len(), 1);
         assert_eq!(resolved[0].status, Status::Resolved);

@@ -4,15 +4,15 @@
 //! webhook. A second consumer built like the rollup: its own consumer group and tables, no change
 //! to the bridge or the audit service.
 //!
-//! Delivery: a batch's state changes and the alerts they raise are written in one database
-//! transaction (`alert_states`, `alert_outbox`), then the alerts are produced to Kafka, then the
-//! batch's offsets are committed. A crash before the transaction replays the batch into the same
-//! alerts (their ids come from the input); after it, the stored state already holds the batch, and
-//! the outbox still holds what Kafka has not acknowledged. So every alert fires once and resolves
-//! once, across restarts. The webhook is fed from the outbox in order, with retries and backoff,
+//! Delivery: a batch's state changes, the offsets they reach and the alerts they raise are written
+//! in one database transaction (`alert_states`, `alert_offsets`, `alert_outbox`), then the alerts
+//! are produced to Kafka, then the batch's Kafka offsets are committed. A crash before the
+//! transaction replays the batch into the same alerts (their ids come from the input); after it,
+//! the records read again are below the stored offsets and skipped, and the outbox still holds
+//! what Kafka has not acknowledged. So every alert fires once and resolves once, across restarts. The webhook is fed from the outbox in order, with retries and backoff,
 //! on its own task: a webhook that is down delays its deliveries, never the stream.
 //!
-//! A new consumer group starts at the end of the topics: alerts are about the present, not the
+//! A group's first start begins at the end of the topics: alerts are about the present, not the
 //! retained history.
 //!
 //! # Layout
@@ -24,18 +24,20 @@ pub mod engine;
 pub mod rules;
 mod webhook;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
 use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
-use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer, StartAt};
-use telemetry_store::{NewAlert, Store};
+use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
+use telemetry_store::{AlertOffset, AlertStateRow, NewAlert, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, Key, State, Transition};
@@ -56,6 +58,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
+    /// A blocking task failed.
+    #[error("a background task failed: {0}")]
+    Task(String),
 }
 
 /// Result with this crate's [`Error`].
@@ -97,11 +102,6 @@ pub struct AlertConfig {
     #[arg(long, env = "TELEMETRY_ALERT_TICK_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub tick_ms: u64,
-
-    /// Silences are judged only while the alerter is at most this far behind the topics, in
-    /// seconds (while it catches up, every device would look silent).
-    #[arg(long, env = "TELEMETRY_ALERT_MAX_LAG_SECONDS", default_value_t = 30)]
-    pub max_lag_seconds: u64,
 
     /// Most records evaluated per batch.
     #[arg(long, env = "TELEMETRY_ALERT_BATCH_SIZE", default_value_t = 1000,
@@ -156,73 +156,90 @@ async fn evaluate(
     };
     readiness.set(DATABASE, true);
     let kafka = &config.kafka;
-    telemetry_kafka::ensure_topics(
-        kafka,
-        &[&kafka.cleaned_topic, &kafka.dlq_topic, &config.alerts_topic],
-    )
-    .await?;
-    let Some(restored) = telemetry_ops::retry("Reading the alert states", shutdown, || {
+    let topics = [kafka.cleaned_topic.as_str(), kafka.dlq_topic.as_str()];
+    telemetry_kafka::ensure_topics(kafka, &[topics[0], topics[1], &config.alerts_topic]).await?;
+    let Some(stored) = telemetry_ops::retry("Reading the alert states", shutdown, || {
         store.alert_states()
     })
     .await
     else {
         return Ok(());
     };
-    let mut engine = Engine::new(rules.rules.clone(), restore(&rules.rules, restored));
-    let producer = RenewableProducer::new(kafka.producer_config(&[])?)?;
+    let (restored, orphans) = restore(&rules.rules, stored);
+    let mut engine = Engine::new(rules.rules.clone(), restored);
+    let webhook = rules.webhook.is_some();
     let outbox = Outbox {
         store: store.clone(),
-        producer,
+        producer: RenewableProducer::new(kafka.producer_config(&[])?)?,
         topic: config.alerts_topic.clone(),
+        group_id: config.group_id.clone(),
         readiness,
         wake_webhook: Arc::new(tokio::sync::Notify::new()),
     };
-    // What an earlier run wrote but Kafka never acknowledged goes first.
-    if !outbox.produce_pending(shutdown).await {
+    let Some(mut offsets) = start_offsets(config, &store, &topics, shutdown).await? else {
+        return Ok(());
+    };
+    // Alerts of rules removed from the file resolve; then what an earlier run wrote but Kafka
+    // never acknowledged goes first.
+    if !outbox.retire(&orphans, webhook, shutdown).await || !outbox.produce_pending(shutdown).await
+    {
         return Ok(());
     }
-    if let Some(hook) = rules.webhook.clone() {
-        tokio::spawn(webhook::deliver(
+    // Stopped with this function, also when it is dropped half-way.
+    let delivery = rules.webhook.clone().map(|hook| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(webhook::deliver(
             store.clone(),
             hook,
             outbox.wake_webhook.clone(),
             shutdown.clone(),
-        ));
-    }
+        )))
+    });
     tokio::spawn(prune_outbox(store.clone(), shutdown.clone()));
-    let consumer = BatchConsumer::starting_at(
+    let consumer = BatchConsumer::with_options(
         kafka,
         &config.group_id,
-        &[&kafka.cleaned_topic, &kafka.dlq_topic],
-        StartAt::Latest,
+        &topics,
+        // For `is_caught_up`: silences are judged only when the alerter is at the end.
+        &[("statistics.interval.ms", "1000")],
     )?;
     tracing::info!(group_id = %config.group_id, alerts_topic = %config.alerts_topic, "Alerter started.");
 
     let tick = Duration::from_millis(config.tick_ms);
-    let max_lag = i64::try_from(config.max_lag_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    let slack = i64::from(config.batch_size);
     let mut last_tick = tokio::time::Instant::now();
-    let mut caught_up = true;
     while let Some(batch) = consumer
         .next_batch_within(batch_size, Duration::from_millis(20), Some(tick), shutdown)
         .await
     {
-        let now = Utc::now().timestamp_millis();
         let mut transitions = Vec::new();
+        let mut moved: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for message in &batch {
+            let position = (message.topic().to_string(), message.partition());
+            // Evaluated before a crash, its offset not committed yet: the states have it.
+            if message.offset() < offsets.get(&position).copied().unwrap_or(0) {
+                metrics::counter!("alert_records_skipped_total", "service" => "alert").increment(1);
+                continue;
+            }
             transitions.extend(observe(&mut engine, message, kafka));
-        }
-        if let Some(newest) = batch.iter().filter_map(|m| m.timestamp().to_millis()).max() {
-            caught_up = now.saturating_sub(newest) <= max_lag;
-        } else if batch.is_empty() {
-            caught_up = true;
+            offsets.insert(position.clone(), message.offset() + 1);
+            moved.insert(position, message.offset() + 1);
         }
         if last_tick.elapsed() >= tick {
             last_tick = tokio::time::Instant::now();
-            transitions.extend(engine.tick(now, caught_up));
+            let now = Utc::now().timestamp_millis();
+            transitions.extend(engine.tick(now, consumer.is_caught_up(slack)));
         }
+        let moved: Vec<AlertOffset> = moved
+            .into_iter()
+            .map(|((topic, partition), next_offset)| AlertOffset {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect();
         if !outbox
-            .save(&mut engine, &transitions, rules.webhook.is_some(), shutdown)
+            .save(&mut engine, &moved, &transitions, webhook, shutdown)
             .await
         {
             break;
@@ -235,21 +252,138 @@ async fn evaluate(
         }
     }
     consumer.close(Duration::from_secs(5)).await;
+    if let Some(delivery) = delivery {
+        // The webhook task ends at the shutdown too; its attempt in flight finishes first.
+        let _ = delivery.await;
+    }
     tracing::info!("Alerter stopped.");
     Ok(())
 }
 
-/// The stored states of the rules still in the file.
-fn restore(rules: &[Rule], rows: Vec<telemetry_store::AlertStateRow>) -> Vec<(Key, State)> {
+/// Where the states stand in each partition of `topics`. On the group's first start, the end of
+/// every partition (alerts are about the present, not the retained history), stored and also
+/// committed to Kafka for the group, so that partitions without traffic start there too.
+/// `None` when shut down first.
+async fn start_offsets(
+    config: &AlertConfig,
+    store: &Store,
+    topics: &[&str],
+    shutdown: &CancellationToken,
+) -> Result<Option<HashMap<(String, i32), i64>>> {
+    let Some(stored) = telemetry_ops::retry("Reading the alert offsets", shutdown, || {
+        store.alert_offsets(&config.group_id)
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    if !stored.is_empty() {
+        return Ok(Some(
+            stored
+                .into_iter()
+                .map(|offset| ((offset.topic, offset.partition), offset.next_offset))
+                .collect(),
+        ));
+    }
+    let (kafka, names) = (
+        config.kafka.clone(),
+        topics
+            .iter()
+            .map(|topic| (*topic).to_string())
+            .collect::<Vec<_>>(),
+    );
+    let ends = tokio::task::spawn_blocking(move || end_offsets(&kafka, &names))
+        .await
+        .map_err(|error| Error::Task(error.to_string()))??;
+    let saved = telemetry_ops::retry("Saving the alert offsets", shutdown, || {
+        store.save_alerts(&config.group_id, &ends, &[], &[], false)
+    })
+    .await;
+    if saved.is_none() {
+        return Ok(None);
+    }
+    // After the database: if this commit is lost, the next start reads from the beginning and
+    // skips to the stored offsets.
+    let (kafka, group_id, commit) = (config.kafka.clone(), config.group_id.clone(), ends.clone());
+    match tokio::task::spawn_blocking(move || commit_offsets(&kafka, &group_id, &commit)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "Committing the start offsets to Kafka failed; the first read starts at the beginning and skips to them.")
+        }
+        Err(error) => tracing::warn!(%error, "Committing the start offsets did not finish."),
+    }
+    tracing::info!(
+        partitions = ends.len(),
+        "First start of this alerter group: it starts at the end of its topics."
+    );
+    Ok(Some(
+        ends.into_iter()
+            .map(|offset| ((offset.topic, offset.partition), offset.next_offset))
+            .collect(),
+    ))
+}
+
+/// The end (high watermark) of every partition of `topics`. Blocking.
+fn end_offsets(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<AlertOffset>> {
+    let client: BaseConsumer = kafka
+        .client_config(&[])?
+        .create()
+        .map_err(telemetry_kafka::Error::from)?;
+    let timeout = Duration::from_secs(30);
+    let mut ends = Vec::new();
+    for topic in topics {
+        let metadata = client
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(telemetry_kafka::Error::from)?;
+        for partition in metadata
+            .topics()
+            .iter()
+            .flat_map(|topic| topic.partitions())
+        {
+            let (_, high) = client
+                .fetch_watermarks(topic, partition.id(), timeout)
+                .map_err(telemetry_kafka::Error::from)?;
+            ends.push(AlertOffset {
+                topic: topic.clone(),
+                partition: partition.id(),
+                next_offset: high,
+            });
+        }
+    }
+    Ok(ends)
+}
+
+/// Commits `offsets` for `group_id` (a group with no member yet). Blocking.
+fn commit_offsets(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    offsets: &[AlertOffset],
+) -> Result<(), telemetry_kafka::Error> {
+    let client: BaseConsumer = kafka.client_config(&[("group.id", group_id)])?.create()?;
+    let mut list = TopicPartitionList::new();
+    for offset in offsets {
+        list.add_partition_offset(
+            &offset.topic,
+            offset.partition,
+            Offset::Offset(offset.next_offset),
+        )?;
+    }
+    client.commit(&list, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// The stored states of the rules still in the file, and the rows of rules no longer in it.
+fn restore(rules: &[Rule], rows: Vec<AlertStateRow>) -> (Vec<(Key, State)>, Vec<AlertStateRow>) {
     let index: HashMap<&str, usize> = rules
         .iter()
         .enumerate()
         .map(|(index, rule)| (rule.name.as_str(), index))
         .collect();
     let mut restored = Vec::with_capacity(rows.len());
+    let mut orphans = Vec::new();
     for row in rows {
         let Some(rule) = index.get(row.rule.as_str()) else {
-            tracing::info!(rule = %row.rule, device_id = %row.device_id, "A stored alert state belongs to a rule no longer in the file; ignored.");
+            orphans.push(row);
             continue;
         };
         match serde_json::from_str::<State>(&row.state) {
@@ -259,8 +393,11 @@ fn restore(rules: &[Rule], rows: Vec<telemetry_store::AlertStateRow>) -> Vec<(Ke
             }
         }
     }
-    restored
+    (restored, orphans)
 }
+
+/// Longest device id the alert tables hold (as the telemetry table).
+const MAX_DEVICE_ID_CHARS: usize = 128;
 
 /// Feeds one record to the engine: an event from the cleaned topic, a rejection from the DLQ.
 /// Records that are neither are logged, counted and skipped.
@@ -279,6 +416,12 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
     metrics::counter!("events_received_total", "service" => "alert").increment(1);
     if message.topic() == kafka.cleaned_topic {
         match serde_json::from_slice::<Event>(message.payload().unwrap_or_default()) {
+            Ok(event)
+                if event.device_id.is_empty()
+                    || event.device_id.chars().count() > MAX_DEVICE_ID_CHARS =>
+            {
+                skip("device_id is empty or longer than 128 characters")
+            }
             Ok(event) => {
                 let arrival = event.received_at;
                 engine.event(&event, arrival)
@@ -291,7 +434,7 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
         let Some(device_id) = message
             .key()
             .and_then(|key| std::str::from_utf8(key).ok())
-            .filter(|key| !key.is_empty() && key.chars().count() <= 128)
+            .filter(|key| !key.is_empty() && key.chars().count() <= MAX_DEVICE_ID_CHARS)
         else {
             return skip("a rejected record without a usable device key");
         };
@@ -316,6 +459,7 @@ struct Outbox<'a> {
     store: Store,
     producer: RenewableProducer,
     topic: String,
+    group_id: String,
     readiness: &'a telemetry_ops::Readiness,
     wake_webhook: Arc<tokio::sync::Notify>,
 }
@@ -326,12 +470,13 @@ impl Outbox<'_> {
     async fn save(
         &self,
         engine: &mut Engine,
+        offsets: &[AlertOffset],
         transitions: &[Transition],
         webhook: bool,
         shutdown: &CancellationToken,
     ) -> bool {
         let changes = engine.take_changes();
-        if changes.is_empty() && transitions.is_empty() {
+        if changes.is_empty() && transitions.is_empty() && offsets.is_empty() {
             return true;
         }
         let rules = engine.rules();
@@ -385,7 +530,10 @@ impl Outbox<'_> {
                     payload,
                 })
                 .collect();
-            let result = self.store.save_alerts(&states, &alerts, webhook).await;
+            let result = self
+                .store
+                .save_alerts(&self.group_id, offsets, &states, &alerts, webhook)
+                .await;
             self.readiness.set(DATABASE, result.is_ok());
             result
         })
@@ -395,6 +543,68 @@ impl Outbox<'_> {
             self.wake_webhook.notify_one();
         }
         saved
+    }
+
+    /// Deletes the states of rules no longer in the file; their firing alerts resolve (condition
+    /// "rule removed"), so no receiver keeps them open. False when shut down first.
+    async fn retire(
+        &self,
+        orphans: &[AlertStateRow],
+        webhook: bool,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if orphans.is_empty() {
+            return true;
+        }
+        let now = Utc::now().timestamp_millis();
+        let mut resolved = Vec::new();
+        for row in orphans {
+            tracing::info!(rule = %row.rule, device_id = %row.device_id, "The rule is no longer in the file; its state is deleted and a firing alert resolves.");
+            if let Ok(State {
+                phase:
+                    engine::Phase::Firing {
+                        since, fired_at, ..
+                    },
+                value,
+                ..
+            }) = serde_json::from_str::<State>(&row.state)
+            {
+                let alert_id = format!("{}:{}:{since}", row.rule, row.device_id);
+                let body = serde_json::json!({
+                    "alert_id": alert_id,
+                    "status": "resolved",
+                    "rule": row.rule,
+                    "severity": "info",
+                    "condition": "(the rule was removed from the rules file)",
+                    "device_id": row.device_id,
+                    "started_at": rfc3339(since),
+                    "fired_at": rfc3339(fired_at),
+                    "resolved_at": rfc3339(now),
+                    "value": value,
+                });
+                resolved.push((alert_id, row.device_id.clone(), body.to_string()));
+            }
+        }
+        telemetry_ops::retry("Retiring removed rules", shutdown, || async {
+            let states: Vec<(&str, &str, Option<&str>)> = orphans
+                .iter()
+                .map(|row| (row.rule.as_str(), row.device_id.as_str(), None))
+                .collect();
+            let alerts: Vec<NewAlert<'_>> = resolved
+                .iter()
+                .map(|(alert_id, device_id, payload)| NewAlert {
+                    alert_id,
+                    status: "resolved",
+                    device_id,
+                    payload,
+                })
+                .collect();
+            self.store
+                .save_alerts(&self.group_id, &[], &states, &alerts, webhook)
+                .await
+        })
+        .await
+        .is_some()
     }
 
     /// Produces every outbox alert Kafka has not acknowledged, in order, retrying until it has.
@@ -446,11 +656,7 @@ impl Outbox<'_> {
 
 /// The alert as JSON: the alerts topic's value and the webhook's body.
 fn payload(rule: &Rule, transition: &Transition) -> serde_json::Value {
-    let time = |millis: i64| {
-        DateTime::from_timestamp_millis(millis)
-            .unwrap_or_default()
-            .to_rfc3339_opts(SecondsFormat::Millis, true)
-    };
+    let time = rfc3339;
     serde_json::json!({
         "alert_id": transition.alert_id,
         "status": transition.status.name(),
@@ -463,6 +669,13 @@ fn payload(rule: &Rule, transition: &Transition) -> serde_json::Value {
         "resolved_at": transition.resolved_at.map(time),
         "value": transition.value,
     })
+}
+
+/// `millis` as RFC 3339, UTC, milliseconds.
+fn rfc3339(millis: i64) -> String {
+    DateTime::from_timestamp_millis(millis)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Deletes delivered outbox rows older than a week, hourly.

@@ -78,8 +78,9 @@ async fn deliver_due(
             None => (true, None),
             Some(_) if attempts >= hook.max_attempts => (false, None),
             Some(_) => {
+                // 1 s after the first failure, doubling.
                 let backoff = Duration::from_secs(1)
-                    .saturating_mul(1 << attempts.min(16))
+                    .saturating_mul(1 << attempts.saturating_sub(1).min(16))
                     .min(MAX_BACKOFF);
                 let retry_at = Utc::now()
                     + chrono::Duration::from_std(backoff).unwrap_or(chrono::Duration::zero());

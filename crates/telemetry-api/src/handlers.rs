@@ -165,8 +165,6 @@ pub async fn telemetry(
             format!("the range may cover at most {MAX_RANGE_DAYS} days"),
         ));
     }
-    let span = (to - from).num_milliseconds();
-    let bucket_ms = (span + i64::from(max_points) - 1) / i64::from(max_points);
     let store = &state.store;
     let known = store
         .device_exists(&device_id)
@@ -184,7 +182,7 @@ pub async fn telemetry(
         metric,
         from.timestamp_millis(),
         to.timestamp_millis(),
-        bucket_ms.max(1),
+        max_points,
     )
     .await
     .map_err(|error| ApiError::unavailable(&error))?;

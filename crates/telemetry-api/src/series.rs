@@ -43,15 +43,17 @@ pub struct Series {
     pub buckets: Vec<Bucket>,
 }
 
-/// Reads `metric` of `device_id` over `[from, to)` in buckets of at least `bucket_ms`.
+/// Reads `metric` of `device_id` over `[from, to)` in at most `max_points` buckets.
 pub async fn read(
     store: &Store,
     device_id: &str,
     metric: &str,
     from: i64,
     to: i64,
-    bucket_ms: i64,
+    max_points: u32,
 ) -> telemetry_store::Result<Series> {
+    let max_points = i64::from(max_points.max(1));
+    let bucket_ms = div_ceil(to - from, max_points).max(1);
     let Some(resolution) = resolution_for(bucket_ms) else {
         return raw_only(store, device_id, metric, from, to, bucket_ms).await;
     };
@@ -59,7 +61,8 @@ pub async fn read(
         return raw_only(store, device_id, metric, from, to, bucket_ms).await;
     };
     let raw_first = store.first_event_ts(device_id).await?;
-    let plan = Plan::new(resolution, from, to, bucket_ms, coverage, raw_first);
+    let now = chrono::Utc::now().timestamp_millis();
+    let plan = Plan::new(resolution, from, to, max_points, coverage, raw_first, now);
     if plan.rollup.0 >= plan.rollup.1 {
         return raw_only(store, device_id, metric, from, to, bucket_ms).await;
     }
@@ -120,17 +123,21 @@ struct Plan {
 }
 
 impl Plan {
+    /// `now`: the clock; a watermark beyond it (a device clock running ahead) does not make the
+    /// rollup cover the future.
     fn new(
         resolution: Resolution,
         from: i64,
         to: i64,
-        bucket_ms: i64,
+        max_points: i64,
         coverage: RollupCoverage,
         raw_first: Option<i64>,
+        now: i64,
     ) -> Self {
         let width = resolution.millis();
-        let bucket_ms = div_ceil(bucket_ms, width) * width;
         let from = from.div_euclid(width) * width;
+        // Whole rollup buckets, still at most `max_points` over the widened range.
+        let bucket_ms = div_ceil(div_ceil(to - from, max_points), width) * width;
         let to = from + div_ceil(to - from, bucket_ms) * bucket_ms;
         // Series boundaries at or after / at or before `at`, within the range.
         let ceil = |at: i64| (from + div_ceil((at - from).max(0), bucket_ms) * bucket_ms).min(to);
@@ -141,7 +148,7 @@ impl Plan {
         } else {
             from
         };
-        let end = floor(coverage.watermark_ts.div_euclid(width) * width);
+        let end = floor(coverage.watermark_ts.min(now).div_euclid(width) * width);
         Plan {
             from,
             to,
@@ -230,13 +237,15 @@ mod tests {
             Resolution::Minute,
             from,
             to,
-            172_800,
+            500,
             coverage(0, to - 4 * MINUTE - 5_000),
             Some(0),
+            to,
         );
         assert_eq!(plan.bucket_ms, 3 * MINUTE);
         assert_eq!(plan.from, 10 * HOUR);
         assert_eq!(plan.to, 10 * HOUR + 24 * HOUR + 3 * MINUTE);
+        assert!((plan.to - plan.from) / plan.bucket_ms <= 500);
         assert_eq!(plan.rollup.0, plan.from);
         // The watermark's minute (to - 5 min) is still filling; the series bucket holding it
         // starts at to - 6 min.
@@ -251,9 +260,10 @@ mod tests {
             Resolution::Minute,
             9 * HOUR,
             15 * HOUR,
-            10 * MINUTE,
+            36,
             coverage(12 * HOUR + 30 * MINUTE + 20_000, 20 * HOUR),
             Some(9 * HOUR),
+            20 * HOUR,
         );
         // Its first minute may be partial: rollup from the series bucket after 12:31.
         assert_eq!(plan.rollup, (12 * HOUR + 40 * MINUTE, 15 * HOUR));
@@ -265,10 +275,43 @@ mod tests {
             Resolution::Hour,
             48 * HOUR,
             72 * HOUR,
-            HOUR,
+            24,
             coverage(0, 30 * HOUR),
             Some(0),
+            72 * HOUR,
         );
         assert!(plan.rollup.0 >= plan.rollup.1);
+    }
+
+    #[test]
+    fn widening_the_range_to_the_rollup_never_adds_a_bucket() {
+        // Three hours from 90 s past the hour in 3 buckets: 1 h buckets would need 4.
+        let plan = Plan::new(
+            Resolution::Hour,
+            90_000,
+            3 * HOUR + 90_000,
+            3,
+            coverage(0, 10 * HOUR),
+            Some(0),
+            10 * HOUR,
+        );
+        assert_eq!(
+            (plan.from, plan.bucket_ms, plan.to),
+            (0, 2 * HOUR, 4 * HOUR)
+        );
+    }
+
+    #[test]
+    fn a_watermark_ahead_of_the_clock_covers_only_up_to_now() {
+        let plan = Plan::new(
+            Resolution::Minute,
+            0,
+            2 * HOUR,
+            120,
+            coverage(0, 50 * HOUR),
+            Some(0),
+            HOUR + 30_000,
+        );
+        assert_eq!(plan.rollup, (0, HOUR));
     }
 }

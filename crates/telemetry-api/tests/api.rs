@@ -376,7 +376,8 @@ async fn long_ranges_are_read_from_the_rollups_where_they_cover_them_and_from_ro
     let rolled: Vec<_> = records
         .iter()
         .filter(|record| {
-            (start + 30 * MINUTE_MS..start + 160 * MINUTE_MS).contains(&record.event.device_ts)
+            (start + 30 * MINUTE_MS + 20_000..start + 160 * MINUTE_MS + 20_000)
+                .contains(&record.event.device_ts)
         })
         .map(|record| record.event.clone())
         .collect();
@@ -400,12 +401,11 @@ async fn long_ranges_are_read_from_the_rollups_where_they_cover_them_and_from_ro
         &aggregate_by(&readings, start, 10 * MINUTE_MS),
     );
 
-    // 3 buckets of an hour: from the hour rollup, same numbers. An odd `from` is widened to the
-    // hour before it.
+    // 3 buckets of an hour: the hour the rollup saw whole (the second) from the hour rollup, the
+    // first and the filling third from the rows; the same numbers.
     let uri = format!(
-        "/api/devices/pico-r/telemetry?metric=temperature_c&from={}&to={}&max_points=3",
-        start + 90_000,
-        start + 3 * hour + 90_000
+        "/api/devices/pico-r/telemetry?metric=temperature_c&from={start}&to={}&max_points=3",
+        start + 3 * hour
     );
     let (status, body) = get(&state, &uri).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -10,11 +10,10 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use telemetry_audit::replay::{Position, ProgressMode, ReplayConfig};
 use telemetry_kafka::KafkaConfig;
+use telemetry_testkit::TestRecord;
 use tokio_util::sync::CancellationToken;
 
 const RECORDS: i64 = 1_000_000;
@@ -47,16 +46,8 @@ async fn fill(kafka: &KafkaConfig) {
         return;
     }
     eprintln!("producing {RECORDS} raw records to {TOPIC}...");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", "lz4")
-        .create()
-        .unwrap();
     let start = chrono::Utc::now().timestamp_millis() - RECORDS;
-    let mut pending = Vec::with_capacity(10_000);
-    for index in 0..RECORDS {
+    let records = (0..RECORDS).map(|index| {
         let device = format!("pico-{:04}", index % 1_000);
         let ts = start + index;
         let payload = match index % 10 {
@@ -68,34 +59,23 @@ async fn fill(kafka: &KafkaConfig) {
                 20.0 + (index % 70) as f64 / 10.0
             ),
         };
-        let received_at = (ts + 120).to_string();
-        let producer = producer.clone();
-        pending.push(tokio::spawn(async move {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "received_at",
-                value: Some(received_at.as_bytes()),
-            });
-            producer
-                .send(
-                    FutureRecord::to(TOPIC)
-                        .key(&device)
-                        .payload(&payload)
-                        .headers(headers),
-                    Duration::from_secs(60),
-                )
-                .await
-                .map_err(|(error, _)| error)
-                .unwrap();
-        }));
-        if pending.len() == 10_000 {
-            for task in pending.drain(..) {
-                task.await.unwrap();
-            }
+        TestRecord {
+            key: Some(device.into_bytes()),
+            payload: payload.into_bytes(),
+            headers: vec![("received_at".into(), (ts + 120).to_string().into_bytes())],
         }
-    }
-    for task in pending {
-        task.await.unwrap();
-    }
+    });
+    telemetry_testkit::produce_to(
+        &brokers(),
+        TOPIC,
+        records,
+        &[
+            ("linger.ms", "20"),
+            ("batch.size", "1000000"),
+            ("compression.type", "lz4"),
+        ],
+    )
+    .await;
 }
 
 fn main() {

@@ -3,7 +3,7 @@
 //! the rollup, the alerter) reads this way: at-least-once, with the caller's idempotent writes
 //! absorbing what a crash makes it read twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -11,6 +11,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -19,24 +20,41 @@ use crate::{KafkaConfig, Result};
 /// Wait after a consumer error before reading again, so a broker outage does not spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
-/// Where a consumer group without committed offsets starts reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartAt {
-    /// At the beginning of each partition: the retained history first (rollups, tables).
-    Earliest,
-    /// At the end: only what arrives from now on (alerts about the present).
-    Latest,
-}
-
 /// A consumer-group member reading in batches; see the module documentation.
 pub struct BatchConsumer {
     consumer: StreamConsumer<RebalanceLogger>,
 }
 
-/// Commits stored offsets before partitions move to another instance, and logs assignments.
-struct RebalanceLogger;
+/// Commits stored offsets before partitions move to another instance, logs assignments, and
+/// keeps the lag of each fetched partition from librdkafka's statistics (when they are on).
+#[derive(Default)]
+struct RebalanceLogger {
+    /// (topic, partition) → records between what this member processed (or, before it stored an
+    /// offset, what the group committed) and the end of the partition; -1 when not known.
+    lag: std::sync::Mutex<HashMap<(String, i32), i64>>,
+}
 
-impl ClientContext for RebalanceLogger {}
+impl ClientContext for RebalanceLogger {
+    fn stats(&self, statistics: Statistics) {
+        let mut lag = HashMap::new();
+        for (topic, partitions) in statistics.topics {
+            for (partition, state) in partitions.partitions {
+                if partition >= 0 && state.fetch_state == "active" {
+                    let behind = if state.consumer_lag_stored >= 0 {
+                        state.consumer_lag_stored
+                    } else {
+                        state.consumer_lag
+                    };
+                    lag.insert((topic.clone(), partition), behind);
+                }
+            }
+        }
+        match self.lag.lock() {
+            Ok(mut current) => *current = lag,
+            Err(poisoned) => *poisoned.into_inner() = lag,
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceLogger {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -63,36 +81,34 @@ impl BatchConsumer {
     /// Joins consumer group `group_id` on `topics`. A group without committed offsets starts at
     /// the beginning of each partition.
     pub fn new(kafka: &KafkaConfig, group_id: &str, topics: &[&str]) -> Result<Self> {
-        Self::starting_at(kafka, group_id, topics, StartAt::Earliest)
+        Self::with_options(kafka, group_id, topics, &[])
     }
 
-    /// Joins consumer group `group_id` on `topics`; a group without committed offsets starts
-    /// where `start` says.
-    pub fn starting_at(
+    /// As [`BatchConsumer::new`], with librdkafka settings of the caller's added, e.g.
+    /// `statistics.interval.ms` for [`BatchConsumer::is_caught_up`].
+    pub fn with_options(
         kafka: &KafkaConfig,
         group_id: &str,
         topics: &[&str],
-        start: StartAt,
+        options: &[(&str, &str)],
     ) -> Result<Self> {
-        let reset = match start {
-            StartAt::Earliest => "earliest",
-            StartAt::Latest => "latest",
-        };
+        let mut settings = vec![
+            ("group.id", group_id),
+            ("auto.offset.reset", "earliest"),
+            // Offsets are committed in the background, but only those we stored: stored only
+            // after a batch is durable, so a commit never runs ahead of the database.
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.commit.interval.ms", "1000"),
+            // A killed instance's partitions move to the others after this long (librdkafka's
+            // default, 45 s, stalls them that long).
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+        ];
+        settings.extend_from_slice(options);
         let consumer: StreamConsumer<RebalanceLogger> = kafka
-            .client_config(&[
-                ("group.id", group_id),
-                ("auto.offset.reset", reset),
-                // Offsets are committed in the background, but only those we stored: stored only
-                // after a batch is durable, so a commit never runs ahead of the database.
-                ("enable.auto.commit", "true"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.commit.interval.ms", "1000"),
-                // A killed instance's partitions move to the others after this long (librdkafka's
-                // default, 45 s, stalls them that long).
-                ("session.timeout.ms", "10000"),
-                ("heartbeat.interval.ms", "2000"),
-            ])?
-            .create_with_context(RebalanceLogger)?;
+            .client_config(&settings)?
+            .create_with_context(RebalanceLogger::default())?;
         consumer.subscribe(topics)?;
         Ok(BatchConsumer { consumer })
     }
@@ -181,6 +197,17 @@ impl BatchConsumer {
         if let Err(error) = self.consumer.store_offsets(&offsets) {
             tracing::info!(%error, "Offsets not stored (partitions reassigned); the records will be re-read.");
         }
+    }
+
+    /// Whether this member fetches partitions and is within `slack` records of the end of each,
+    /// by librdkafka's latest statistics: only with `statistics.interval.ms` set (see
+    /// [`BatchConsumer::with_options`]); false until the first statistics arrive.
+    pub fn is_caught_up(&self, slack: i64) -> bool {
+        let lag = match self.consumer.context().lag.lock() {
+            Ok(lag) => lag.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        !lag.is_empty() && lag.values().all(|behind| (0..=slack).contains(behind))
     }
 
     /// Commits the stored offsets and leaves the group. Both need Kafka, and while it is down

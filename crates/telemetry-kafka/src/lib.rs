@@ -16,7 +16,7 @@
 
 mod consumer;
 
-pub use consumer::{BatchConsumer, StartAt};
+pub use consumer::BatchConsumer;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -175,13 +175,20 @@ fn decode(batch: &[OwnedMessage]) -> Vec<Event> {
     events
 }
 
-/// Why `event` cannot be stored in the rollup tables, if it cannot: the validator never produces
-/// such events, but the cleaned topic is open to other producers.
+/// How far ahead of its arrival a device time may be. The contract allows minutes (its clock-skew
+/// limit); a time further ahead would move the device's watermark on and leave every later event
+/// of the device behind the late window.
+const MAX_AHEAD_OF_ARRIVAL_MS: i64 = 24 * 3_600_000;
+
+/// Why `event` cannot be folded in, if it cannot: the validator never produces such events, but
+/// the cleaned topic is open to other producers.
 fn storable(event: &Event) -> Option<&'static str> {
     if event.device_id.is_empty() || event.device_id.chars().count() > 128 {
         Some("device_id is empty or longer than 128 characters")
     } else if !(0..=MAX_TIMESTAMP_MS).contains(&event.device_ts) {
         Some("device_ts is outside the years 1970-9999")
+    } else if event.device_ts > event.received_at.saturating_add(MAX_AHEAD_OF_ARRIVAL_MS) {
+        Some("device_ts is more than a day ahead of received_at")
     } else {
         None
     }
@@ -282,5 +289,8 @@ mod tests {
         assert!(storable(&event(&"x".repeat(129), 1_700_000_000_000)).is_some());
         assert!(storable(&event("pico-1", -1)).is_some());
         assert!(storable(&event("pico-1", MAX_TIMESTAMP_MS + 1)).is_some());
+        let mut ahead = event("pico-1", 1_700_000_000_000 + MAX_AHEAD_OF_ARRIVAL_MS + 1);
+        ahead.received_at = 1_700_000_000_000;
+        assert!(storable(&ahead).is_some());
     }
 }

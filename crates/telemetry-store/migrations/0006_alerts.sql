@@ -1,5 +1,6 @@
 -- `telemetry alert` (issue 9): where every rule stands for every device, so alerts fire and
--- resolve once across restarts, and the alerts waiting to reach Kafka and the webhook.
+-- resolve once across restarts, how far into its topics that state goes, and the alerts waiting to
+-- reach Kafka and the webhook.
 
 -- One row per rule and device with something to remember: a pending or firing alert, the time of
 -- the device's latest event (silence rules), the latest rejections (DLQ-rate rules). The state is
@@ -32,4 +33,15 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
     UNIQUE KEY transition (alert_id, status),
     KEY unproduced (produced, id),
     KEY webhook_due (webhook, id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
+
+-- The next offset of each partition of the alerter's topics that `alert_states` already reflects,
+-- written in the same transaction as the states: a record redelivered after a crash (its Kafka
+-- offset not committed yet) is skipped, not counted twice.
+CREATE TABLE IF NOT EXISTS alert_offsets (
+    group_id VARCHAR(255) NOT NULL,
+    topic VARCHAR(249) NOT NULL,
+    kafka_partition INT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    PRIMARY KEY (group_id, topic, kafka_partition)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;

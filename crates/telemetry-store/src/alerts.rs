@@ -18,6 +18,17 @@ pub struct AlertStateRow {
     pub state: String,
 }
 
+/// Where the alerter's state stands in one partition: the next offset it has not seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertOffset {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to evaluate.
+    pub next_offset: i64,
+}
+
 /// An alert fired or resolved, to write to the outbox.
 #[derive(Debug, Clone, Copy)]
 pub struct NewAlert<'a> {
@@ -79,16 +90,57 @@ impl Store {
             .collect()
     }
 
+    /// The offsets `group_id`'s states reflect; empty before its first start.
+    pub async fn alert_offsets(&self, group_id: &str) -> Result<Vec<AlertOffset>> {
+        let rows = sqlx::query(
+            "SELECT topic, kafka_partition, next_offset FROM alert_offsets WHERE group_id = ?",
+        )
+        .bind(group_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AlertOffset {
+                    topic: row.try_get("topic")?,
+                    partition: row.try_get("kafka_partition")?,
+                    next_offset: row.try_get("next_offset")?,
+                })
+            })
+            .collect()
+    }
+
     /// In one transaction: stores the changed states (`Some`) and deletes the emptied ones
-    /// (`None`), and adds `alerts` to the outbox (an alert already there is left as it is).
-    /// `webhook`: whether the alerts are to be POSTed.
+    /// (`None`), adds `alerts` to the outbox (an alert already there is left as it is), and moves
+    /// `group_id`'s offsets forward to `offsets`. `webhook`: whether the alerts are to be POSTed.
     pub async fn save_alerts(
         &self,
+        group_id: &str,
+        offsets: &[AlertOffset],
         states: &[(&str, &str, Option<&str>)],
         alerts: &[NewAlert<'_>],
         webhook: bool,
     ) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
+        if !offsets.is_empty() {
+            let mut upsert = QueryBuilder::<MySql>::new(
+                "INSERT INTO alert_offsets (group_id, topic, kafka_partition, next_offset) ",
+            );
+            upsert.push_values(offsets, |mut values, offset| {
+                values
+                    .push_bind(group_id)
+                    .push_bind(&offset.topic)
+                    .push_bind(offset.partition)
+                    .push_bind(offset.next_offset);
+            });
+            upsert.push(
+                " ON DUPLICATE KEY UPDATE next_offset = GREATEST(next_offset, VALUES(next_offset))",
+            );
+            upsert
+                .build()
+                .persistent(false)
+                .execute(&mut *transaction)
+                .await?;
+        }
         let (stored, emptied): (Vec<_>, Vec<_>) =
             states.iter().partition(|(_, _, state)| state.is_some());
         for chunk in stored.chunks(ROWS_PER_STATEMENT) {

@@ -14,7 +14,7 @@ mod dead_letters;
 mod queries;
 mod rollups;
 
-pub use alerts::{AlertStateRow, NewAlert, OutboxEntry};
+pub use alerts::{AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 pub use rollups::{
@@ -356,6 +356,7 @@ const RESERVED_TABLES: &[&str] = &[
     "rollup_seen",
     "alert_states",
     "alert_outbox",
+    "alert_offsets",
     "_sqlx_migrations",
 ];
 

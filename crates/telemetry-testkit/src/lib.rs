@@ -102,11 +102,25 @@ pub struct TestRecord {
 
 /// Produces `records` to `topic` (acks=all) and waits until Kafka confirmed all of them.
 pub async fn produce(topic: &str, records: &[TestRecord]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("acks", "all")
-        .create()
-        .expect("test producer");
+    produce_to(&kafka_brokers(), topic, records.iter().cloned(), &[]).await;
+}
+
+/// Produces `records` to `topic` on `brokers` in order, up to 10,000 in flight, with `settings`
+/// added to the producer's (e.g. `linger.ms` for a benchmark's million records), and waits until
+/// Kafka confirmed all of them.
+pub async fn produce_to(
+    brokers: &str,
+    topic: &str,
+    records: impl IntoIterator<Item = TestRecord>,
+    settings: &[(&str, &str)],
+) {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("acks", "all");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let producer: FutureProducer = config.create().expect("test producer");
+    let mut in_flight = Vec::with_capacity(10_000);
     for record in records {
         let mut headers = OwnedHeaders::new();
         for (key, value) in &record.headers {
@@ -121,9 +135,37 @@ pub async fn produce(topic: &str, records: &[TestRecord]) {
         if let Some(key) = &record.key {
             future_record = future_record.key(key);
         }
-        producer
-            .send(future_record, Duration::from_secs(30))
-            .await
+        // librdkafka copies the record; its delivery report is awaited later.
+        loop {
+            match producer.send_result(future_record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
+                    future_record = returned;
+                    confirm(&mut in_flight).await;
+                }
+                Err((error, _)) => panic!("test produce: {error}"),
+            }
+        }
+        if in_flight.len() == 10_000 {
+            confirm(&mut in_flight).await;
+        }
+    }
+    confirm(&mut in_flight).await;
+}
+
+/// Waits for the delivery reports of `in_flight`, panicking on a failed one.
+async fn confirm(in_flight: &mut Vec<rdkafka::producer::DeliveryFuture>) {
+    for delivery in futures::future::join_all(in_flight.drain(..)).await {
+        delivery
+            .expect("test produce: the producer went away")
             .map_err(|(error, _)| error)
             .expect("test produce");
     }
