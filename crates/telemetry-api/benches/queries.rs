@@ -1,5 +1,5 @@
 //! The API's queries over a realistic table: 60 devices at 1 Hz for a day, 5,184,000 rows, plus
-//! 10,000 indexed rejections. Each request goes through the router as a client's would (query
+//! 10,000 indexed rejections, and one device's day also in the rollup tables. Each request goes through the router as a client's would (query
 //! check, SQL on MariaDB, JSON encoding).
 //!
 //! Run: `scripts/services.sh start && cargo bench -p telemetry-api --bench queries`. The first run
@@ -37,7 +37,16 @@ async fn fill(store: &Store) -> i64 {
         return newest.unwrap().and_utc().timestamp_millis();
     }
     eprintln!("filling bench_api with {ROWS} rows (about two minutes)...");
-    for table in ["telemetry", "devices", "dlq_events", "device_minutes"] {
+    for table in [
+        "telemetry",
+        "devices",
+        "dlq_events",
+        "device_minutes",
+        "rollup_1m",
+        "rollup_1h",
+        "rollup_devices",
+        "rollup_seen",
+    ] {
         sqlx::query(&format!("TRUNCATE TABLE {table}"))
             .execute(pool)
             .await
@@ -107,6 +116,43 @@ async fn fill(store: &Store) -> i64 {
     end * 1_000
 }
 
+/// The device whose day is also in the rollups, as `telemetry rollup` would have folded it.
+const ROLLED_UP: &str = "pico-w-0008";
+
+/// Folds `ROLLED_UP`'s day into the rollup tables through the store (a few seconds), unless done.
+async fn fill_rollups(store: &Store) {
+    if store.rollup_coverage(ROLLED_UP).await.unwrap().is_some() {
+        return;
+    }
+    eprintln!("folding {ROLLED_UP}'s day into the rollups...");
+    let rows: Vec<(chrono::NaiveDateTime, i64, chrono::NaiveDateTime, String)> = sqlx::query_as(
+        "SELECT device_ts, seq, received_at, CAST(metrics AS CHAR) FROM telemetry \
+         WHERE device_id = ? ORDER BY device_ts",
+    )
+    .bind(ROLLED_UP)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let events: Vec<telemetry_core::Event> = rows
+        .into_iter()
+        .map(
+            |(device_ts, seq, received_at, metrics)| telemetry_core::Event {
+                device_id: ROLLED_UP.to_string(),
+                device_ts: device_ts.and_utc().timestamp_millis(),
+                received_at: received_at.and_utc().timestamp_millis(),
+                seq: Some(seq),
+                metrics: serde_json::from_str(&metrics).unwrap(),
+                attributes: Default::default(),
+                schema_version: 1,
+                quality: Default::default(),
+            },
+        )
+        .collect();
+    for batch in events.chunks(10_000) {
+        store.roll_up(batch, 600_000).await.unwrap();
+    }
+}
+
 async fn get(state: &AppState, uri: &str) -> usize {
     let response = app(state.clone())
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
@@ -130,6 +176,7 @@ fn bench_queries(criterion: &mut Criterion) {
         let store = Store::connect(&url, 4).await.unwrap();
         store.migrate().await.unwrap();
         let newest = fill(&store).await;
+        fill_rollups(&store).await;
         let state = AppState {
             store,
             thresholds: HealthThresholds {
@@ -155,6 +202,12 @@ fn bench_queries(criterion: &mut Criterion) {
         .measurement_time(Duration::from_secs(15));
     group.bench_function("telemetry_24h_1_device_1_metric_500_points", |bencher| {
         bencher.to_async(&runtime).iter(|| get(&state, &day));
+    });
+    let rolled_up_day = day.replace("pico-w-0007", ROLLED_UP);
+    group.bench_function("telemetry_24h_from_rollup_1m_500_points", |bencher| {
+        bencher
+            .to_async(&runtime)
+            .iter(|| get(&state, &rolled_up_day));
     });
     let hour = format!(
         "/api/devices/pico-w-0007/telemetry?metric=temperature_c&from={}&to={}&max_points=500",

@@ -136,8 +136,8 @@ fn main() {
             batch_size: std::env::var("BENCH_BATCH_SIZE")
                 .ok()
                 .and_then(|size| size.parse().ok())
-                .unwrap_or(2_000),
-            batch_linger_ms: 100,
+                .unwrap_or(10_000),
+            batch_linger_ms: 500,
             late_window_seconds: 600,
             listen: "127.0.0.1:0".into(),
             kafka,

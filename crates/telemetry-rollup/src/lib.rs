@@ -68,13 +68,15 @@ pub struct RollupConfig {
     )]
     pub group_id: String,
 
-    /// Most records folded per batch (one database transaction).
-    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_SIZE", default_value_t = 2000,
+    /// Most records folded per batch (one database transaction). A batch writes one row per
+    /// device, metric and bucket it touches, so larger batches fold faster
+    /// (`docs/benchmarks.md`).
+    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_SIZE", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
     /// Longest wait for a batch to fill before it is folded anyway, in milliseconds.
-    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_LINGER_MS", default_value_t = 100)]
+    #[arg(long, env = "TELEMETRY_ROLLUP_BATCH_LINGER_MS", default_value_t = 500)]
     pub batch_linger_ms: u64,
 
     /// How far behind its device's latest device time an event may arrive and still be folded

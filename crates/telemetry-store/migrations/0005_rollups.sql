@@ -1,7 +1,9 @@
 -- `telemetry rollup` (issue 9): per-device, per-metric aggregates of the cleaned topic by minute
 -- and by hour of device time, written only by the rollup service. Each event is folded in once
 -- (`rollup_seen` remembers the identities inside the late window), so redelivery and replay
--- change nothing; the API reads these for long ranges.
+-- change nothing; the API reads these for long ranges. Every column is order-independent (the sum
+-- is exact, in fixed point), so however the stream is cut into batches the tables come out the
+-- same.
 
 -- One row per device, metric and minute of device time (UTC). `avg_value` is computed.
 CREATE TABLE IF NOT EXISTS rollup_1m (
@@ -11,7 +13,8 @@ CREATE TABLE IF NOT EXISTS rollup_1m (
     samples INT UNSIGNED NOT NULL,
     min_value DOUBLE NOT NULL,
     max_value DOUBLE NOT NULL,
-    sum_value DOUBLE NOT NULL,
+    -- Exact: readings are rounded to 1e-9 and added as decimals.
+    sum_value DECIMAL(38, 9) NOT NULL,
     avg_value DOUBLE AS (sum_value / samples) VIRTUAL,
     -- The reading with the latest device time (ties: the highest seq) and that time.
     last_value DOUBLE NOT NULL,

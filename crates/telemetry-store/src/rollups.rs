@@ -4,9 +4,10 @@
 //! Folding is exactly-once in effect over an at-least-once stream: every batch is one
 //! transaction that folds in only events it has not folded before (`rollup_seen` holds the
 //! identities inside the late window) and that are not older than their device's watermark by
-//! more than the window. The buckets a batch touches are read, folded event by event in stream
-//! order and written back whole, so the floating-point sums come out the same however the stream
-//! is cut into batches: replaying the topic gives the same tables, bit for bit.
+//! more than the window. A batch's readings are aggregated per bucket in memory and added to the
+//! stored rows by one upsert per table: count, min, max and last do not depend on the order, and
+//! the sum is exact (fixed point, 1e-9), so however the stream is cut into batches, replaying the
+//! topic gives the same tables, bit for bit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -70,6 +71,13 @@ pub struct RollupOutcome {
     pub skipped_readings: u64,
 }
 
+/// Readings are summed in units of 1e-9, exactly (`sum_value DECIMAL(38, 9)`).
+const SUM_SCALE: f64 = 1e9;
+
+/// Largest reading (in magnitude) the rollups take: its fixed-point sum over a bucket stays inside
+/// `DECIMAL(38, 9)`. Larger readings are left out and counted.
+pub const MAX_ROLLUP_READING: f64 = 1e15;
+
 /// One bucket's aggregate of one metric.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aggregate {
@@ -79,14 +87,20 @@ pub struct Aggregate {
     pub min: f64,
     /// Largest reading.
     pub max: f64,
-    /// Sum of the readings, in the order they were folded in.
-    pub sum: f64,
+    /// Sum of the readings, each rounded to 1e-9, in units of 1e-9: exact.
+    pub sum_nanos: i128,
     /// The reading with the latest device time (ties: the highest `seq`).
     pub last: f64,
     /// Its device time, UTC milliseconds.
     pub last_ts: i64,
     /// Its `seq`, or -1 when it had none.
     pub last_seq_key: i64,
+}
+
+/// `value` in units of 1e-9, rounded; for readings within [`MAX_ROLLUP_READING`].
+#[allow(clippy::cast_possible_truncation)]
+fn nanos(value: f64) -> i128 {
+    (value * SUM_SCALE).round() as i128
 }
 
 impl Aggregate {
@@ -96,31 +110,65 @@ impl Aggregate {
             samples: 1,
             min: value,
             max: value,
-            sum: value,
+            sum_nanos: nanos(value),
             last: value,
             last_ts: device_ts,
             last_seq_key: seq_key,
         }
     }
 
-    /// Folds in one more reading. Count, min, max and last do not depend on the order readings
-    /// come in; the sum does in its last bits, which is why readings are folded in stream order.
+    /// Folds in one more reading.
     pub fn add(&mut self, device_ts: i64, seq_key: i64, value: f64) {
-        self.samples = self.samples.saturating_add(1);
-        self.min = self.min.min(value);
-        self.max = self.max.max(value);
-        self.sum += value;
-        if (device_ts, seq_key) > (self.last_ts, self.last_seq_key) {
-            self.last = value;
-            self.last_ts = device_ts;
-            self.last_seq_key = seq_key;
+        self.merge(&Aggregate::new(device_ts, seq_key, value));
+    }
+
+    /// Folds in another aggregate: the same as folding in its readings, in any order.
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.samples = self.samples.saturating_add(other.samples);
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum_nanos += other.sum_nanos;
+        if (other.last_ts, other.last_seq_key) > (self.last_ts, self.last_seq_key) {
+            self.last = other.last;
+            self.last_ts = other.last_ts;
+            self.last_seq_key = other.last_seq_key;
         }
+    }
+
+    /// The sum of the readings.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn sum(&self) -> f64 {
+        self.sum_nanos as f64 / SUM_SCALE
     }
 
     /// The mean reading.
     pub fn avg(&self) -> f64 {
-        self.sum / f64::from(self.samples.max(1))
+        self.sum() / f64::from(self.samples.max(1))
     }
+}
+
+/// `nanos` as the DECIMAL(38, 9) literal MariaDB parses exactly.
+fn decimal(nanos: i128) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let magnitude = nanos.unsigned_abs();
+    format!(
+        "{sign}{}.{:09}",
+        magnitude / 1_000_000_000,
+        magnitude % 1_000_000_000
+    )
+}
+
+/// A DECIMAL(38, 9) as MariaDB prints it, in units of 1e-9.
+fn parse_decimal(text: &str) -> Option<i128> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if fraction.len() > 9 || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let negative = whole.starts_with('-');
+    let whole: i128 = whole.trim_start_matches('-').parse().ok()?;
+    let fraction: i128 = format!("{fraction:0<9}").parse().ok()?;
+    let magnitude = whole.checked_mul(1_000_000_000)?.checked_add(fraction)?;
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// A device's position in the stream: what the late window is measured from.
@@ -217,44 +265,33 @@ impl Store {
         }
         outcome.folded = fresh.len() as u64;
 
-        // Readings in stream order, per table.
-        let mut readings: Vec<(&Event, &str, f64)> = Vec::new();
+        // The batch's readings per bucket, in memory; then one upsert per table adds them.
+        let mut tables: [BTreeMap<BucketKey<'_>, Aggregate>; 2] = Default::default();
         for event in &fresh {
+            let seq_key = event.seq.unwrap_or(NO_SEQ);
             for (metric, value) in event.metrics.iter() {
-                if metric.chars().count() > MAX_METRIC_NAME_CHARS || !value.is_finite() {
+                if metric.chars().count() > MAX_METRIC_NAME_CHARS
+                    || !value.is_finite()
+                    || value.abs() > MAX_ROLLUP_READING
+                {
                     outcome.skipped_readings += 1;
-                } else {
-                    readings.push((event, metric, value));
+                    continue;
+                }
+                for (resolution, buckets) in Resolution::ALL.iter().zip(tables.iter_mut()) {
+                    let key = (
+                        event.device_id.as_str(),
+                        metric,
+                        resolution.bucket_of(event.device_ts),
+                    );
+                    buckets
+                        .entry(key)
+                        .and_modify(|aggregate| aggregate.add(event.device_ts, seq_key, value))
+                        .or_insert_with(|| Aggregate::new(event.device_ts, seq_key, value));
                 }
             }
         }
-        for resolution in Resolution::ALL {
-            let keys: Vec<BucketKey<'_>> = readings
-                .iter()
-                .map(|(event, metric, _)| {
-                    (
-                        event.device_id.as_str(),
-                        *metric,
-                        resolution.bucket_of(event.device_ts),
-                    )
-                })
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let mut buckets = lock_buckets(&mut transaction, resolution, &keys).await?;
-            for (event, metric, value) in &readings {
-                let key = (
-                    event.device_id.as_str(),
-                    *metric,
-                    resolution.bucket_of(event.device_ts),
-                );
-                let seq_key = event.seq.unwrap_or(NO_SEQ);
-                buckets
-                    .entry(key)
-                    .and_modify(|aggregate| aggregate.add(event.device_ts, seq_key, *value))
-                    .or_insert_with(|| Aggregate::new(event.device_ts, seq_key, *value));
-            }
-            write_buckets(&mut transaction, resolution, &buckets).await?;
+        for (resolution, buckets) in Resolution::ALL.iter().zip(&tables) {
+            add_to_buckets(&mut transaction, *resolution, buckets).await?;
         }
         remember(&mut transaction, &fresh).await?;
         write_coverage(&mut transaction, &coverage, late_window_ms).await?;
@@ -295,7 +332,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT TIMESTAMPDIFF(SECOND, ?, bucket_start) DIV ? AS bucket, \
                     CAST(SUM(samples) AS UNSIGNED) AS readings, MIN(min_value) AS min, \
-                    SUM(sum_value) / SUM(samples) AS avg, MAX(max_value) AS max \
+                    CAST(SUM(sum_value) / SUM(samples) AS DOUBLE) AS avg, MAX(max_value) AS max \
              FROM {table} \
              WHERE device_id = ? AND metric = ? AND bucket_start >= ? AND bucket_start < ? \
              GROUP BY bucket ORDER BY bucket"
@@ -333,8 +370,8 @@ impl Store {
     ) -> Result<Vec<RollupRow>> {
         let mut query = QueryBuilder::<MySql>::new(format!(
             "SELECT CAST(device_id AS CHAR) AS device_id, CAST(metric AS CHAR) AS metric, \
-                    bucket_start, samples, min_value, max_value, sum_value, last_value, last_ts, \
-                    last_seq_key \
+                    bucket_start, samples, min_value, max_value, \
+                    CAST(sum_value AS CHAR) AS sum_value, last_value, last_ts, last_seq_key \
              FROM {} ",
             resolution.table()
         ));
@@ -366,7 +403,12 @@ fn aggregate(row: &sqlx::mysql::MySqlRow) -> Result<Aggregate> {
         samples: row.try_get("samples")?,
         min: row.try_get("min_value")?,
         max: row.try_get("max_value")?,
-        sum: row.try_get("sum_value")?,
+        sum_nanos: {
+            let text: String = row.try_get("sum_value")?;
+            parse_decimal(&text).ok_or_else(|| {
+                sqlx::Error::Decode(format!("sum_value `{text}` is not a DECIMAL(38, 9)").into())
+            })?
+        },
         last: row.try_get("last_value")?,
         last_ts: millis(row.try_get("last_ts")?),
         last_seq_key: row.try_get("last_seq_key")?,
@@ -457,54 +499,9 @@ async fn seen_before(
     Ok(seen)
 }
 
-/// The stored aggregates of `keys` that exist, locked for the transaction.
-async fn lock_buckets<'a>(
-    connection: &mut MySqlConnection,
-    resolution: Resolution,
-    keys: &[BucketKey<'a>],
-) -> Result<BTreeMap<BucketKey<'a>, Aggregate>> {
-    let mut buckets = BTreeMap::new();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<MySql>::new(format!(
-            "SELECT CAST(device_id AS CHAR) AS device_id, CAST(metric AS CHAR) AS metric, \
-                    bucket_start, samples, min_value, max_value, sum_value, last_value, last_ts, \
-                    last_seq_key \
-             FROM {} WHERE (device_id, metric, bucket_start) IN ",
-            resolution.table()
-        ));
-        let mut bound = Vec::with_capacity(chunk.len());
-        for (device_id, metric, start) in chunk {
-            bound.push((*device_id, *metric, utc_datetime(*start)?));
-        }
-        query.push_tuples(&bound, |mut tuple, (device_id, metric, start)| {
-            tuple
-                .push_bind(*device_id)
-                .push_bind(*metric)
-                .push_bind(*start);
-        });
-        query.push(" FOR UPDATE");
-        let rows = query
-            .build()
-            .persistent(false)
-            .fetch_all(&mut *connection)
-            .await?;
-        for row in rows {
-            let stored = rollup_row(&row)?;
-            let key = chunk.iter().find(|(device_id, metric, start)| {
-                *device_id == stored.device_id
-                    && *metric == stored.metric
-                    && *start == stored.bucket_start
-            });
-            if let Some(key) = key {
-                buckets.insert(*key, stored.aggregate);
-            }
-        }
-    }
-    Ok(buckets)
-}
-
-/// Writes `buckets` whole (insert, or overwrite the stored row).
-async fn write_buckets(
+/// Adds `buckets` to the stored rows (or inserts them). The `last` columns are set in an order
+/// where each condition still sees the row's previous `last_ts` and `last_seq_key`.
+async fn add_to_buckets(
     connection: &mut MySqlConnection,
     resolution: Resolution,
     buckets: &BTreeMap<BucketKey<'_>, Aggregate>,
@@ -516,6 +513,7 @@ async fn write_buckets(
             *metric,
             utc_datetime(*start)?,
             utc_datetime(aggregate.last_ts)?,
+            decimal(aggregate.sum_nanos),
             aggregate,
         ));
     }
@@ -527,7 +525,7 @@ async fn write_buckets(
         ));
         upsert.push_values(
             chunk,
-            |mut values, (device_id, metric, start, last_ts, aggregate)| {
+            |mut values, (device_id, metric, start, last_ts, sum, aggregate)| {
                 values
                     .push_bind(*device_id)
                     .push_bind(*metric)
@@ -535,17 +533,24 @@ async fn write_buckets(
                     .push_bind(aggregate.samples)
                     .push_bind(aggregate.min)
                     .push_bind(aggregate.max)
-                    .push_bind(aggregate.sum)
+                    // A decimal literal: MariaDB stores it exactly.
+                    .push_bind(sum.as_str())
                     .push_bind(aggregate.last)
                     .push_bind(*last_ts)
                     .push_bind(aggregate.last_seq_key);
             },
         );
         upsert.push(
-            " ON DUPLICATE KEY UPDATE samples = VALUES(samples), min_value = VALUES(min_value), \
-             max_value = VALUES(max_value), sum_value = VALUES(sum_value), \
-             last_value = VALUES(last_value), last_ts = VALUES(last_ts), \
-             last_seq_key = VALUES(last_seq_key)",
+            " ON DUPLICATE KEY UPDATE \
+             samples = samples + VALUES(samples), \
+             min_value = LEAST(min_value, VALUES(min_value)), \
+             max_value = GREATEST(max_value, VALUES(max_value)), \
+             sum_value = sum_value + VALUES(sum_value), \
+             last_value = IF((VALUES(last_ts), VALUES(last_seq_key)) > (last_ts, last_seq_key), \
+                 VALUES(last_value), last_value), \
+             last_seq_key = IF((VALUES(last_ts), VALUES(last_seq_key)) > (last_ts, last_seq_key), \
+                 VALUES(last_seq_key), last_seq_key), \
+             last_ts = GREATEST(last_ts, VALUES(last_ts))",
         );
         upsert
             .build()
@@ -635,7 +640,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn count_min_max_and_last_do_not_depend_on_order() {
+    fn aggregates_do_not_depend_on_order() {
         let readings = [
             (1_000, 3, 2.5),
             (3_000, -1, -4.0),
@@ -657,7 +662,7 @@ mod tests {
             assert_eq!(aggregate.samples, 4);
             assert_eq!(aggregate.min, -4.0);
             assert_eq!(aggregate.max, 9.25);
-            assert_eq!(aggregate.sum, 8.75);
+            assert_eq!(aggregate.sum_nanos, 8_750_000_000);
             assert_eq!(aggregate.avg(), 2.1875);
             // The latest device time wins; of two at the same time, the higher seq.
             assert_eq!(
@@ -665,6 +670,31 @@ mod tests {
                 (3_000, 2, 1.0)
             );
         }
+    }
+
+    #[test]
+    fn sums_are_exact_in_any_order_and_round_trip_as_decimals() {
+        // 0.1 + 0.2 + 0.3 in floating point depends on the order; in fixed point it does not.
+        let forward = [0.1, 0.2, 0.3]
+            .iter()
+            .fold(0, |sum, value| sum + nanos(*value));
+        let backward = [0.3, 0.2, 0.1]
+            .iter()
+            .fold(0, |sum, value| sum + nanos(*value));
+        assert_eq!((forward, backward), (600_000_000, 600_000_000));
+        for value in [
+            0,
+            1,
+            -1,
+            999_999_999,
+            -1_000_000_000,
+            123_456_789_012_345_678_901,
+        ] {
+            assert_eq!(parse_decimal(&decimal(value)), Some(value));
+        }
+        assert_eq!(decimal(-500_000_000), "-0.500000000");
+        assert_eq!(parse_decimal("12.5"), Some(12_500_000_000));
+        assert_eq!(parse_decimal("1.2.3"), None);
     }
 
     #[test]

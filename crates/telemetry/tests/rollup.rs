@@ -185,6 +185,7 @@ async fn rollups_agree_with_the_stored_rows_and_replaying_the_topic_gives_the_sa
                 "device_ts": ts,
                 "temperature_c": 18.0 + ((step * 37 + device * 11) % 100) as f64 / 7.0,
                 "humidity_pct": 40.0 + ((step * 13) % 50) as f64 * 0.3,
+                "rssi_dbm": -40 - (step * 7) % 50,
             });
             if device != 2 {
                 payload["seq"] = json!(step);
