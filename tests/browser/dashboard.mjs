@@ -10,6 +10,7 @@
 //   (b) after a click on it the row is selected, live-status says "live" and live-points reaches 3;
 //   (c) history-points is at least 1 (the history chart got data);
 //   (d) a DLQ row with data-code="invalid_json" appears;
+//   (f) with --expect-alert RULE, an alert row of that rule for DEVICE_ID appears, firing;
 // then a full-page screenshot is saved. With --expect-reconnect, after the screenshot:
 //   (e) the live view shows "disconnected..." (the caller stops the bridge), then "live" again
 //       with new live points (the caller starts it again). Console errors and uncaught page errors fail the run
@@ -38,7 +39,7 @@ function usage(message) {
   if (message) console.error(`dashboard.mjs: ${message}`);
   console.error(
     "usage: node tests/browser/dashboard.mjs --url URL --device DEVICE_ID --screenshot FILE.png " +
-      "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect]",
+      "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect] [--expect-alert RULE]",
   );
   process.exit(2);
 }
@@ -51,6 +52,7 @@ function parseArgs(argv) {
     "--screenshot": "screenshot",
     "--timeout-seconds": "timeoutSeconds",
     "--chromium": "chromium",
+    "--expect-alert": "expectAlert",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -130,6 +132,11 @@ function pageState() {
     deviceRows: [...document.querySelectorAll('[data-testid="device-row"]')].map((r) => r.dataset.deviceId),
     selected: [...document.querySelectorAll('[data-testid="device-row"].selected')].map((r) => r.dataset.deviceId),
     dlqCodes: [...document.querySelectorAll('[data-testid="dlq-row"]')].map((r) => r.dataset.code),
+    alerts: [...document.querySelectorAll('[data-testid="alert-row"]')].map((r) => ({
+      rule: r.dataset.rule,
+      status: r.dataset.status,
+      device: r.dataset.deviceId,
+    })),
     metric: (document.querySelector('[data-testid="metric-select"]') || {}).value,
     errorBanner: banner && !banner.hidden ? banner.textContent.trim() : null,
   };
@@ -144,6 +151,7 @@ const summary = (s) =>
     selected: s.selected,
     device_rows: s.deviceRows.slice(0, 20),
     dlq_codes: [...new Set(s.dlqCodes)],
+    alerts: s.alerts.slice(0, 10),
     error_banner: s.errorBanner,
   });
 
@@ -244,6 +252,21 @@ async function main() {
       summary,
     );
     console.log(`ok d: DLQ panel shows invalid_json (${d.dlqCodes.length} rows) (${elapsed()})`);
+
+    // (f) the alert the rejections raise, in the alerts panel
+    if (opts.expectAlert) {
+      const f = await waitFor(
+        page,
+        "f",
+        `a firing alert row of rule ${opts.expectAlert} for ${opts.device}`,
+        pageState,
+        null,
+        (s) =>
+          s.alerts.some((a) => a.rule === opts.expectAlert && a.device === opts.device && a.status === "firing"),
+        summary,
+      );
+      console.log(`ok f: alerts panel shows ${opts.expectAlert} firing (${f.alerts.length} rows) (${elapsed()})`);
+    }
 
     // let both charts draw the latest data, then the screenshot
     await page.waitForTimeout(500);

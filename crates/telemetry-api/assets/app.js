@@ -6,11 +6,13 @@
 (() => {
   const POLL_DEVICES_MS = 3000;
   const POLL_DLQ_MS = 3000;
+  const POLL_ALERTS_MS = 3000;
   const POLL_HISTORY_MS = 10000;
   const LIVE_MAX_POINTS = 600;
   const LIVE_MAX_DEVICES = 200; // live buffers kept at once (least recently active dropped)
   const HISTORY_MAX_POINTS = 500;
   const DLQ_LIMIT = 50;
+  const ALERTS_LIMIT = 50;
   const PAYLOAD_PREVIEW_CHARS = 120;
   const BACKOFF_START_MS = 500;
   const BACKOFF_MAX_MS = 10000;
@@ -36,6 +38,7 @@
     historyChart: null,
     historyWindow: null, // { from, to } in seconds, the x range of the history chart
     dlqRows: new Map(), // entry key -> <tr>
+    alertRows: new Map(), // alert id + status -> <tr>
     errors: new Map(), // source -> message
   };
 
@@ -886,6 +889,65 @@
   }
 
   // ---------------------------------------------------------------------------------------------
+  // alerts
+
+  async function loadAlerts() {
+    const body = await fetchJson(`/api/alerts?limit=${ALERTS_LIMIT}`);
+    const alerts = (Array.isArray(body.alerts) ? body.alerts : []).filter((a) => a && typeof a === "object");
+    renderAlerts(alerts);
+  }
+
+  function alertRow(a) {
+    const text = (v) => (typeof v === "string" ? v : "");
+    const fired = parseTime(a.fired_at);
+    const status = a.status === "resolved" ? "resolved" : "firing";
+    const severity = ["info", "warning", "critical"].includes(a.severity) ? a.severity : "warning";
+    const device = text(a.device_id);
+    const value = typeof a.value === "number" && Number.isFinite(a.value) ? String(a.value) : "–";
+    const resolved = parseTime(a.resolved_at);
+    const statusTitle =
+      status === "resolved" && Number.isFinite(resolved)
+        ? `resolved ${new Date(resolved).toISOString()}`
+        : `since ${text(a.started_at)}`;
+    return el(
+      "tr",
+      { dataset: { testid: "alert-row", rule: text(a.rule), status, deviceId: device } },
+      el("td", {
+        className: "time",
+        text: fmtClock(fired),
+        title: Number.isFinite(fired) ? new Date(fired).toISOString() : text(a.fired_at),
+      }),
+      el("td", null, el("span", { className: `badge alert-${status}`, text: status, title: statusTitle })),
+      el("td", null, el("span", { className: `badge severity-${severity}`, text: severity })),
+      el("td", { className: "mono device-link", title: `show ${device}`, text: device, dataset: { deviceId: device } }),
+      el("td", { className: "mono", text: text(a.rule), title: text(a.alert_id) }),
+      el("td", { text: text(a.condition) }),
+      el("td", { className: "num", text: value }),
+    );
+  }
+
+  function renderAlerts(alerts) {
+    const seen = new Set();
+    const rows = [];
+    for (const a of alerts) {
+      const key = JSON.stringify([a.alert_id, a.status]);
+      if (seen.has(key)) continue;
+      seen.add(key);
+      let tr = state.alertRows.get(key);
+      if (!tr) {
+        tr = alertRow(a);
+        state.alertRows.set(key, tr);
+      }
+      rows.push(tr);
+    }
+    for (const key of [...state.alertRows.keys()]) if (!seen.has(key)) state.alertRows.delete(key);
+    reconcileChildren($("alert-rows"), rows);
+    const empty = $("alerts-empty");
+    empty.hidden = rows.length > 0;
+    empty.textContent = "No alerts in the last week.";
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // URL hash (#device=…&metric=…&range=…) so a reload keeps the view
 
   function writeHash() {
@@ -916,6 +978,7 @@
 
   const devicesPoller = poller("devices", loadDevices, POLL_DEVICES_MS);
   const dlqPoller = poller("dead-letter queue", loadDlq, POLL_DLQ_MS);
+  const alertsPoller = poller("alerts", loadAlerts, POLL_ALERTS_MS);
   const historyPoller = poller("history", loadHistory, POLL_HISTORY_MS);
 
   async function loadConfig() {
@@ -943,10 +1006,12 @@
         selectDevice(tr.dataset.deviceId);
       }
     });
-    $("dlq-rows").addEventListener("click", (ev) => {
-      const td = ev.target.closest("td.device-link");
-      if (td) selectDevice(td.dataset.deviceId);
-    });
+    for (const id of ["dlq-rows", "alert-rows"]) {
+      $(id).addEventListener("click", (ev) => {
+        const td = ev.target.closest("td.device-link");
+        if (td && td.dataset.deviceId) selectDevice(td.dataset.deviceId);
+      });
+    }
     $("metric-select").addEventListener("change", (ev) => {
       const metric = ev.target.value;
       if (!metric || metric === state.metric) return;
@@ -972,6 +1037,7 @@
     readHash();
     devicesPoller.now();
     dlqPoller.now();
+    alertsPoller.now();
     loadConfig().then(connectLive);
     renderLiveStatus();
 

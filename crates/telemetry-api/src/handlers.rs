@@ -318,6 +318,62 @@ struct ConfigBody<'a> {
     live_url: Option<&'a str>,
 }
 
+/// Most alerts per request, and the number when `limit` is not given.
+const MAX_ALERTS_LIMIT: u32 = 1_000;
+const DEFAULT_ALERTS_LIMIT: u32 = 50;
+
+#[derive(Serialize)]
+struct AlertsBody {
+    alerts: Vec<serde_json::Value>,
+}
+
+/// `GET /api/alerts?device=&state=firing|all&limit=`: the newest alerts of `telemetry alert`
+/// (the last week of them), each as it was produced to the alerts topic, with `status` and
+/// `resolved_at` from its resolution once it resolved.
+pub async fn alerts(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let params = Params::new(query, &["device", "state", "limit"])?;
+    let device_id = params.name("device", MAX_DEVICE_ID_CHARS)?;
+    let firing_only = match params.get("state") {
+        None | Some("all") => false,
+        Some("firing") => true,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "state",
+                format!("`{}` is not `firing` or `all`", shorten(other)),
+            ))
+        }
+    };
+    let limit = params.integer("limit", 1, MAX_ALERTS_LIMIT, DEFAULT_ALERTS_LIMIT)?;
+    let entries = state
+        .store
+        .recent_alerts(device_id, firing_only, limit)
+        .await
+        .map_err(|error| ApiError::unavailable(&error))?;
+    let mut alerts = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // Written by the alerter; one that does not parse is left out, not a failed request.
+        let Ok(serde_json::Value::Object(mut alert)) = serde_json::from_str(&entry.fired) else {
+            tracing::warn!("An alert in the outbox is not a JSON object; left out.");
+            continue;
+        };
+        if let Some(resolved) = entry
+            .resolved
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        {
+            for field in ["status", "resolved_at"] {
+                if let Some(value) = resolved.get(field) {
+                    alert.insert(field.to_string(), value.clone());
+                }
+            }
+        }
+        alerts.push(serde_json::Value::Object(alert));
+    }
+    Ok(Json(AlertsBody { alerts }))
+}
+
 /// `GET /api/config`: what the dashboard needs to know about this deployment.
 pub async fn config(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(ConfigBody {

@@ -1,5 +1,5 @@
 //! The API and the dashboard: reads the telemetry store (never writes it) and serves
-//! `GET /api/devices`, `GET /api/devices/{id}/telemetry`, `GET /api/dlq`, `GET /api/config`, the
+//! `GET /api/devices`, `GET /api/devices/{id}/telemetry`, `GET /api/dlq`, `GET /api/alerts`, `GET /api/config`, the
 //! OpenAPI document at `GET /api/openapi.json`, and the dashboard at `/`, whose assets are
 //! embedded in the binary. Live data reaches the dashboard straight from the bridge's WebSocket.
 //!
@@ -146,6 +146,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices", get(handlers::devices))
         .route("/api/devices/{id}/telemetry", get(handlers::telemetry))
         .route("/api/dlq", get(handlers::dlq))
+        .route("/api/alerts", get(handlers::alerts))
         .route("/api/config", get(handlers::config))
         .route("/api/openapi.json", get(handlers::openapi))
         .route("/api/{*rest}", get(handlers::not_found))

@@ -499,6 +499,104 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
     assert_eq!(entries[0]["payload_encoding"], "utf8");
 }
 
+/// An alert as `telemetry alert` writes it.
+fn alert_json(rule: &str, device: &str, status: &str, resolved_at: Option<&str>) -> String {
+    serde_json::json!({
+        "alert_id": format!("{rule}:{device}:1795944370000"), "status": status, "rule": rule,
+        "severity": "critical", "condition": "temperature_c > 40 for 2m", "device_id": device,
+        "started_at": "2026-11-29T10:06:10.000Z", "fired_at": "2026-11-29T10:08:10.000Z",
+        "resolved_at": resolved_at, "value": 42.5,
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn alerts_are_listed_newest_first_firing_or_resolved() {
+    use telemetry_store::NewAlert;
+    let store = store(&telemetry_testkit::unique("api_alerts")).await;
+    let hot_fired = alert_json("hot", "pico-1", "firing", None);
+    let hot_resolved = alert_json(
+        "hot",
+        "pico-1",
+        "resolved",
+        Some("2026-11-29T10:20:00.000Z"),
+    );
+    let quiet_fired = alert_json("quiet", "pico-2", "firing", None);
+    let alert = |id: &'static str, status: &'static str, device: &'static str, payload| NewAlert {
+        alert_id: id,
+        status,
+        device_id: device,
+        payload,
+    };
+    store
+        .save_alerts(
+            "g",
+            &[],
+            &[],
+            &[alert(
+                "hot:pico-1:1795944370000",
+                "firing",
+                "pico-1",
+                &hot_fired,
+            )],
+            false,
+        )
+        .await
+        .unwrap();
+    store
+        .save_alerts(
+            "g",
+            &[],
+            &[],
+            &[
+                alert(
+                    "hot:pico-1:1795944370000",
+                    "resolved",
+                    "pico-1",
+                    &hot_resolved,
+                ),
+                alert(
+                    "quiet:pico-2:1795944370000",
+                    "firing",
+                    "pico-2",
+                    &quiet_fired,
+                ),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    let state = state(store);
+
+    let (status, body) = get(&state, "/api/alerts").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("Alerts", &body);
+    let alerts = body["alerts"].as_array().unwrap();
+    let listed: Vec<(&str, &str)> = alerts
+        .iter()
+        .map(|alert| {
+            (
+                alert["rule"].as_str().unwrap(),
+                alert["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("quiet", "firing"), ("hot", "resolved")]);
+    assert_eq!(alerts[1]["resolved_at"], "2026-11-29T10:20:00.000Z");
+    assert_eq!(alerts[1]["fired_at"], "2026-11-29T10:08:10.000Z");
+    assert_eq!(alerts[0]["resolved_at"], Value::Null);
+
+    let (_, body) = get(&state, "/api/alerts?state=firing").await;
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(body["alerts"][0]["device_id"], "pico-2");
+    let (_, body) = get(&state, "/api/alerts?device=pico-1&limit=5").await;
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(body["alerts"][0]["rule"], "hot");
+    let (status, body) = get(&state, "/api/alerts?state=open").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["parameter"], "state");
+}
+
 #[tokio::test]
 async fn bad_parameters_are_a_400_naming_the_parameter() {
     let store = store(&telemetry_testkit::unique("api_bad")).await;
@@ -608,6 +706,7 @@ async fn the_openapi_document_describes_every_endpoint_and_the_dashboard_is_serv
         "/api/devices",
         "/api/devices/{id}/telemetry",
         "/api/dlq",
+        "/api/alerts",
         "/api/config",
         "/api/openapi.json",
     ] {

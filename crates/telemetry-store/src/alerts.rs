@@ -61,6 +61,16 @@ pub struct OutboxEntry {
     pub next_attempt_at: DateTime<Utc>,
 }
 
+/// An alert as the API lists it: the JSON written when it fired, and the one written when it
+/// resolved, if it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertEntry {
+    /// The alert as it fired (JSON).
+    pub fired: String,
+    /// The alert as it resolved (JSON), while it has not: `None`.
+    pub resolved: Option<String>,
+}
+
 /// `alert_outbox.webhook`: waiting for delivery.
 const WEBHOOK_WAITING: u8 = 0;
 /// Delivered.
@@ -248,10 +258,47 @@ impl Store {
         Ok(())
     }
 
+    /// The newest alerts (by when they fired), firing or resolved, of `device_id` or of all
+    /// devices; from the outbox, so the last week of them.
+    pub async fn recent_alerts(
+        &self,
+        device_id: Option<&str>,
+        firing_only: bool,
+        limit: u32,
+    ) -> Result<Vec<AlertEntry>> {
+        let rows = sqlx::query(
+            "SELECT CAST(fired.payload AS CHAR) AS fired, CAST(resolved.payload AS CHAR) AS resolved \
+             FROM alert_outbox fired \
+             LEFT JOIN alert_outbox resolved \
+                 ON resolved.alert_id = fired.alert_id AND resolved.status = 'resolved' \
+             WHERE fired.status = 'firing' AND (? IS NULL OR fired.device_id = ?) \
+                 AND (? = FALSE OR resolved.id IS NULL) \
+             ORDER BY fired.id DESC LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(device_id)
+        .bind(firing_only)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AlertEntry {
+                    fired: row.try_get("fired")?,
+                    resolved: row.try_get("resolved")?,
+                })
+            })
+            .collect()
+    }
+
     /// Deletes outbox rows that are done (produced, webhook not waiting) and older than `before`.
     pub async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
+        // An alert still firing keeps its row: the API lists it.
         let done = sqlx::query(
             "DELETE FROM alert_outbox WHERE produced = TRUE AND webhook <> 0 AND created_at < ? \
+                 AND (status = 'resolved' OR alert_id IN \
+                     (SELECT alert_id FROM (SELECT alert_id FROM alert_outbox \
+                                            WHERE status = 'resolved') AS done)) \
              LIMIT 10000",
         )
         .bind(before.naive_utc())

@@ -14,7 +14,7 @@ mod dead_letters;
 mod queries;
 mod rollups;
 
-pub use alerts::{AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
+pub use alerts::{AlertEntry, AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 pub use rollups::{

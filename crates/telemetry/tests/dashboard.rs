@@ -2,7 +2,8 @@
 //! in-process against the real Mosquitto, Kafka and MariaDB; a device publishes over MQTT; headless
 //! Chromium (Debian's, driven by playwright-core from `tests/browser/dashboard.mjs`) loads the
 //! dashboard and checks that the device appears, the live chart receives points, the history
-//! chart has data and a malformed event shows in the DLQ panel; then the bridge is stopped and
+//! chart has data, a malformed event shows in the DLQ panel and the alert the rejections raise
+//! (the alerter runs too) in the alerts panel; then the bridge is stopped and
 //! started again, and the page must show the live view disconnected and reconnect by itself. `scripts/test.sh` installs
 //! Chromium and the script's npm packages.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -57,6 +58,27 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     .unwrap();
     let api_address = api.local_addr().unwrap();
     let api_task = tokio::spawn(api.run(shutdown.clone()));
+    // The alerter, with one rule the malformed payloads below break.
+    let rules = std::env::temp_dir().join(format!("{id}-alerts.toml"));
+    std::fs::write(
+        &rules,
+        "[[rules]]\nname = \"rejections\"\ndlq_above = 2\nwindow = \"1m\"\nseverity = \"critical\"\n",
+    )
+    .unwrap();
+    let alert_task = tokio::spawn(telemetry_alert::run(
+        telemetry_alert::AlertConfig {
+            rules,
+            mysql_url: database_url(&id),
+            mysql_max_connections: 2,
+            group_id: format!("{id}-alert"),
+            alerts_topic: format!("{id}.alerts"),
+            tick_ms: 500,
+            batch_size: 100,
+            listen: format!("127.0.0.1:{}", telemetry_testkit::free_port()),
+            kafka: kafka.clone(),
+        },
+        shutdown.clone(),
+    ));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !matches!(http_get(bridge_address, "/readyz").await, Ok((200, _))) {
@@ -116,6 +138,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         .arg("--screenshot")
         .arg(&screenshot)
         .args(["--timeout-seconds", "150", "--expect-reconnect"])
+        .args(["--expect-alert", "rejections"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -160,6 +183,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     }
     audit_task.await.unwrap().unwrap();
     api_task.await.unwrap().unwrap();
+    alert_task.await.unwrap().unwrap();
     assert!(
         status.success(),
         "the browser check failed:\n{stdout}{stderr}"
