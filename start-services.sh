@@ -14,6 +14,7 @@
 #   TELEMETRY_STATE_DIR     infrastructure data and logs default /var/lib/telemetry-pipeline
 #   TELEMETRY_*             passed to the services (see `telemetry bridge --help`,
 #                           `telemetry audit --help`) and to scripts/services.sh
+#   TELEMETRY_CONFIG        a configuration file for every service (config/telemetry.example.toml)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

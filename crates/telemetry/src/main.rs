@@ -1,10 +1,14 @@
 //! `telemetry`: the one binary of telemetry-pipeline. Each subcommand runs one service; this file
 //! only parses arguments, sets up logging and signals, and calls the service's `run`.
 
+mod config_file;
 mod contract_tool;
 
+use std::ffi::OsString;
+use std::path::PathBuf;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -16,6 +20,12 @@ struct Cli {
     /// (default `info`).
     #[arg(long, env = "TELEMETRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+
+    /// A configuration file (TOML) with any of the settings: keys are the environment variables
+    /// without `TELEMETRY_`, in lower case. The environment overrides the file, flags override
+    /// both; `telemetry config example` prints every key.
+    #[arg(long, env = config_file::CONFIG_ENV, global = true)]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -50,6 +60,23 @@ enum Command {
     Simulate(telemetry_simulator::SimulateConfig),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
+    /// Check a configuration file, or print a commented example with every setting.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Checks the file given by `--config` or `TELEMETRY_CONFIG`: every key a setting, every
+    /// value one its setting accepts. Exits non-zero naming the first that is not.
+    Check,
+    /// Prints a complete example file: every setting, commented, with its default.
+    Example,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,16 +114,52 @@ enum ReplayAction {
     Swap(telemetry_audit::replay::SwapConfig),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    if let Command::Contract(args) = cli.command {
-        return contract_tool::run(args);
+fn main() -> anyhow::Result<()> {
+    // The configuration file's settings become the environment's defaults before the arguments
+    // are parsed, and before any thread starts.
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(path) = config_file::path_from(&args) {
+        match config_file::load(&path, &Cli::command()) {
+            Ok(values) => config_file::apply(&values),
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(2);
+            }
+        }
     }
+    let cli = Cli::parse_from(args);
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Contract(args) => contract_tool::run(args),
+        Command::Config(ConfigArgs { action }) => config_command(action, cli.config.as_deref()),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(run(command)),
+    }
+}
+
+fn config_command(action: ConfigAction, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match action {
+        ConfigAction::Example => print!("{}", config_file::example(&Cli::command())),
+        ConfigAction::Check => {
+            let path = path.context(
+                "no configuration file: give it with --config FILE or TELEMETRY_CONFIG=FILE",
+            )?;
+            // Loaded and checked before the arguments were parsed; this only reports.
+            let values = config_file::load(path, &Cli::command())?;
+            println!("{}: {} settings, all valid", path.display(), values.len());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a service or tool until it ends or a signal stops it.
+async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match cli.command {
+    match command {
         Command::Bridge(config) => telemetry_bridge::run(config, shutdown)
             .await
             .context("the bridge stopped with an error"),
@@ -161,7 +224,8 @@ async fn main() -> anyhow::Result<()> {
             print!("{summary}");
             Ok(())
         }
-        Command::Contract(_) => Ok(()), // Handled above, before any service starts.
+        // Handled in `main`, without a runtime.
+        Command::Contract(_) | Command::Config(_) => Ok(()),
     }
 }
 

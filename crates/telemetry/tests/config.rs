@@ -1,0 +1,180 @@
+//! The configuration file, through the real binary: file < environment < flag; unknown keys and
+//! refused values stop it before it starts, naming file and key; the committed example is what
+//! `telemetry config example` prints, and checks.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `telemetry` with no TELEMETRY_* variable from the test's own environment.
+fn telemetry() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telemetry"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TELEMETRY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A copy of the default contract with `version = N`.
+fn contract(directory: &Path, version: u32) -> PathBuf {
+    let original = std::fs::read_to_string(repository().join("contracts/telemetry.toml")).unwrap();
+    let changed = original.replacen("\nversion = 1\n", &format!("\nversion = {version}\n"), 1);
+    assert_ne!(original, changed, "the default contract has `version = 1`");
+    let path = directory.join(format!("contract-{version}.toml"));
+    std::fs::write(&path, changed).unwrap();
+    path
+}
+
+fn shown_version(command: &mut Command, flags: &[&std::ffi::OsStr]) -> String {
+    let output = command
+        .args(["contract", "show"])
+        .args(flags)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    stdout
+        .lines()
+        .find(|line| line.starts_with("version = "))
+        .unwrap_or_else(|| panic!("no version in {stdout}"))
+        .to_string()
+}
+
+#[test]
+fn the_environment_overrides_the_file_and_a_flag_overrides_both() {
+    let directory = std::env::temp_dir().join(telemetry_testkit::unique("config"));
+    std::fs::create_dir_all(&directory).unwrap();
+    let config = directory.join("telemetry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "contract = {:?}\n",
+            contract(&directory, 11).display().to_string()
+        ),
+    )
+    .unwrap();
+    let from_env = contract(&directory, 12);
+    let from_flag = contract(&directory, 13);
+
+    assert_eq!(
+        shown_version(telemetry().arg("--config").arg(&config), &[]),
+        "version = 11"
+    );
+    assert_eq!(
+        shown_version(telemetry().env("TELEMETRY_CONFIG", &config), &[]),
+        "version = 11",
+        "the file named by TELEMETRY_CONFIG"
+    );
+    assert_eq!(
+        shown_version(
+            telemetry()
+                .env("TELEMETRY_CONFIG", &config)
+                .env("TELEMETRY_CONTRACT", &from_env),
+            &[]
+        ),
+        "version = 12"
+    );
+    assert_eq!(
+        shown_version(
+            telemetry()
+                .env("TELEMETRY_CONFIG", &config)
+                .env("TELEMETRY_CONTRACT", &from_env),
+            &["--contract".as_ref(), from_flag.as_os_str()]
+        ),
+        "version = 13"
+    );
+}
+
+#[test]
+fn a_bad_file_stops_every_command_naming_file_and_key() {
+    let directory = std::env::temp_dir().join(telemetry_testkit::unique("config"));
+    std::fs::create_dir_all(&directory).unwrap();
+    let cases = [
+        (
+            "kafka_broker = \"kafka:9092\"\n",
+            "`kafka_broker` is not a setting (did you mean `kafka_brokers`?)",
+        ),
+        (
+            "[audit]\nbatch_size = 0\n",
+            "audit_batch_size = \"0\": invalid value '0'",
+        ),
+        ("[api]\nlisten = [\"a\", [\"b\"]]\n", "api_listen"),
+        ("mysql_url = \n", "TOML parse error"),
+    ];
+    for (index, (content, expected)) in cases.iter().enumerate() {
+        let path = directory.join(format!("bad-{index}.toml"));
+        std::fs::write(&path, content).unwrap();
+        for args in [
+            &["audit"][..],
+            &["config", "check"][..],
+            &["api", "--help"][..],
+        ] {
+            let output = telemetry()
+                .arg("--config")
+                .arg(&path)
+                .args(args)
+                .output()
+                .unwrap();
+            let (_, stderr) = text(&output);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+            assert!(
+                stderr.contains(expected),
+                "{args:?} with {content:?}: {stderr}"
+            );
+        }
+    }
+    let output = telemetry().args(["config", "check"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(text(&output).1.contains("--config FILE"));
+}
+
+#[test]
+fn the_committed_example_is_current_complete_and_valid() {
+    let output = telemetry().args(["config", "example"]).output().unwrap();
+    assert!(output.status.success());
+    let printed = text(&output).0;
+    let committed_path = repository().join("config/telemetry.example.toml");
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    assert!(
+        committed == printed,
+        "config/telemetry.example.toml is out of date: run `telemetry config example > config/telemetry.example.toml`"
+    );
+    // Every default, uncommented, is a file `config check` accepts.
+    let uncommented: String = printed
+        .lines()
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| {
+            line.split_once(" = ").is_some_and(|(key, value)| {
+                !key.contains(' ') && !key.is_empty() && value != "(no default)"
+            })
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let directory = std::env::temp_dir().join(telemetry_testkit::unique("config"));
+    std::fs::create_dir_all(&directory).unwrap();
+    let path = directory.join("defaults.toml");
+    std::fs::write(&path, &uncommented).unwrap();
+    let output = telemetry()
+        .arg("--config")
+        .arg(&path)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("settings, all valid"), "{stdout}");
+}
