@@ -199,7 +199,7 @@ async fn evaluate(
         kafka,
         &config.group_id,
         &topics,
-        // For `is_caught_up`: silences are judged only when the alerter is at the end.
+        // Fresher lag for `is_caught_up`: silences are judged only when the alerter is at the end.
         &[("statistics.interval.ms", "1000")],
     )?;
     tracing::info!(group_id = %config.group_id, alerts_topic = %config.alerts_topic, "Alerter started.");

@@ -26,9 +26,11 @@ pub struct BatchConsumer {
 }
 
 /// Commits stored offsets before partitions move to another instance, logs assignments, and
-/// keeps the lag of each fetched partition from librdkafka's statistics (when they are on).
-#[derive(Default)]
+/// keeps the lag of each fetched partition from librdkafka's statistics (every 5 s unless the
+/// caller sets `statistics.interval.ms`), also as the `kafka_consumer_lag` gauge.
 struct RebalanceLogger {
+    /// The consumer group, for the `kafka_consumer_lag` gauge.
+    group: String,
     /// (topic, partition) → records between what this member processed (or, before it stored an
     /// offset, what the group committed) and the end of the partition; -1 when not known.
     lag: std::sync::Mutex<HashMap<(String, i32), i64>>,
@@ -45,6 +47,16 @@ impl ClientContext for RebalanceLogger {
                     } else {
                         state.consumer_lag
                     };
+                    if behind >= 0 {
+                        #[allow(clippy::cast_precision_loss)]
+                        metrics::gauge!(
+                            "kafka_consumer_lag",
+                            "group" => self.group.clone(),
+                            "topic" => topic.clone(),
+                            "partition" => partition.to_string()
+                        )
+                        .set(behind as f64);
+                    }
                     lag.insert((topic.clone(), partition), behind);
                 }
             }
@@ -104,11 +116,16 @@ impl BatchConsumer {
             // default, 45 s, stalls them that long).
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "2000"),
+            // Lag per partition (the `kafka_consumer_lag` gauge, `is_caught_up`).
+            ("statistics.interval.ms", "5000"),
         ];
         settings.extend_from_slice(options);
         let consumer: StreamConsumer<RebalanceLogger> = kafka
             .client_config(&settings)?
-            .create_with_context(RebalanceLogger::default())?;
+            .create_with_context(RebalanceLogger {
+                group: group_id.to_string(),
+                lag: std::sync::Mutex::default(),
+            })?;
         consumer.subscribe(topics)?;
         Ok(BatchConsumer { consumer })
     }
@@ -200,8 +217,8 @@ impl BatchConsumer {
     }
 
     /// Whether this member fetches partitions and is within `slack` records of the end of each,
-    /// by librdkafka's latest statistics: only with `statistics.interval.ms` set (see
-    /// [`BatchConsumer::with_options`]); false until the first statistics arrive.
+    /// by librdkafka's latest statistics (as fresh as `statistics.interval.ms`); false until the
+    /// first statistics arrive.
     pub fn is_caught_up(&self, slack: i64) -> bool {
         let lag = match self.consumer.context().lag.lock() {
             Ok(lag) => lag.clone(),

@@ -382,6 +382,33 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
             "rejections counted as {code}"
         );
     }
+    // The audit group's lag on each raw partition, from librdkafka's statistics (every 5 s): 0
+    // once it has read everything.
+    let group = format!("{id}-audit");
+    let caught_up = telemetry_testkit::eventually(Duration::from_secs(20), || async {
+        let (_, metrics) = http_get(address, "/metrics").await.unwrap();
+        (0..3).all(|partition| {
+            metric(
+                &metrics,
+                "kafka_consumer_lag",
+                &[
+                    ("group", group.as_str()),
+                    ("topic", kafka.raw_topic.as_str()),
+                    ("partition", &partition.to_string()),
+                ],
+            ) == Some(0.0)
+        })
+    })
+    .await;
+    let (_, metrics) = http_get(address, "/metrics").await.unwrap();
+    let lags: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.contains("kafka_consumer_lag") && line.contains(group.as_str()))
+        .collect();
+    assert!(
+        caught_up,
+        "kafka_consumer_lag is 0 on every raw partition: {lags:#?}"
+    );
 
     shutdown.cancel();
     bridge_task.await.unwrap().unwrap();
