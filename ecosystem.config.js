@@ -13,8 +13,8 @@
 // - script: "$CARGO_TARGET_DIR/release/telemetry" (default target dir
 //   /var/cache/telemetry-pipeline/target, where start-services.sh builds it); `interpreter: 'none'`
 //   runs it directly, not through node.
-// - logs: one out and one error file per app under "$TELEMETRY_STATE_DIR/logs/" (default
-//   /var/lib/telemetry-pipeline/logs/). The services log to stderr, so the *.error.log files hold
+// - logs: one out and one error file per app under "$TELEMETRY_LOG_DIR" (default
+//   "$TELEMETRY_STATE_DIR/logs/", /var/lib/telemetry-pipeline/logs/). The services log to stderr, so the *.error.log files hold
 //   their logs. PM2 does not rotate them (`pm2 install pm2-logrotate` does).
 // - shutdown: PM2 signals the app and waits kill_timeout (20 s) before SIGKILL. On the signal the
 //   services finish in-flight work and commit Kafka offsets (TELEMETRY_SHUTDOWN_GRACE_SECONDS,
@@ -43,8 +43,12 @@ const stateDir = path.resolve(
   __dirname,
   process.env.TELEMETRY_STATE_DIR || '/var/lib/telemetry-pipeline',
 );
-const logDir = path.join(stateDir, 'logs');
-const binary = path.join(targetDir, 'release', 'telemetry');
+const logDir = path.resolve(__dirname, process.env.TELEMETRY_LOG_DIR || path.join(stateDir, 'logs'));
+// TELEMETRY_BINARY runs another build of the binary (the PM2 test runs the debug one).
+const binary = path.resolve(
+  __dirname,
+  process.env.TELEMETRY_BINARY || path.join(targetDir, 'release', 'telemetry'),
+);
 
 // PM2 does not create missing log directories.
 try {

@@ -15,6 +15,8 @@
 #   TELEMETRY_*             passed to the services (see `telemetry bridge --help`,
 #                           `telemetry audit --help`) and to scripts/services.sh
 #   TELEMETRY_CONFIG        a configuration file for every service (config/telemetry.example.toml)
+#   TELEMETRY_LOG_DIR       the services' log files          default $TELEMETRY_STATE_DIR/logs
+#   TELEMETRY_BINARY        run this build of `telemetry` instead of building the release one
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,8 +24,8 @@ cd "$repo"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/telemetry-pipeline/target}
 state_dir=${TELEMETRY_STATE_DIR:-/var/lib/telemetry-pipeline}
-log_dir="$state_dir/logs"
-binary="$CARGO_TARGET_DIR/release/telemetry"
+log_dir=${TELEMETRY_LOG_DIR:-$state_dir/logs}
+binary=${TELEMETRY_BINARY:-$CARGO_TARGET_DIR/release/telemetry}
 ready_seconds=60
 
 # Where the services serve HTTP (/healthz, /readyz); a wildcard address is reached on loopback.
@@ -53,10 +55,15 @@ say "starting MariaDB, Mosquitto and Kafka (scripts/services.sh start)"
 "$repo/scripts/services.sh" start
 
 # --- 2. build ------------------------------------------------------------------------------
-command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) first"
-say "building the release binary into $CARGO_TARGET_DIR (the first build takes several minutes)"
-cargo build --release --locked --quiet -p telemetry || die "cargo build --release -p telemetry failed"
-[ -x "$binary" ] || die "the build did not produce $binary"
+if [ -n "${TELEMETRY_BINARY:-}" ]; then
+  [ -x "$binary" ] || die "TELEMETRY_BINARY=$binary is not an executable"
+  say "running $binary (TELEMETRY_BINARY), not building"
+else
+  command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) first"
+  say "building the release binary into $CARGO_TARGET_DIR (the first build takes several minutes)"
+  cargo build --release --locked --quiet -p telemetry || die "cargo build --release -p telemetry failed"
+  [ -x "$binary" ] || die "the build did not produce $binary"
+fi
 
 # --- 3. PM2 --------------------------------------------------------------------------------
 pm2=$(command -v pm2 || true)
