@@ -102,9 +102,17 @@ pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
         .merge(telemetry_ops::router(readiness))
 }
 
+/// Largest message a live-view client may send. The live view takes nothing from its clients but
+/// control frames; without a limit a client could make the bridge buffer 64 MiB (tungstenite's
+/// default) per connection.
+const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
+
 async fn upgrade(socket: WebSocketUpgrade, State(frames): State<Frames>) -> impl IntoResponse {
     let frames = frames.sender.subscribe();
-    socket.on_upgrade(move |socket| forward(socket, frames))
+    socket
+        .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
+        .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
+        .on_upgrade(move |socket| forward(socket, frames))
 }
 
 /// Forwards frames to one client until it goes away. A client that falls behind by more than the

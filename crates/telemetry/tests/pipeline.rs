@@ -410,6 +410,30 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
         "kafka_consumer_lag is 0 on every raw partition: {lags:#?}"
     );
 
+    // The live view takes nothing from its clients: one that sends a large message is cut off.
+    let (intruder, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    let (mut to_bridge, mut from_bridge) = intruder.split();
+    futures::SinkExt::send(
+        &mut to_bridge,
+        tokio_tungstenite::tungstenite::Message::text("x".repeat(100_000)),
+    )
+    .await
+    .unwrap();
+    let cut_off = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match from_bridge.next().await {
+                None
+                | Some(Err(_))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(cut_off, Ok(true), "a client sending 100 kB is disconnected");
+
     shutdown.cancel();
     bridge_task.await.unwrap().unwrap();
     audit_task.await.unwrap().unwrap();
