@@ -31,10 +31,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use telemetry_core::names::{headers, topics};
+use telemetry_core::names::topics;
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
 use telemetry_store::{AlertOffset, AlertStateRow, NewAlert, Store};
@@ -438,18 +438,7 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
         else {
             return skip("a rejected record without a usable device key");
         };
-        let arrival = message
-            .headers()
-            .and_then(|record_headers| {
-                record_headers
-                    .iter()
-                    .find(|header| header.key == headers::RECEIVED_AT)
-                    .and_then(|header| header.value)
-                    .and_then(|value| std::str::from_utf8(value).ok())
-                    .and_then(|text| text.parse::<i64>().ok())
-            })
-            .or_else(|| message.timestamp().to_millis())
-            .unwrap_or_else(|| Utc::now().timestamp_millis());
+        let arrival = telemetry_kafka::received_at(message);
         engine.rejection(device_id, arrival)
     }
 }

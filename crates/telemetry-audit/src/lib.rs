@@ -21,11 +21,9 @@ pub mod replay;
 
 use std::time::Duration;
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::event::SequenceCheck;
-use telemetry_core::names::headers;
-use telemetry_core::validate::MAX_TIMESTAMP_MS;
 use telemetry_core::{Contract, Outcome, Rejection, SequenceTracker, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
 use telemetry_store::{Store, Table};
@@ -266,7 +264,7 @@ fn decide(
     metrics::counter!("events_received_total", "service" => "audit").increment(batch.len() as u64);
     for (index, message) in batch.iter().enumerate() {
         let payload = message.payload().unwrap_or_default();
-        match validator.validate(payload, received_at(message)) {
+        match validator.validate(payload, telemetry_kafka::received_at(message)) {
             Outcome::Accepted(mut event) => {
                 sequences.observe(&mut event);
                 count_quality(&event);
@@ -459,7 +457,7 @@ async fn index_dead_letters(
                 .key()
                 .and_then(|key| std::str::from_utf8(key).ok())
                 .filter(|key| !key.is_empty() && key.chars().count() <= MAX_DEVICE_ID_LENGTH),
-            received_at: received_at(letter.message),
+            received_at: telemetry_kafka::received_at(letter.message),
             code: letter.code,
             message: &letter.text,
             field: letter.field,
@@ -573,32 +571,4 @@ fn outgoing_records(
         }
     }
     outgoing
-}
-
-/// When the bridge received the record: its `received_at` header, else the Kafka timestamp
-/// (records from other producers), else now.
-fn received_at(message: &OwnedMessage) -> i64 {
-    let from_header = message.headers().and_then(|record_headers| {
-        record_headers
-            .iter()
-            .find(|header| header.key == headers::RECEIVED_AT)
-            .and_then(|header| header.value)
-            .and_then(|value| std::str::from_utf8(value).ok())
-            .and_then(|text| text.parse::<i64>().ok())
-            .filter(|millis| (0..=MAX_TIMESTAMP_MS).contains(millis))
-    });
-    from_header
-        .or_else(|| {
-            message
-                .timestamp()
-                .to_millis()
-                .filter(|millis| (0..=MAX_TIMESTAMP_MS).contains(millis))
-        })
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |elapsed| {
-                    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-                })
-        })
 }

@@ -13,10 +13,40 @@
 //!   delivering.
 //! - [`BatchConsumer`]: a consumer-group member reading in batches, committing only what its
 //!   caller declared durable.
+//! - [`received_at`]: when the bridge received a record.
 
 mod consumer;
 
 pub use consumer::BatchConsumer;
+
+use rdkafka::message::{Headers, Message};
+use telemetry_core::names::headers;
+use telemetry_core::validate::MAX_TIMESTAMP_MS;
+
+/// When the bridge received a record (raw, or DLQ, which keeps the raw record's headers): its
+/// `received_at` header, else the Kafka timestamp (records from other producers), else now. UTC
+/// milliseconds, within the years 1970-9999.
+pub fn received_at(message: &impl Message) -> i64 {
+    let in_range = |millis: &i64| (0..=MAX_TIMESTAMP_MS).contains(millis);
+    let from_header = message.headers().and_then(|record_headers| {
+        record_headers
+            .iter()
+            .find(|header| header.key == headers::RECEIVED_AT)
+            .and_then(|header| header.value)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(|text| text.parse::<i64>().ok())
+            .filter(in_range)
+    });
+    from_header
+        .or_else(|| message.timestamp().to_millis().filter(in_range))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| {
+                    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+                })
+        })
+}
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

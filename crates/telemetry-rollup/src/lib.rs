@@ -206,18 +206,15 @@ async fn fold(
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Option<RollupOutcome> {
-    let attempt = |events: &[Event]| {
-        let events = events.to_vec();
-        async move {
-            let mut result = store.roll_up(&events, late_window_ms).await;
-            if matches!(&result, Err(error) if error.is_data_error()) {
-                result = Ok(fold_one_by_one(store, &events, late_window_ms).await?);
-            }
-            readiness.set(DATABASE, result.is_ok());
-            result
+    let attempt = || async {
+        let mut result = store.roll_up(events, late_window_ms).await;
+        if matches!(&result, Err(error) if error.is_data_error()) {
+            result = fold_one_by_one(store, events, late_window_ms).await;
         }
+        readiness.set(DATABASE, result.is_ok());
+        result
     };
-    telemetry_ops::retry("Writing the rollups", shutdown, || attempt(events)).await
+    telemetry_ops::retry("Writing the rollups", shutdown, attempt).await
 }
 
 async fn fold_one_by_one(
