@@ -10,12 +10,18 @@
 #
 # Idempotent: running `start` twice starts nothing twice. Downloads are cached outside the clone.
 #
+# Besides the plaintext ports, Kafka and MariaDB also offer TLS, for the tests that prove our
+# services connect securely: Kafka a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; the
+# credentials below), MariaDB TLS on its usual port (available, not required). The certificates come
+# from a development CA generated once into $TELEMETRY_STATE_DIR/tls (clients trust tls/ca.pem).
+#
 # Environment (all optional):
-#   TELEMETRY_CACHE_DIR   downloads (Kafka jars)             default /var/cache/telemetry-pipeline
-#   TELEMETRY_STATE_DIR   data, logs and pid files           default /var/lib/telemetry-pipeline
-#   TELEMETRY_KAFKA_PORT  Kafka client port                  default 9092 (controller: port + 1)
-#   TELEMETRY_MYSQL_PORT  MariaDB port                       default 3306
-#   TELEMETRY_MQTT_PORT   Mosquitto port                     default 1883
+#   TELEMETRY_CACHE_DIR          downloads (Kafka jars)       default /var/cache/telemetry-pipeline
+#   TELEMETRY_STATE_DIR          data, logs, pid files, TLS   default /var/lib/telemetry-pipeline
+#   TELEMETRY_KAFKA_PORT         Kafka client port            default 9092 (controller: port + 1)
+#   TELEMETRY_KAFKA_SECURE_PORT  Kafka SASL_SSL client port   default Kafka client port + 2 (9094)
+#   TELEMETRY_MYSQL_PORT         MariaDB port (plain and TLS) default 3306
+#   TELEMETRY_MQTT_PORT          Mosquitto port               default 1883
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,16 +29,23 @@ cache_dir=${TELEMETRY_CACHE_DIR:-/var/cache/telemetry-pipeline}
 state_dir=${TELEMETRY_STATE_DIR:-/var/lib/telemetry-pipeline}
 kafka_port=${TELEMETRY_KAFKA_PORT:-9092}
 kafka_controller_port=$((kafka_port + 1))
+kafka_secure_port=${TELEMETRY_KAFKA_SECURE_PORT:-$((kafka_port + 2))}
 mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
 mqtt_port=${TELEMETRY_MQTT_PORT:-1883}
 kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$repo/deploy/kafka/pom.xml")
 kafka_libs="$cache_dir/kafka-$kafka_version/libs"
+tls_dir="$state_dir/tls"
 
-# The credentials of the development database; tests create one database each, so the user may
-# create databases. Production deployments use their own server and credentials.
+# The credentials of the development database; tests create one database each (and the TLS test a
+# user that must use TLS), so the user may create databases and grant on them. Production deployments use their own server and credentials.
 mysql_user=telemetry
 mysql_password=telemetry
 mysql_database=telemetry
+
+# The credentials of the development Kafka's SASL_SSL listener: one user, accepted with PLAIN,
+# SCRAM-SHA-256 and SCRAM-SHA-512. Production deployments use their own brokers and credentials.
+kafka_sasl_user=telemetry
+kafka_sasl_password=telemetry-secret
 
 say() { printf 'services: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -85,6 +98,79 @@ install_missing() {
     rm -rf "$kafka_libs"
     mv "$kafka_libs.partial" "$kafka_libs"
   fi
+  # Kafka's command-line tools (ConfigCommand, which creates the SCRAM credentials; the console
+  # producer and consumer) are not a dependency of the broker artifact. Only the jar itself: the
+  # tools we use need nothing the broker does not (its other dependency, Kafka Connect, is large).
+  if [ ! -f "$kafka_libs/kafka-tools-$kafka_version.jar" ]; then
+    command -v mvn >/dev/null || die "mvn is required to fetch the Apache Kafka jars from Maven Central"
+    say "fetching the Apache Kafka $kafka_version tools jar into $kafka_libs"
+    rm -rf "$kafka_libs.tools.partial"
+    mvn -q -B -Dstyle.color=never -f "$repo/deploy/kafka/pom.xml" dependency:copy \
+      -Dartifact="org.apache.kafka:kafka-tools:$kafka_version" -DoutputDirectory="$kafka_libs.tools.partial"
+    mv "$kafka_libs.tools.partial/kafka-tools-$kafka_version.jar" "$kafka_libs/"
+    rm -rf "$kafka_libs.tools.partial"
+  fi
+}
+
+# --- TLS -----------------------------------------------------------------------------------
+# A development CA and a server certificate for 127.0.0.1 and localhost, generated once (10 years)
+# and reused: ca.pem (what clients trust), server.pem + server.key (MariaDB) and server-bundle.pem
+# (key, certificate, CA: Kafka's PEM keystore). Everything runs as root, so the keys are 0600.
+tls_generate_ca() {
+  say "generating the development CA in $tls_dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+    -keyout "$tls_dir/ca.key.partial" -out "$tls_dir/ca.pem.partial" \
+    -config <(printf '%s\n' '[req]' 'distinguished_name = dn' 'x509_extensions = ext' '[dn]' '[ext]' \
+      'basicConstraints = critical, CA:TRUE' 'keyUsage = critical, keyCertSign, cRLSign' \
+      'subjectKeyIdentifier = hash') \
+    -subj '/O=telemetry-pipeline/CN=telemetry-pipeline development CA' 2>>"$tls_dir/openssl.log" ||
+    die "generating the development CA failed; see $tls_dir/openssl.log"
+  mv "$tls_dir/ca.key.partial" "$tls_dir/ca.key"
+  mv "$tls_dir/ca.pem.partial" "$tls_dir/ca.pem"
+}
+
+tls_generate_server() {
+  say "generating the server certificate (127.0.0.1, localhost) in $tls_dir"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$tls_dir/server.key.partial" \
+    2>>"$tls_dir/openssl.log" || die "generating the server key failed; see $tls_dir/openssl.log"
+  openssl req -new -key "$tls_dir/server.key.partial" -subj '/O=telemetry-pipeline/CN=localhost' \
+    -config <(printf '%s\n' '[req]' 'distinguished_name = dn' '[dn]') 2>>"$tls_dir/openssl.log" |
+    openssl x509 -req -CA "$tls_dir/ca.pem" -CAkey "$tls_dir/ca.key" -sha256 -days 3650 \
+      -set_serial "0x$(openssl rand -hex 16)" -out "$tls_dir/server.pem.partial" \
+      -extfile <(printf '%s\n' 'basicConstraints = critical, CA:FALSE' \
+        'keyUsage = critical, digitalSignature, keyEncipherment' 'extendedKeyUsage = serverAuth' \
+        'subjectAltName = IP:127.0.0.1, DNS:localhost' 'subjectKeyIdentifier = hash' \
+        'authorityKeyIdentifier = keyid, issuer') 2>>"$tls_dir/openssl.log" ||
+    die "signing the server certificate failed; see $tls_dir/openssl.log"
+  mv "$tls_dir/server.key.partial" "$tls_dir/server.key"
+  mv "$tls_dir/server.pem.partial" "$tls_dir/server.pem"
+}
+
+ensure_tls() {
+  mkdir -p "$tls_dir"
+  chmod 755 "$tls_dir"
+  local previous_umask
+  previous_umask=$(umask)
+  umask 077
+  if ! openssl x509 -checkend 86400 -noout -in "$tls_dir/ca.pem" >/dev/null 2>&1 ||
+    [ ! -s "$tls_dir/ca.key" ]; then
+    tls_generate_ca
+    rm -f "$tls_dir/server.pem"
+  fi
+  # A certificate that no longer verifies (expired, or signed by a CA since replaced) is replaced.
+  if ! openssl verify -CAfile "$tls_dir/ca.pem" "$tls_dir/server.pem" >/dev/null 2>&1 ||
+    [ ! -s "$tls_dir/server.key" ]; then
+    tls_generate_server
+    rm -f "$tls_dir/server-bundle.pem"
+  fi
+  if [ ! -s "$tls_dir/server-bundle.pem" ]; then
+    cat "$tls_dir/server.key" "$tls_dir/server.pem" "$tls_dir/ca.pem" >"$tls_dir/server-bundle.pem.partial"
+    mv "$tls_dir/server-bundle.pem.partial" "$tls_dir/server-bundle.pem"
+  fi
+  umask "$previous_umask"
+  # Certificates are public; clients running as another user must be able to read ca.pem.
+  chmod 644 "$tls_dir/ca.pem" "$tls_dir/server.pem"
+  chmod 600 "$tls_dir/ca.key" "$tls_dir/server.key" "$tls_dir/server-bundle.pem"
 }
 
 # --- MariaDB -------------------------------------------------------------------------------
@@ -96,9 +182,16 @@ mysql_root() { mariadb --no-defaults --socket="$mysql_socket" -uroot "$@"; }
 
 mysql_ready() { mysql_root -e 'SELECT 1' >/dev/null 2>&1; }
 
+mysql_has_tls() {
+  [ "$(mysql_root -N -B -e "SHOW VARIABLES LIKE 'have_ssl'" 2>/dev/null | cut -f 2)" = YES ]
+}
+
 start_mysql() {
   if pid_alive "$mysql_pid" && mysql_ready; then
     say "MariaDB already running on 127.0.0.1:$mysql_port"
+    mysql_has_tls || say "note: this MariaDB offers no TLS; it was started by an older" \
+      "configuration of this script. Restart it:" \
+      "scripts/services.sh stop mariadb && scripts/services.sh start mariadb"
     return
   fi
   port_open "$mysql_port" && die "port $mysql_port is taken by another process; set TELEMETRY_MYSQL_PORT"
@@ -109,20 +202,23 @@ start_mysql() {
       --auth-root-authentication-method=socket >"$mysql_dir/install.log" 2>&1 ||
       die "mariadb-install-db failed; see $mysql_dir/install.log"
   fi
-  say "starting MariaDB on 127.0.0.1:$mysql_port"
+  ensure_tls
+  say "starting MariaDB on 127.0.0.1:$mysql_port (TLS available)"
   nohup mariadbd --no-defaults --user=root --datadir="$mysql_dir/data" \
     --bind-address=127.0.0.1 --port="$mysql_port" --socket="$mysql_socket" --pid-file="$mysql_pid" \
+    --ssl-ca="$tls_dir/ca.pem" --ssl-cert="$tls_dir/server.pem" --ssl-key="$tls_dir/server.key" \
     --log-error="$mysql_dir/error.log" --default-time-zone=+00:00 \
     --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
     --innodb-buffer-pool-size=512M --innodb-log-file-size=256M --innodb-flush-log-at-trx-commit=1 \
     --max-connections=500 --skip-name-resolve >/dev/null 2>&1 &
   wait_for MariaDB 60 mysql_ready || die "MariaDB did not start; see $mysql_dir/error.log"
+  mysql_has_tls || die "MariaDB started without TLS; see $mysql_dir/error.log"
   mysql_root <<SQL
 CREATE DATABASE IF NOT EXISTS \`$mysql_database\`;
 CREATE USER IF NOT EXISTS '$mysql_user'@'127.0.0.1' IDENTIFIED BY '$mysql_password';
 CREATE USER IF NOT EXISTS '$mysql_user'@'localhost' IDENTIFIED BY '$mysql_password';
-GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'127.0.0.1';
-GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'localhost';
+GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'127.0.0.1' WITH GRANT OPTION;
+GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'localhost' WITH GRANT OPTION;
 SQL
 }
 
@@ -166,12 +262,20 @@ kafka_java() { java "${kafka_java_options[@]}" "$@"; }
 start_kafka() {
   if pid_alive "$kafka_pid" && port_open "$kafka_port"; then
     say "Kafka already running on 127.0.0.1:$kafka_port"
+    port_open "$kafka_secure_port" || say "note: this Kafka has no SASL_SSL listener on" \
+      "127.0.0.1:$kafka_secure_port; it was started by an older configuration of this script." \
+      "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
     return
   fi
   port_open "$kafka_port" && die "port $kafka_port is taken by another process; set TELEMETRY_KAFKA_PORT"
+  port_open "$kafka_secure_port" &&
+    die "port $kafka_secure_port is taken by another process; set TELEMETRY_KAFKA_SECURE_PORT"
+  ensure_tls
   mkdir -p "$kafka_dir"
   sed -e "s:@STATE_DIR@:$state_dir:g" -e "s:@KAFKA_PORT@:$kafka_port:g" \
     -e "s:@KAFKA_CONTROLLER_PORT@:$kafka_controller_port:g" \
+    -e "s:@KAFKA_SECURE_PORT@:$kafka_secure_port:g" \
+    -e "s:@KAFKA_SASL_USER@:$kafka_sasl_user:g" -e "s:@KAFKA_SASL_PASSWORD@:$kafka_sasl_password:g" \
     "$repo/deploy/kafka/server.properties" >"$kafka_dir/server.properties"
   if [ ! -f "$kafka_dir/data/meta.properties" ]; then
     say "formatting Kafka storage"
@@ -180,16 +284,29 @@ start_kafka() {
     kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$kafka_dir/server.properties" \
       >"$kafka_dir/format.log" 2>&1 || die "formatting Kafka storage failed; see $kafka_dir/format.log"
   fi
-  say "starting Apache Kafka $kafka_version on 127.0.0.1:$kafka_port"
+  say "starting Apache Kafka $kafka_version on 127.0.0.1:$kafka_port (SASL_SSL: $kafka_secure_port)"
   nohup java "${kafka_java_options[@]}" kafka.Kafka "$kafka_dir/server.properties" \
     >"$kafka_dir/kafka.log" 2>&1 &
   echo $! >"$kafka_pid"
   wait_for Kafka 90 kafka_ready || die "Kafka did not start; see $kafka_dir/kafka.log"
+  # The SCRAM credentials live in the cluster metadata, not in server.properties; upserting them
+  # on every start (through the plaintext listener) keeps them in step with the variables above.
+  # One mechanism per call: KRaft refuses to alter one user's credentials twice in one request.
+  local mechanism
+  : >"$kafka_dir/scram.log"
+  for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+    kafka_java org.apache.kafka.tools.ConfigCommand --bootstrap-server "127.0.0.1:$kafka_port" \
+      --alter --entity-type users --entity-name "$kafka_sasl_user" \
+      --add-config "$mechanism=[password=$kafka_sasl_password]" >>"$kafka_dir/scram.log" 2>&1 ||
+      die "creating the $mechanism credentials failed; see $kafka_dir/scram.log"
+  done
+  say "Kafka SCRAM-SHA-256 and SCRAM-SHA-512 credentials of user $kafka_sasl_user are in place"
 }
 
 # The port opens before the broker has registered with its controller; the log line is the signal.
 kafka_ready() {
-  port_open "$kafka_port" && grep -q 'Kafka Server started' "$kafka_dir/kafka.log"
+  port_open "$kafka_port" && port_open "$kafka_secure_port" &&
+    grep -q 'Kafka Server started' "$kafka_dir/kafka.log"
 }
 
 stop_kafka() { stop_pid Kafka "$kafka_pid" 60; }
@@ -269,6 +386,7 @@ status)
   status_line MariaDB "$mysql_pid" "$mysql_port"
   status_line Mosquitto "$mqtt_pid" "$mqtt_port"
   status_line Kafka "$kafka_pid" "$kafka_port"
+  status_line "Kafka SASL_SSL" "$kafka_pid" "$kafka_secure_port"
   ;;
 *)
   echo "usage: $0 start|stop|status [kafka|mariadb|mosquitto ...]" >&2

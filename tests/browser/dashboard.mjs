@@ -6,6 +6,7 @@
 //
 // It only observes the browser: something else (the Rust integration test) publishes valid and
 // malformed events for DEVICE_ID while it runs. Steps, in order:
+//   (s) with --token TOKEN, the sign-in form shows and no device is listed; the token is entered;
 //   (a) the device row for DEVICE_ID appears in the device table;
 //   (b) after a click on it the row is selected, live-status says "live" and live-points reaches 3;
 //   (c) history-points is at least 1 (the history chart got data);
@@ -39,7 +40,8 @@ function usage(message) {
   if (message) console.error(`dashboard.mjs: ${message}`);
   console.error(
     "usage: node tests/browser/dashboard.mjs --url URL --device DEVICE_ID --screenshot FILE.png " +
-      "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect] [--expect-alert RULE]",
+      "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect] [--expect-alert RULE] " +
+        "[--token TOKEN]",
   );
   process.exit(2);
 }
@@ -53,6 +55,7 @@ function parseArgs(argv) {
     "--timeout-seconds": "timeoutSeconds",
     "--chromium": "chromium",
     "--expect-alert": "expectAlert",
+    "--token": "token",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -139,6 +142,7 @@ function pageState() {
     })),
     metric: (document.querySelector('[data-testid="metric-select"]') || {}).value,
     errorBanner: banner && !banner.hidden ? banner.textContent.trim() : null,
+    tokenForm: !document.querySelector('[data-testid="token-form"]').hidden,
   };
 }
 
@@ -199,6 +203,16 @@ async function main() {
     }
     if (!response || !response.ok()) {
       throw new StepFailure(`could not load ${opts.url}: HTTP ${response ? response.status() : "no response"}`);
+    }
+
+    // (s) signed out: the page asks for a token and lists nothing; then sign in
+    if (opts.token) {
+      const before = await waitFor(page, "s", "the sign-in form", pageState, null, (s) => s.tokenForm, summary);
+      if (before.deviceRows.length) throw new StepFailure(`step s: devices listed before signing in: ${summary(before)}`);
+      await page.fill('[data-testid="token-input"]', opts.token);
+      await page.press('[data-testid="token-input"]', "Enter");
+      await waitFor(page, "s", "the sign-in form to go away", pageState, null, (s) => !s.tokenForm, summary);
+      console.log(`ok s: asked for a token, signed in (${elapsed()})`);
     }
 
     // (a) the device row appears

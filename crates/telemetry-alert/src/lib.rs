@@ -170,7 +170,7 @@ async fn evaluate(
     let webhook = rules.webhook.is_some();
     let outbox = Outbox {
         store: store.clone(),
-        producer: RenewableProducer::new(kafka.producer_config(&[])?)?,
+        producer: RenewableProducer::new(kafka.producer_config(&[])?, "alert")?,
         topic: config.alerts_topic.clone(),
         group_id: config.group_id.clone(),
         readiness,
@@ -519,10 +519,15 @@ impl Outbox<'_> {
                     payload,
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let result = self
                 .store
                 .save_alerts(&self.group_id, offsets, &states, &alerts, webhook)
                 .await;
+            if result.is_ok() {
+                metrics::histogram!("db_write_duration_seconds", "service" => "alert")
+                    .record(started.elapsed().as_secs_f64());
+            }
             self.readiness.set(DATABASE, result.is_ok());
             result
         })

@@ -198,14 +198,64 @@
   // ---------------------------------------------------------------------------------------------
   // API access
 
+  // Access token, when the API asks for one (TELEMETRY_AUTH_TOKENS). Kept for this tab only
+  // (sessionStorage), sent as `Authorization: Bearer` to the API and as `access_token` to the
+  // live stream, whose WebSocket cannot carry headers.
+  const TOKEN_KEY = "telemetry.access_token";
+  const auth = { required: false, token: null };
+  try {
+    auth.token = sessionStorage.getItem(TOKEN_KEY) || null;
+  } catch (_) {
+    auth.token = null;
+  }
+
+  function showTokenForm(message) {
+    $("token-form").hidden = false;
+    $("token-message").textContent = message;
+  }
+
+  function signIn(token) {
+    auth.token = token;
+    try {
+      sessionStorage.setItem(TOKEN_KEY, token);
+    } catch (_) {
+      // private mode: kept in memory only
+    }
+    $("token-form").hidden = true;
+    $("token-input").value = "";
+    clearError("sign-in");
+    devicesPoller.now();
+    dlqPoller.now();
+    alertsPoller.now();
+    historyPoller.now();
+    reconnectLive();
+  }
+
+  function onUnauthorized() {
+    const had = auth.token !== null;
+    auth.token = null;
+    try {
+      sessionStorage.removeItem(TOKEN_KEY);
+    } catch (_) {
+      // nothing stored
+    }
+    showTokenForm(had ? "That token was not accepted." : "This dashboard needs an access token.");
+  }
+
   async function fetchJson(url) {
     let res;
     let text;
+    const headers = { Accept: "application/json" };
+    if (auth.token) headers.Authorization = `Bearer ${auth.token}`;
     try {
-      res = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+      res = await fetch(url, { headers, cache: "no-store" });
       text = await res.text();
     } catch (e) {
       throw new Error(`API unreachable (${(e && e.message) || e})`);
+    }
+    if (res.status === 401) {
+      onUnauthorized();
+      throw new Error("sign in with an access token (top right)");
     }
     let body = null;
     try {
@@ -587,12 +637,33 @@
     return `${scheme}://${location.hostname}:8080/ws`;
   }
 
+  function liveUrlWithToken() {
+    if (!auth.token) return live.url;
+    const separator = live.url.includes("?") ? "&" : "?";
+    return `${live.url}${separator}access_token=${encodeURIComponent(auth.token)}`;
+  }
+
+  // Drops the current connection (if any) and connects again now, e.g. with a new token.
+  function reconnectLive() {
+    clearTimeout(live.timer);
+    live.timer = null;
+    const old = live.ws;
+    live.ws = null;
+    if (old) old.close();
+    live.backoffMs = BACKOFF_START_MS;
+    if (live.url) connectLive();
+  }
+
   function connectLive() {
     live.timer = null;
     live.retryAt = 0;
+    if (auth.required && !auth.token) {
+      renderLiveStatus();
+      return; // signIn connects
+    }
     let ws;
     try {
-      ws = new WebSocket(live.url);
+      ws = new WebSocket(liveUrlWithToken());
     } catch (e) {
       setError("live", `cannot open ${live.url}: ${(e && e.message) || e}`);
       scheduleReconnect();
@@ -633,6 +704,7 @@
     const open = live.ws && live.ws.readyState === WebSocket.OPEN;
     let text;
     if (open) text = "live";
+    else if (auth.required && !auth.token) text = "signed out";
     else if (live.ws) text = "disconnected, connecting…";
     else if (live.retryAt) {
       text = `disconnected, reconnecting in ${Math.max(1, Math.ceil((live.retryAt - Date.now()) / 1000))} s`;
@@ -985,6 +1057,8 @@
     live.url = defaultLiveUrl();
     try {
       const cfg = await fetchJson("/api/config");
+      auth.required = cfg.auth_required === true;
+      if (auth.required && !auth.token) showTokenForm("This dashboard needs an access token.");
       if (typeof cfg.live_url === "string" && /^wss?:\/\//i.test(cfg.live_url)) live.url = cfg.live_url;
       else if (cfg.live_url != null) setError("config", `ignoring live_url ${JSON.stringify(cfg.live_url)}`);
     } catch (e) {
@@ -1029,16 +1103,27 @@
       historyPoller.now();
     });
     $("dlq-only-device").addEventListener("change", () => dlqPoller.now());
+    $("token-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const token = $("token-input").value.trim();
+      if (token) signIn(token);
+    });
     if (resizeObserver) {
       resizeObserver.observe($("live-chart"));
       resizeObserver.observe($("history-chart"));
     }
 
     readHash();
-    devicesPoller.now();
-    dlqPoller.now();
-    alertsPoller.now();
-    loadConfig().then(connectLive);
+    // The configuration first: it says whether the API needs a token, so a signed-out page asks
+    // for one instead of polling into refusals.
+    loadConfig().then(() => {
+      if (!auth.required || auth.token) {
+        devicesPoller.now();
+        dlqPoller.now();
+        alertsPoller.now();
+      }
+      connectLive();
+    });
     renderLiveStatus();
 
     setInterval(() => {

@@ -185,6 +185,7 @@ fn bench_queries(criterion: &mut Criterion) {
                 failing_min_rejections: 3,
             },
             live_url: None,
+            auth: telemetry_ops::auth::Auth::disabled("api"),
         };
         (state, newest)
     });

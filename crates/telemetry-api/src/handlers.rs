@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -11,6 +11,7 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use telemetry_core::validate::Code;
+use telemetry_ops::auth::Access;
 use telemetry_store::DeadLetterFilter;
 
 use crate::health::{dlq_rate, Health};
@@ -76,6 +77,7 @@ struct DeviceBody {
 /// `GET /api/devices`: every device with its counts and health.
 pub async fn devices(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     Params::new(query, &[])?;
@@ -88,6 +90,7 @@ pub async fn devices(
     let thresholds = &state.thresholds;
     let devices = devices
         .into_iter()
+        .filter(|device| access.scope.allows(&device.device_id))
         .map(|device| DeviceBody {
             health: thresholds.judge(&device, now),
             dlq_rate_last_hour: dlq_rate(&device),
@@ -139,6 +142,7 @@ struct PointBody {
 /// rollup tables when buckets are a minute or wider and the rollup covers the range (`source`).
 pub async fn telemetry(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -146,6 +150,7 @@ pub async fn telemetry(
         ApiError::bad("id", format!("cannot be read: {}", rejection.body_text()))
     })?;
     check_name("id", &device_id, MAX_DEVICE_ID_CHARS)?;
+    allowed(&access, &device_id)?;
     let params = Params::new(query, &["metric", "from", "to", "max_points"])?;
     let metric = params
         .name("metric", MAX_METRIC_CHARS)?
@@ -240,10 +245,14 @@ struct SourceBody {
 /// `GET /api/dlq?device=&code=&limit=`: the newest rejected records, from the DLQ index.
 pub async fn dlq(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let params = Params::new(query, &["device", "code", "limit"])?;
     let device_id = params.name("device", MAX_DEVICE_ID_CHARS)?;
+    if let Some(device_id) = device_id {
+        allowed(&access, device_id)?;
+    }
     let code = params.get("code");
     if let Some(code) = code {
         let known = Code::ALL.iter().any(|known| known.as_str() == code) || code == DB_REJECTED;
@@ -266,6 +275,7 @@ pub async fn dlq(
         .dead_letters(&DeadLetterFilter {
             device_id,
             code,
+            scope: &access.scope,
             limit,
         })
         .await
@@ -316,6 +326,8 @@ pub async fn dlq(
 #[derive(Serialize)]
 struct ConfigBody<'a> {
     live_url: Option<&'a str>,
+    /// Whether the data endpoints (and the live view) need a bearer token.
+    auth_required: bool,
 }
 
 /// Most alerts per request, and the number when `limit` is not given.
@@ -332,10 +344,14 @@ struct AlertsBody {
 /// `resolved_at` from its resolution once it resolved.
 pub async fn alerts(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let params = Params::new(query, &["device", "state", "limit"])?;
     let device_id = params.name("device", MAX_DEVICE_ID_CHARS)?;
+    if let Some(device_id) = device_id {
+        allowed(&access, device_id)?;
+    }
     let firing_only = match params.get("state") {
         None | Some("all") => false,
         Some("firing") => true,
@@ -349,7 +365,7 @@ pub async fn alerts(
     let limit = params.integer("limit", 1, MAX_ALERTS_LIMIT, DEFAULT_ALERTS_LIMIT)?;
     let entries = state
         .store
-        .recent_alerts(device_id, firing_only, limit)
+        .recent_alerts(device_id, &access.scope, firing_only, limit)
         .await
         .map_err(|error| ApiError::unavailable(&error))?;
     let mut alerts = Vec::with_capacity(entries.len());
@@ -378,6 +394,7 @@ pub async fn alerts(
 pub async fn config(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(ConfigBody {
         live_url: state.live_url.as_deref(),
+        auth_required: state.auth.is_enabled(),
     })
     .into_response()
 }
@@ -385,6 +402,18 @@ pub async fn config(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// `GET /api/openapi.json`.
 pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// A 403 unless the request's token may see `device_id`.
+fn allowed(access: &Access, device_id: &str) -> Result<(), ApiError> {
+    if access.scope.allows(device_id) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "this token may not read device `{}`",
+            shorten(device_id)
+        )))
+    }
 }
 
 /// Any other `/api/...` path: a JSON 404 rather than the dashboard.

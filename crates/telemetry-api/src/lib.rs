@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
+use telemetry_ops::auth::{Auth, AuthConfig};
 use telemetry_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
+    /// The tokens file is unusable, or the API would serve everyone on a public address.
+    #[error(transparent)]
+    Auth(#[from] telemetry_ops::auth::AuthError),
     /// A setting is out of its range.
     #[error("{setting} {problem}")]
     Invalid {
@@ -104,6 +108,10 @@ pub struct ApiConfig {
         default_value_t = 3
     )]
     pub failing_min_rejections: u64,
+
+    /// Bearer tokens and their device allow-lists.
+    #[command(flatten)]
+    pub auth: AuthConfig,
 }
 
 impl ApiConfig {
@@ -132,6 +140,8 @@ pub struct AppState {
     pub thresholds: HealthThresholds,
     /// The live-view WebSocket URL for the dashboard, when configured.
     pub live_url: Option<String>,
+    /// Who may read what (off: everyone everything).
+    pub auth: Auth,
 }
 
 /// The readiness check `/readyz` reports: passing while the database answers.
@@ -142,11 +152,19 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The API and dashboard routes.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    // The data endpoints need a token when auth is on; the page, its assets, the OpenAPI
+    // document and `/api/config` (which tells the page whether to ask for a token) do not.
+    let data = Router::new()
         .route("/api/devices", get(handlers::devices))
         .route("/api/devices/{id}/telemetry", get(handlers::telemetry))
         .route("/api/dlq", get(handlers::dlq))
         .route("/api/alerts", get(handlers::alerts))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            telemetry_ops::auth::require_token,
+        ));
+    Router::new()
+        .merge(data)
         .route("/api/config", get(handlers::config))
         .route("/api/openapi.json", get(handlers::openapi))
         .route("/api/{*rest}", get(handlers::not_found))
@@ -167,11 +185,18 @@ impl Api {
         let thresholds = config.thresholds()?;
         let store = Store::connect_lazy(&config.mysql_url, config.mysql_max_connections)?;
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        let auth = Auth::from_config(
+            &config.auth,
+            "api",
+            "TELEMETRY_API_LISTEN / --api-listen",
+            server.local_addr()?,
+        )?;
         Ok(Api {
             state: AppState {
                 store,
                 thresholds,
                 live_url: config.live_url,
+                auth,
             },
             server,
         })

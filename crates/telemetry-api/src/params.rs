@@ -36,6 +36,15 @@ impl ApiError {
         }
     }
 
+    /// A 403: the request's token may not read this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            parameter: None,
+            message: message.into(),
+        }
+    }
+
     /// A 503: the database did not answer the query. The detail is logged, not sent.
     pub fn unavailable(error: &telemetry_store::Error) -> Self {
         tracing::warn!(%error, "A query failed.");

@@ -38,6 +38,7 @@ fn state(store: Store) -> AppState {
         store,
         thresholds: thresholds(),
         live_url: Some("ws://127.0.0.1:9/ws".into()),
+        auth: telemetry_ops::auth::Auth::disabled("api"),
     }
 }
 

@@ -88,7 +88,7 @@ fn main() {
             dlq_topic: "bench.replay.dlq".into(),
             topic_partitions: 3,
             topic_replication_factor: 1,
-            options: Vec::new(),
+            ..KafkaConfig::default()
         };
         fill(&kafka).await;
         let table = format!("replay_{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));

@@ -97,7 +97,7 @@ pub(crate) struct OutcomeSink {
 
 impl OutcomeSink {
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
-        let producer = RenewableProducer::new(kafka.producer_config(&[])?)?;
+        let producer = RenewableProducer::new(kafka.producer_config(&[])?, "audit")?;
         Ok(OutcomeSink { producer })
     }
 

@@ -37,7 +37,7 @@ impl KafkaSink {
     pub fn new(config: &BridgeConfig) -> Result<Self> {
         // Failed records are produced again (see `settle`); meanwhile nothing is acknowledged and
         // the MQTT broker buffers.
-        let producer = RenewableProducer::new(config.kafka.producer_config(&[])?)?;
+        let producer = RenewableProducer::new(config.kafka.producer_config(&[])?, "bridge")?;
         Ok(KafkaSink {
             producer,
             topic: Arc::from(config.kafka.raw_topic.as_str()),

@@ -24,7 +24,7 @@ use std::time::Duration;
 use telemetry_kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-pub use mqtt_source::{device_id_from_topic, mqtt_options};
+pub use mqtt_source::{device_id_from_topic, MqttConnectionConfig};
 
 /// Errors that stop the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +32,18 @@ pub enum Error {
     /// `--mqtt-url` is not a usable MQTT URL.
     #[error("TELEMETRY_MQTT_URL / --mqtt-url `{url}` is not valid: {reason}")]
     InvalidMqttUrl {
-        /// The URL as given.
+        /// The URL as given, without its password.
         url: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A setting is missing, unusable, or contradicts another.
+    #[error("{setting} {problem}")]
+    InvalidSetting {
+        /// The setting's variable and flag.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
     },
     /// Kafka set-up failed.
     #[error(transparent)]
@@ -43,6 +51,9 @@ pub enum Error {
     /// The HTTP listener could not be bound or served.
     #[error(transparent)]
     Listen(#[from] telemetry_ops::ListenError),
+    /// The tokens file is unusable, or the live view would serve everyone on a public address.
+    #[error(transparent)]
+    Auth(#[from] telemetry_ops::auth::AuthError),
     /// The payload contract (for the live view's normalized metrics) could not be loaded.
     #[error(transparent)]
     Contract(#[from] telemetry_core::ContractError),
@@ -54,13 +65,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Bridge settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BridgeConfig {
-    /// MQTT broker URL, `mqtt://host:port` (port defaults to 1883).
-    #[arg(
-        long,
-        env = "TELEMETRY_MQTT_URL",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
-    pub mqtt_url: String,
+    /// The MQTT broker and how to authenticate to it.
+    #[command(flatten)]
+    pub mqtt: MqttConnectionConfig,
 
     /// MQTT topic filter to subscribe to (QoS 1). The segment matched by the first `+` is the
     /// device id, used as the Kafka record key.
@@ -113,6 +120,10 @@ pub struct BridgeConfig {
     #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 
+    /// Bearer tokens and their device allow-lists, for the live view.
+    #[command(flatten)]
+    pub auth: telemetry_ops::auth::AuthConfig,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -129,19 +140,28 @@ pub struct Bridge {
     config: BridgeConfig,
     server: telemetry_ops::HttpServer,
     validator: std::sync::Arc<telemetry_core::Validator>,
+    auth: telemetry_ops::auth::Auth,
 }
 
 impl Bridge {
     /// Checks the configuration and binds the HTTP listener.
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
-        mqtt_source::parse_mqtt_url(&config.mqtt_url)?;
+        // Reads the TLS files too, so a bad one fails here rather than at each connection.
+        config.mqtt.options(&config.mqtt_client_id)?;
         let contract = telemetry_core::Contract::load_or_builtin(config.contract.as_deref())?;
         let validator = std::sync::Arc::new(telemetry_core::Validator::new(contract)?);
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        let auth = telemetry_ops::auth::Auth::from_config(
+            &config.auth,
+            "bridge",
+            "TELEMETRY_BRIDGE_LISTEN / --bridge-listen",
+            server.local_addr()?,
+        )?;
         Ok(Bridge {
             config,
             server,
             validator,
+            auth,
         })
     }
 
@@ -157,19 +177,20 @@ impl Bridge {
             config,
             server,
             validator,
+            auth,
         } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
         let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
         let frames = websocket::Frames::new(config.ws_buffer.max(1), validator);
 
         let server = server.spawn(
-            websocket::router(frames.clone(), readiness.clone()),
+            websocket::router(frames.clone(), readiness.clone(), auth),
             shutdown.clone(),
         );
         let (mqtt, messages) = mqtt_source::start(&config, readiness)?;
         let sink = kafka_sink::KafkaSink::new(&config)?;
         tracing::info!(
-            mqtt_url = %config.mqtt_url,
+            mqtt_url = %config.mqtt.redacted_url(),
             mqtt_topic = %config.mqtt_topic,
             raw_topic = %config.kafka.raw_topic,
             listen = %config.listen,

@@ -5,7 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
+use std::path::PathBuf;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -78,12 +83,66 @@ impl MqttHandle {
     }
 }
 
-/// Where the MQTT broker is and who we are to it, parsed from `--mqtt-url`.
+/// How to reach the MQTT broker and who we are to it: shared by the bridge and the simulator.
+#[derive(Clone, clap::Args)]
+pub struct MqttConnectionConfig {
+    /// MQTT broker URL: `mqtt://host[:port]` (port 1883 by default) or `mqtts://host[:port]` for
+    /// TLS (port 8883 by default).
+    #[arg(
+        long,
+        env = "TELEMETRY_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    pub mqtt_url: String,
+
+    /// MQTT user name (or give it in the URL, `mqtt://user:password@host`).
+    #[arg(long, env = "TELEMETRY_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// MQTT password. Never logged; prefer the environment variable or the configuration file to
+    /// the flag, which other users of the machine can read in the process list.
+    #[arg(long, env = "TELEMETRY_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
+
+    /// PEM file of the CA certificates that sign the broker's certificate, with `mqtts://`.
+    /// Without it, the system's CA store.
+    #[arg(long, env = "TELEMETRY_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// PEM file of this client's certificate chain, for brokers that require client certificates
+    /// (`require_certificate true` in Mosquitto); with `--mqtt-key-file`.
+    #[arg(long, env = "TELEMETRY_MQTT_CERTIFICATE_FILE")]
+    pub mqtt_certificate_file: Option<PathBuf>,
+
+    /// PEM file of this client's private key (unencrypted), with `--mqtt-certificate-file`.
+    #[arg(long, env = "TELEMETRY_MQTT_KEY_FILE")]
+    pub mqtt_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for MqttConnectionConfig {
+    // The password never reaches a log or an error message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConnectionConfig")
+            .field("mqtt_url", &self.redacted_url())
+            .field("mqtt_username", &self.mqtt_username)
+            .field(
+                "mqtt_password",
+                &self.mqtt_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("mqtt_ca_file", &self.mqtt_ca_file)
+            .field("mqtt_certificate_file", &self.mqtt_certificate_file)
+            .field("mqtt_key_file", &self.mqtt_key_file)
+            .finish()
+    }
+}
+
+/// Where the MQTT broker is and who we are to it, from the settings.
 #[derive(PartialEq, Eq)]
 pub(crate) struct MqttAddress {
     host: String,
     port: u16,
-    /// User name and password, when the URL carries them.
+    tls: bool,
+    /// User name and password, when given.
     credentials: Option<(String, String)>,
 }
 
@@ -93,47 +152,231 @@ impl std::fmt::Debug for MqttAddress {
         f.debug_struct("MqttAddress")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("tls", &self.tls)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .finish()
     }
 }
 
-/// Parses `mqtt://[user:password@]host[:port]`.
-pub(crate) fn parse_mqtt_url(raw: &str) -> Result<MqttAddress> {
-    let invalid = |reason: &str| Error::InvalidMqttUrl {
-        url: raw.to_string(),
-        reason: reason.to_string(),
-    };
-    let url = url::Url::parse(raw).map_err(|error| invalid(&error.to_string()))?;
-    match url.scheme() {
-        "mqtt" | "tcp" => {}
-        other => {
-            return Err(invalid(&format!(
-                "scheme `{other}` is not supported, use mqtt://"
-            )))
+impl MqttConnectionConfig {
+    /// Settings for the broker at `url`, without credentials or TLS files.
+    pub fn new(url: impl Into<String>) -> Self {
+        MqttConnectionConfig {
+            mqtt_url: url.into(),
+            mqtt_username: None,
+            mqtt_password: None,
+            mqtt_ca_file: None,
+            mqtt_certificate_file: None,
+            mqtt_key_file: None,
         }
     }
-    let host = url.host_str().ok_or_else(|| invalid("it has no host"))?;
-    let credentials = match (url.username(), url.password()) {
-        ("", None) => None,
-        (user, password) => Some((user.to_string(), password.unwrap_or_default().to_string())),
-    };
-    Ok(MqttAddress {
-        host: host.to_string(),
-        port: url.port().unwrap_or(1883),
-        credentials,
-    })
+
+    /// The URL without its password, for logs.
+    pub fn redacted_url(&self) -> String {
+        match url::Url::parse(&self.mqtt_url) {
+            Ok(mut url) if url.password().is_some() => {
+                // Only fails for URLs that cannot have credentials, which this one has.
+                let _ = url.set_password(Some("redacted"));
+                url.to_string()
+            }
+            Ok(_) => self.mqtt_url.clone(),
+            Err(_) => String::from("(not a URL)"),
+        }
+    }
+
+    /// Checks the settings against each other; see [`MqttConnectionConfig::options`].
+    pub(crate) fn address(&self) -> Result<MqttAddress> {
+        let invalid = |reason: &str| Error::InvalidMqttUrl {
+            url: self.redacted_url(),
+            reason: reason.to_string(),
+        };
+        let url = url::Url::parse(&self.mqtt_url).map_err(|error| invalid(&error.to_string()))?;
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => {
+                return Err(invalid(&format!(
+                    "scheme `{other}` is not supported, use mqtt:// or mqtts://"
+                )))
+            }
+        };
+        let host = url.host_str().ok_or_else(|| invalid("it has no host"))?;
+        let from_url = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some((
+                percent_decoded(user),
+                percent_decoded(password.unwrap_or_default()),
+            )),
+        };
+        let from_settings = match (&self.mqtt_username, &self.mqtt_password) {
+            (None, None) => None,
+            (Some(user), password) => Some((user.clone(), password.clone().unwrap_or_default())),
+            (None, Some(_)) => {
+                return Err(Error::InvalidSetting {
+                    setting: "TELEMETRY_MQTT_USERNAME / --mqtt-username",
+                    problem: "is required with a password".into(),
+                })
+            }
+        };
+        let credentials = match (from_url, from_settings) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "it carries credentials and --mqtt-username is set too: give them once",
+                ))
+            }
+            (url, settings) => url.or(settings),
+        };
+        let files = [
+            (
+                "TELEMETRY_MQTT_CA_FILE / --mqtt-ca-file",
+                &self.mqtt_ca_file,
+            ),
+            (
+                "TELEMETRY_MQTT_CERTIFICATE_FILE / --mqtt-certificate-file",
+                &self.mqtt_certificate_file,
+            ),
+            (
+                "TELEMETRY_MQTT_KEY_FILE / --mqtt-key-file",
+                &self.mqtt_key_file,
+            ),
+        ];
+        for (setting, file) in files {
+            if file.is_some() && !tls {
+                return Err(Error::InvalidSetting {
+                    setting,
+                    problem: "is set, but the MQTT URL is not mqtts://".into(),
+                });
+            }
+        }
+        if self.mqtt_certificate_file.is_some() != self.mqtt_key_file.is_some() {
+            return Err(Error::InvalidSetting {
+                setting: "TELEMETRY_MQTT_KEY_FILE / --mqtt-key-file",
+                problem: "a client certificate and its key are given together, or neither".into(),
+            });
+        }
+        Ok(MqttAddress {
+            host: host.to_string(),
+            port: url.port().unwrap_or(if tls { 8883 } else { 1883 }),
+            tls,
+            credentials,
+        })
+    }
+
+    /// MQTT client options for the configured broker, with its credentials and TLS: what every
+    /// MQTT client of ours starts from. Certificate files are read here, so a bad one fails
+    /// start-up naming its setting.
+    pub fn options(&self, client_id: &str) -> Result<MqttOptions> {
+        let address = self.address()?;
+        let mut options = MqttOptions::new(client_id, address.host, address.port);
+        if let Some((user, password)) = address.credentials {
+            options.set_credentials(user, password);
+        }
+        if address.tls {
+            let tls = self.tls_config()?;
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        }
+        Ok(options)
+    }
+
+    /// The TLS client configuration: the CA file's certificates (or the system's), and the client
+    /// certificate when one is set.
+    fn tls_config(&self) -> Result<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::PrivateKeyDer;
+
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.mqtt_ca_file {
+            Some(path) => {
+                let setting = "TELEMETRY_MQTT_CA_FILE / --mqtt-ca-file";
+                let certificates = read_certificates(setting, path)?;
+                for certificate in certificates {
+                    roots
+                        .add(certificate)
+                        .map_err(|error| Error::InvalidSetting {
+                            setting,
+                            problem: format!("`{}`: {error}", path.display()),
+                        })?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                for error in &native.errors {
+                    tracing::debug!(%error, "A system CA certificate could not be loaded.");
+                }
+                let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+                if roots.is_empty() {
+                    return Err(Error::InvalidSetting {
+                        setting: "TELEMETRY_MQTT_CA_FILE / --mqtt-ca-file",
+                        problem: "is not set and the system has no CA certificates".into(),
+                    });
+                }
+            }
+        }
+        // The provider is named rather than taken from the process default: more than one crate
+        // in the binary enables rustls providers, so there is no single default.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| Error::InvalidSetting {
+                setting: "TELEMETRY_MQTT_URL / --mqtt-url",
+                problem: format!("TLS cannot be set up: {error}"),
+            })?
+            .with_root_certificates(roots);
+        match (&self.mqtt_certificate_file, &self.mqtt_key_file) {
+            (Some(certificate_path), Some(key_path)) => {
+                let chain = read_certificates(
+                    "TELEMETRY_MQTT_CERTIFICATE_FILE / --mqtt-certificate-file",
+                    certificate_path,
+                )?;
+                let key_setting = "TELEMETRY_MQTT_KEY_FILE / --mqtt-key-file";
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| {
+                    Error::InvalidSetting {
+                        setting: key_setting,
+                        problem: format!(
+                            "`{}` holds no usable private key: {error}",
+                            key_path.display()
+                        ),
+                    }
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|error| Error::InvalidSetting {
+                        setting: key_setting,
+                        problem: format!("does not go with the certificate: {error}"),
+                    })
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
 }
 
-/// MQTT client options for the broker at `url` (`mqtt://[user:password@]host[:port]`), with the
-/// URL's credentials: what every MQTT client of ours starts from.
-pub fn mqtt_options(url: &str, client_id: &str) -> Result<MqttOptions> {
-    let address = parse_mqtt_url(url)?;
-    let mut options = MqttOptions::new(client_id, address.host, address.port);
-    if let Some((user, password)) = address.credentials {
-        options.set_credentials(user, password);
+/// The certificates of the PEM file at `path`; at least one.
+fn read_certificates(
+    setting: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let problem = |reason: String| Error::InvalidSetting {
+        setting,
+        problem: format!("`{}` {reason}", path.display()),
+    };
+    let certificates = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|error| problem(format!("cannot be read: {error}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| problem(format!("is not valid PEM: {error}")))?;
+    if certificates.is_empty() {
+        return Err(problem("holds no certificate".into()));
     }
-    Ok(options)
+    Ok(certificates)
+}
+
+/// A URL's user or password with its percent-escapes decoded (`p%40ss` is `p@ss`).
+fn percent_decoded(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The topic segment matched by the first `+` of `filter`, e.g. `pico-1` for
@@ -148,7 +391,7 @@ pub(crate) fn start(
     config: &BridgeConfig,
     readiness: Arc<Readiness>,
 ) -> Result<(MqttHandle, mpsc::UnboundedReceiver<Message>)> {
-    let mut options = mqtt_options(&config.mqtt_url, &config.mqtt_client_id)?;
+    let mut options = config.mqtt.options(&config.mqtt_client_id)?;
     options
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -292,25 +535,91 @@ mod tests {
         );
     }
 
+    fn address_of(url: &str) -> Result<MqttAddress> {
+        MqttConnectionConfig::new(url).address()
+    }
+
     #[test]
     fn mqtt_urls_are_checked() {
-        let address = |host: &str, port, credentials: Option<(&str, &str)>| MqttAddress {
+        let address = |host: &str, port, tls, credentials: Option<(&str, &str)>| MqttAddress {
             host: host.to_string(),
             port,
+            tls,
             credentials: credentials
                 .map(|(user, password)| (user.to_string(), password.to_string())),
         };
         assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1884").ok(),
-            Some(address("127.0.0.1", 1884, None))
+            address_of("mqtt://127.0.0.1:1884").ok(),
+            Some(address("127.0.0.1", 1884, false, None))
         );
-        let with_credentials = parse_mqtt_url("mqtt://u:secret@broker").ok();
+        assert_eq!(
+            address_of("mqtts://broker").ok(),
+            Some(address("broker", 8883, true, None))
+        );
+        let with_credentials = address_of("mqtt://u:p%40ss+word@broker").ok();
         assert_eq!(
             with_credentials,
-            Some(address("broker", 1883, Some(("u", "secret"))))
+            Some(address("broker", 1883, false, Some(("u", "p@ss+word"))))
         );
-        assert!(!format!("{with_credentials:?}").contains("secret"));
-        assert!(parse_mqtt_url("http://x").is_err());
-        assert!(parse_mqtt_url("not a url").is_err());
+        assert!(!format!("{with_credentials:?}").contains("p@ss"));
+        assert!(address_of("http://x").is_err());
+        assert!(address_of("not a url").is_err());
+    }
+
+    #[test]
+    fn credentials_and_tls_files_are_checked_against_each_other() {
+        let mut config = MqttConnectionConfig::new("mqtt://u:secret@broker");
+        config.mqtt_username = Some("other".into());
+        let error = config.address().err().map(|error| error.to_string());
+        assert!(error
+            .as_deref()
+            .is_some_and(|text| text.contains("give them once")));
+        assert!(!error.unwrap_or_default().contains("secret"));
+
+        let mut config = MqttConnectionConfig::new("mqtt://broker");
+        config.mqtt_password = Some("secret".into());
+        assert!(config.address().is_err());
+        config.mqtt_username = Some("user".into());
+        assert!(config
+            .address()
+            .is_ok_and(|address| address.credentials == Some(("user".into(), "secret".into()))));
+        assert!(!format!("{config:?}").contains("secret"));
+
+        let mut config = MqttConnectionConfig::new("mqtt://broker");
+        config.mqtt_ca_file = Some("ca.pem".into());
+        let error = config.address().err().map(|error| error.to_string());
+        assert!(
+            error.is_some_and(|text| text.contains("--mqtt-ca-file") && text.contains("mqtts://"))
+        );
+
+        let mut config = MqttConnectionConfig::new("mqtts://broker");
+        config.mqtt_certificate_file = Some("client.pem".into());
+        assert!(config.address().is_err());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_naming_the_setting() {
+        let path = std::env::temp_dir().join(format!("mqtt-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "not a certificate\n").ok();
+        let mut config = MqttConnectionConfig::new("mqtts://broker");
+        config.mqtt_ca_file = Some(path.clone());
+        let error = config
+            .options("client")
+            .err()
+            .map(|error| error.to_string());
+        std::fs::remove_file(&path).ok();
+        assert!(error.is_some_and(|text| text.contains("--mqtt-ca-file")));
+    }
+
+    #[test]
+    fn redacted_urls_keep_everything_but_the_password() {
+        assert_eq!(
+            MqttConnectionConfig::new("mqtt://u:secret@broker:1884").redacted_url(),
+            "mqtt://u:redacted@broker:1884"
+        );
+        assert_eq!(
+            MqttConnectionConfig::new("mqtt://broker").redacted_url(),
+            "mqtt://broker"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use telemetry_core::{Metrics, Outcome, Validator};
+use telemetry_core::{DeviceScope, Metrics, Outcome, Validator};
+use telemetry_ops::auth::{Access, Auth};
 use telemetry_ops::Readiness;
 
 use crate::mqtt_source::Message;
@@ -23,8 +24,16 @@ use crate::mqtt_source::Message;
 /// contract that normalizes the frames' metrics.
 #[derive(Clone)]
 pub(crate) struct Frames {
-    sender: broadcast::Sender<Utf8Bytes>,
+    sender: broadcast::Sender<LiveFrame>,
     validator: Arc<Validator>,
+}
+
+/// One encoded frame and the device it is about, so each client's device allow-list can be
+/// applied without decoding it again.
+#[derive(Clone)]
+struct LiveFrame {
+    device_id: Option<Arc<str>>,
+    text: Utf8Bytes,
 }
 
 impl Frames {
@@ -89,15 +98,22 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
     };
     match serde_json::to_string(&frame) {
         // No receiver left between the check and the send is fine: nobody is watching.
-        Ok(text) => drop(frames.sender.send(Utf8Bytes::from(text))),
+        Ok(text) => drop(frames.sender.send(LiveFrame {
+            device_id: device_id.map(Arc::from),
+            text: Utf8Bytes::from(text),
+        })),
         Err(error) => tracing::warn!(%error, "Could not encode a live-view frame."),
     }
 }
 
 /// The router, separate from the listener so handlers can be tested without a socket.
-pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
+pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>, auth: Auth) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            telemetry_ops::auth::require_token,
+        ))
         .with_state(frames)
         .merge(telemetry_ops::router(readiness))
 }
@@ -107,25 +123,37 @@ pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>) -> Router {
 /// default) per connection.
 const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
 
-async fn upgrade(socket: WebSocketUpgrade, State(frames): State<Frames>) -> impl IntoResponse {
+async fn upgrade(
+    socket: WebSocketUpgrade,
+    State(frames): State<Frames>,
+    Extension(access): Extension<Access>,
+) -> impl IntoResponse {
     let frames = frames.sender.subscribe();
     socket
         .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
         .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
-        .on_upgrade(move |socket| forward(socket, frames))
+        .on_upgrade(move |socket| forward(socket, frames, access.scope))
 }
 
-/// Forwards frames to one client until it goes away. A client that falls behind by more than the
-/// buffer skips the oldest frames; the pipeline never waits for it.
-async fn forward(socket: WebSocket, mut frames: broadcast::Receiver<Utf8Bytes>) {
+/// Forwards the frames of the devices in `scope` to one client until it goes away. A client that
+/// falls behind by more than the buffer skips the oldest frames; the pipeline never waits for it.
+async fn forward(
+    socket: WebSocket,
+    mut frames: broadcast::Receiver<LiveFrame>,
+    scope: DeviceScope,
+) {
     let clients = metrics::gauge!("websocket_clients", "service" => "bridge");
     clients.increment(1);
     let (mut sender, mut receiver) = socket.split();
     loop {
         tokio::select! {
             frame = frames.recv() => match frame {
-                Ok(text) => {
-                    if sender.send(WsMessage::Text(text)).await.is_err() {
+                Ok(frame) => {
+                    let visible = match &frame.device_id {
+                        Some(device_id) => scope.allows(device_id),
+                        None => scope.allows_unknown_devices(),
+                    };
+                    if visible && sender.send(WsMessage::Text(frame.text)).await.is_err() {
                         break;
                     }
                 }

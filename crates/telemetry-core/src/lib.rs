@@ -11,15 +11,18 @@
 //! - [`validate`]: the [`Validator`] compiled from a contract, [`Outcome`], [`Rejection`], [`Code`].
 //! - [`sequence`]: per-device `seq` gap and regression flags.
 //! - [`event`]: the normalized [`Event`] and its place in Kafka, [`SourcePosition`].
+//! - [`scope`]: [`DeviceScope`], the devices an API token may see.
 
 pub mod contract;
 pub mod event;
 mod json_reader;
 pub mod names;
+pub mod scope;
 pub mod sequence;
 pub mod validate;
 
 pub use contract::{Contract, ContractError};
 pub use event::{Event, MetricName, Metrics, Quality, SequenceCheck, SourcePosition};
+pub use scope::{DevicePattern, DeviceScope};
 pub use sequence::SequenceTracker;
 pub use validate::{Code, Outcome, Rejection, Validator};

@@ -69,6 +69,14 @@ pub enum Error {
     /// librdkafka refused the client configuration or the request.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A setting is missing, or contradicts another.
+    #[error("{setting}: {problem}")]
+    Invalid {
+        /// The setting's variable and flag.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The broker refused to create a topic.
     #[error("creating topic `{topic}` failed: {code}")]
     CreateTopic {
@@ -83,7 +91,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Kafka settings shared by every service.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct KafkaConfig {
     /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(
@@ -115,14 +123,125 @@ pub struct KafkaConfig {
           default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_replication_factor: i32,
 
+    /// How clients talk to the brokers: `plaintext`, `ssl` (TLS), `sasl_plaintext` or
+    /// `sasl_ssl` (SASL authentication over TLS).
+    #[arg(long = "kafka-security-protocol", env = "TELEMETRY_KAFKA_SECURITY_PROTOCOL",
+          default_value = "plaintext",
+          value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"])]
+    pub security_protocol: String,
+
+    /// SASL mechanism with `sasl_*` protocols: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[arg(long = "kafka-sasl-mechanism", env = "TELEMETRY_KAFKA_SASL_MECHANISM",
+          value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub sasl_mechanism: Option<String>,
+
+    /// SASL user name.
+    #[arg(long = "kafka-sasl-username", env = "TELEMETRY_KAFKA_SASL_USERNAME")]
+    pub sasl_username: Option<String>,
+
+    /// SASL password. Never logged; prefer the environment variable or the configuration file
+    /// to the flag, which other users of the machine can read in the process list.
+    #[arg(
+        long = "kafka-sasl-password",
+        env = "TELEMETRY_KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sasl_password: Option<String>,
+
+    /// PEM file of the CA certificates that sign the brokers' certificates, with `ssl` and
+    /// `sasl_ssl`. Without it, the system's CA store.
+    #[arg(long = "kafka-ssl-ca-file", env = "TELEMETRY_KAFKA_SSL_CA_FILE")]
+    pub ssl_ca_file: Option<std::path::PathBuf>,
+
+    /// PEM file of this client's certificate, for brokers that require client certificates
+    /// (mutual TLS); with `--kafka-ssl-key-file`.
+    #[arg(
+        long = "kafka-ssl-certificate-file",
+        env = "TELEMETRY_KAFKA_SSL_CERTIFICATE_FILE"
+    )]
+    pub ssl_certificate_file: Option<std::path::PathBuf>,
+
+    /// PEM file of this client's private key (unencrypted), with `--kafka-ssl-certificate-file`.
+    #[arg(long = "kafka-ssl-key-file", env = "TELEMETRY_KAFKA_SSL_KEY_FILE")]
+    pub ssl_key_file: Option<std::path::PathBuf>,
+
     /// Raw librdkafka option for every client, as key=value (repeatable; env: comma-separated),
-    /// e.g. `security.protocol=SASL_SSL`. Applied last, so it overrides our defaults.
+    /// e.g. `socket.keepalive.enable=true`. Applied last, so it overrides our defaults and the
+    /// settings above.
     #[arg(
         long = "kafka-option",
         env = "TELEMETRY_KAFKA_OPTIONS",
         value_delimiter = ','
     )]
     pub options: Vec<String>,
+}
+
+impl Default for KafkaConfig {
+    /// The flags' defaults: a plaintext local broker and the standard topic names.
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::from("127.0.0.1:9092"),
+            raw_topic: topics::RAW.to_string(),
+            cleaned_topic: topics::CLEANED.to_string(),
+            dlq_topic: topics::DLQ.to_string(),
+            topic_partitions: 3,
+            topic_replication_factor: 1,
+            security_protocol: String::from("plaintext"),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_file: None,
+            ssl_certificate_file: None,
+            ssl_key_file: None,
+            options: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    // Passwords (the SASL password, and any pass-through option that names one) never reach a
+    // log or an error message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<String> = self
+            .options
+            .iter()
+            .map(|option| redact_option(option))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("raw_topic", &self.raw_topic)
+            .field("cleaned_topic", &self.cleaned_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ssl_ca_file", &self.ssl_ca_file)
+            .field("ssl_certificate_file", &self.ssl_certificate_file)
+            .field("ssl_key_file", &self.ssl_key_file)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+/// `key=value` with the value hidden when the key names a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, ...).
+fn redact_option(option: &str) -> String {
+    match option.split_once('=') {
+        Some((key, _))
+            if ["password", "secret", "jaas"]
+                .iter()
+                .any(|word| key.to_ascii_lowercase().contains(word)) =>
+        {
+            format!("{key}=<redacted>")
+        }
+        _ => option.to_string(),
+    }
 }
 
 /// What every producer of ours promises: a record counts as written once all in-sync replicas
@@ -161,6 +280,9 @@ impl KafkaConfig {
         for (key, value) in defaults {
             config.set(*key, *value);
         }
+        for (key, value) in self.security_settings()? {
+            config.set(key, value);
+        }
         for option in &self.options {
             let (key, value) = option
                 .split_once('=')
@@ -169,6 +291,94 @@ impl KafkaConfig {
             config.set(key.trim(), value.trim());
         }
         Ok(config)
+    }
+}
+
+impl KafkaConfig {
+    /// The librdkafka settings of the security options, checked against each other: a SASL
+    /// protocol needs a mechanism, a user name and a password; a client certificate needs its key.
+    fn security_settings(&self) -> Result<Vec<(&'static str, String)>> {
+        let invalid = |setting: &'static str, problem: &str| Error::Invalid {
+            setting,
+            problem: problem.to_string(),
+        };
+        let protocol = self.security_protocol.as_str();
+        let sasl = protocol.starts_with("sasl_");
+        let tls = protocol.ends_with("ssl");
+        let mut settings = vec![("security.protocol", protocol.to_string())];
+        if sasl {
+            let mechanism = self.sasl_mechanism.as_ref().ok_or_else(|| {
+                invalid(
+                    "TELEMETRY_KAFKA_SASL_MECHANISM / --kafka-sasl-mechanism",
+                    &format!("is required with security protocol `{protocol}`"),
+                )
+            })?;
+            let username = self.sasl_username.as_ref().ok_or_else(|| {
+                invalid(
+                    "TELEMETRY_KAFKA_SASL_USERNAME / --kafka-sasl-username",
+                    &format!("is required with security protocol `{protocol}`"),
+                )
+            })?;
+            let password = self.sasl_password.as_ref().ok_or_else(|| {
+                invalid(
+                    "TELEMETRY_KAFKA_SASL_PASSWORD / --kafka-sasl-password",
+                    &format!("is required with security protocol `{protocol}`"),
+                )
+            })?;
+            settings.push(("sasl.mechanism", mechanism.clone()));
+            settings.push(("sasl.username", username.clone()));
+            settings.push(("sasl.password", password.clone()));
+        } else if self.sasl_mechanism.is_some()
+            || self.sasl_username.is_some()
+            || self.sasl_password.is_some()
+        {
+            return Err(invalid(
+                "TELEMETRY_KAFKA_SECURITY_PROTOCOL / --kafka-security-protocol",
+                &format!(
+                    "is `{protocol}`, but SASL settings are given: use `sasl_ssl` (or `sasl_plaintext`)"
+                ),
+            ));
+        }
+        let files = [
+            (
+                "TELEMETRY_KAFKA_SSL_CA_FILE / --kafka-ssl-ca-file",
+                "ssl.ca.location",
+                &self.ssl_ca_file,
+            ),
+            (
+                "TELEMETRY_KAFKA_SSL_CERTIFICATE_FILE / --kafka-ssl-certificate-file",
+                "ssl.certificate.location",
+                &self.ssl_certificate_file,
+            ),
+            (
+                "TELEMETRY_KAFKA_SSL_KEY_FILE / --kafka-ssl-key-file",
+                "ssl.key.location",
+                &self.ssl_key_file,
+            ),
+        ];
+        for (setting, key, file) in files {
+            let Some(file) = file else { continue };
+            if !tls {
+                return Err(invalid(
+                    setting,
+                    &format!("is set, but security protocol `{protocol}` does not use TLS: use `ssl` or `sasl_ssl`"),
+                ));
+            }
+            if !file.is_file() {
+                return Err(invalid(
+                    setting,
+                    &format!("`{}` is not a readable file", file.display()),
+                ));
+            }
+            settings.push((key, file.display().to_string()));
+        }
+        if self.ssl_certificate_file.is_some() != self.ssl_key_file.is_some() {
+            return Err(invalid(
+                "TELEMETRY_KAFKA_SSL_KEY_FILE / --kafka-ssl-key-file",
+                "a client certificate and its key are given together, or neither",
+            ));
+        }
+        Ok(settings)
     }
 }
 
@@ -215,17 +425,21 @@ pub struct RenewableProducer {
 
 struct Renewable {
     config: ClientConfig,
+    /// The `service` label of the produce metrics.
+    service: &'static str,
     /// Why a mutex: producers run on several tasks; the instance is swapped rarely.
     current: Mutex<(FutureProducer, Instant)>,
 }
 
 impl RenewableProducer {
-    /// Creates the first instance from `config` (see [`KafkaConfig::producer_config`]).
-    pub fn new(config: ClientConfig) -> Result<Self> {
+    /// Creates the first instance from `config` (see [`KafkaConfig::producer_config`]), for
+    /// `service` (the label of its metrics).
+    pub fn new(config: ClientConfig, service: &'static str) -> Result<Self> {
         let producer: FutureProducer = config.create()?;
         Ok(RenewableProducer {
             inner: Arc::new(Renewable {
                 config,
+                service,
                 current: Mutex::new((producer, Instant::now())),
             }),
         })
@@ -272,20 +486,104 @@ impl RenewableProducer {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
+        let started = Instant::now();
+        let topic = record.topic.to_string();
         // librdkafka copies key, payload and headers, so the record's borrows end here.
         let delivery = self
             .current()
             .send_result(record)
             .map_err(|(error, _)| error)?;
-        match delivery.await {
+        let result = match delivery.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((error, _))) => Err(error),
             Err(_canceled) => Err(KafkaError::Canceled),
+        };
+        let service = self.inner.service;
+        match &result {
+            // From handing the record over to the brokers' acknowledgement (acks=all): batching,
+            // compression, the network and replication; what Kafka adds to a record's latency.
+            Ok(()) => metrics::histogram!("kafka_produce_duration_seconds", "service" => service, "topic" => topic)
+                .record(started.elapsed().as_secs_f64()),
+            Err(_) => metrics::counter!("kafka_produce_errors_total", "service" => service, "topic" => topic)
+                .increment(1),
         }
+        result
     }
 
     /// Waits up to `timeout` for everything queued in the current instance.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         Ok(self.current().flush(timeout)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(config: &KafkaConfig) -> String {
+        config
+            .client_config(&[])
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn security_settings_are_checked_against_each_other() {
+        let sasl = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            ..KafkaConfig::default()
+        };
+        assert!(error_of(&sasl).contains("--kafka-sasl-mechanism"));
+        let sasl = KafkaConfig {
+            sasl_mechanism: Some("SCRAM-SHA-256".into()),
+            sasl_username: Some("user".into()),
+            ..sasl
+        };
+        assert!(error_of(&sasl).contains("--kafka-sasl-password"));
+        let complete = KafkaConfig {
+            sasl_password: Some("secret".into()),
+            ..sasl.clone()
+        };
+        assert!(complete.client_config(&[]).is_ok());
+
+        let plaintext_with_user = KafkaConfig {
+            sasl_username: Some("user".into()),
+            ..KafkaConfig::default()
+        };
+        assert!(error_of(&plaintext_with_user).contains("sasl_ssl"));
+        let missing_file = KafkaConfig {
+            security_protocol: "ssl".into(),
+            ssl_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..KafkaConfig::default()
+        };
+        assert!(error_of(&missing_file).contains("--kafka-ssl-ca-file"));
+        let certificate_without_key = KafkaConfig {
+            security_protocol: "ssl".into(),
+            ssl_certificate_file: Some(std::env::current_exe().unwrap_or_default()),
+            ..KafkaConfig::default()
+        };
+        assert!(error_of(&certificate_without_key).contains("--kafka-ssl-key-file"));
+    }
+
+    #[test]
+    fn passwords_never_reach_debug_output() {
+        let config = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            sasl_mechanism: Some("PLAIN".into()),
+            sasl_username: Some("user".into()),
+            sasl_password: Some("hunter2".into()),
+            options: vec![
+                "ssl.key.password=hunter3".into(),
+                "sasl.jaas.config=secret-jaas".into(),
+                "linger.ms=5".into(),
+            ],
+            ..KafkaConfig::default()
+        };
+        let shown = format!("{config:?}");
+        for secret in ["hunter2", "hunter3", "secret-jaas"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("linger.ms=5") && shown.contains("user"));
     }
 }

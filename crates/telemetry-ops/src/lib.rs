@@ -10,6 +10,10 @@
 //! - [`router`]: the three routes, to serve alone or merge into a service's router.
 //! - [`HttpServer`]: bind an address, then serve a router until shutdown.
 //! - [`retry`]: retry an operation with capped backoff until it succeeds or shutdown.
+//! - [`auth`]: bearer tokens with a device allow-list each, and the refusal of an unauthenticated
+//!   service on a public address.
+
+pub mod auth;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

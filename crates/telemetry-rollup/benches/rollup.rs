@@ -120,7 +120,7 @@ fn main() {
             dlq_topic: "bench.rollup.dlq".into(),
             topic_partitions: 3,
             topic_replication_factor: 1,
-            options: Vec::new(),
+            ..KafkaConfig::default()
         };
         fill(&kafka).await;
         let total = events_in_topic();

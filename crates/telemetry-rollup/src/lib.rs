@@ -207,7 +207,12 @@ async fn fold(
     shutdown: &CancellationToken,
 ) -> Option<RollupOutcome> {
     let attempt = || async {
+        let started = std::time::Instant::now();
         let mut result = store.roll_up(events, late_window_ms).await;
+        if result.is_ok() {
+            metrics::histogram!("db_write_duration_seconds", "service" => "rollup")
+                .record(started.elapsed().as_secs_f64());
+        }
         if matches!(&result, Err(error) if error.is_data_error()) {
             result = fold_one_by_one(store, events, late_window_ms).await;
         }

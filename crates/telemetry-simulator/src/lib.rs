@@ -33,13 +33,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Simulator settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateConfig {
-    /// The MQTT broker.
-    #[arg(
-        long,
-        env = "TELEMETRY_MQTT_URL",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
-    pub mqtt_url: String,
+    /// The MQTT broker and how to authenticate to it.
+    #[command(flatten)]
+    pub mqtt: telemetry_bridge::MqttConnectionConfig,
 
     /// Topics are `<prefix>/<device id>/telemetry`.
     #[arg(long, default_value = "devices")]
@@ -323,7 +319,7 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
         )));
     }
     let mut fleet = Fleet::new(&config)?;
-    let mut options = telemetry_bridge::mqtt_options(&config.mqtt_url, &config.client_id)?;
+    let mut options = config.mqtt.options(&config.client_id)?;
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(1_000);
@@ -424,7 +420,7 @@ mod tests {
 
     fn config(seed: u64) -> SimulateConfig {
         SimulateConfig {
-            mqtt_url: "mqtt://127.0.0.1:1883".into(),
+            mqtt: telemetry_bridge::MqttConnectionConfig::new("mqtt://127.0.0.1:1883"),
             topic_prefix: "devices".into(),
             devices: 10,
             rate: 10.0,

@@ -263,24 +263,28 @@ impl Store {
     pub async fn recent_alerts(
         &self,
         device_id: Option<&str>,
+        scope: &telemetry_core::DeviceScope,
         firing_only: bool,
         limit: u32,
     ) -> Result<Vec<AlertEntry>> {
-        let rows = sqlx::query(
+        let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
             "SELECT CAST(fired.payload AS CHAR) AS fired, CAST(resolved.payload AS CHAR) AS resolved \
              FROM alert_outbox fired \
              LEFT JOIN alert_outbox resolved \
                  ON resolved.alert_id = fired.alert_id AND resolved.status = 'resolved' \
-             WHERE fired.status = 'firing' AND (? IS NULL OR fired.device_id = ?) \
-                 AND (? = FALSE OR resolved.id IS NULL) \
-             ORDER BY fired.id DESC LIMIT ?",
-        )
-        .bind(device_id)
-        .bind(device_id)
-        .bind(firing_only)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE fired.status = 'firing'",
+        );
+        if let Some(device_id) = device_id {
+            query.push(" AND fired.device_id = ").push_bind(device_id);
+        }
+        crate::queries::push_scope(&mut query, "fired.device_id", scope);
+        if firing_only {
+            query.push(" AND resolved.id IS NULL");
+        }
+        query
+            .push(" ORDER BY fired.id DESC LIMIT ")
+            .push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 Ok(AlertEntry {

@@ -63,12 +63,14 @@ pub struct Bucket {
 }
 
 /// Which rejected records to list.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DeadLetterFilter<'a> {
     /// Only this device's.
     pub device_id: Option<&'a str>,
     /// Only those with this reason code.
     pub code: Option<&'a str>,
+    /// Only devices in this scope (records without a device only with every device).
+    pub scope: &'a telemetry_core::DeviceScope,
     /// At most this many, newest first.
     pub limit: u32,
 }
@@ -293,6 +295,7 @@ impl Store {
         if let Some(code) = filter.code {
             query.push(" AND code = ").push_bind(code);
         }
+        push_scope(&mut query, "device_id", filter.scope);
         query
             .push(" ORDER BY id DESC LIMIT ")
             .push_bind(filter.limit);
@@ -356,6 +359,48 @@ fn count(row: &sqlx::mysql::MySqlRow, column: &str) -> Result<u64> {
         Ok(value) => value,
         Err(_) => u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0),
     })
+}
+
+/// Appends ` AND (<column> = ? OR <column> LIKE ? ...)` restricting rows to `scope`'s devices;
+/// nothing for every device. Patterns are bound, never spliced; a prefix's `%`, `_` and `\\`
+/// are escaped so they match themselves.
+pub(crate) fn push_scope(
+    query: &mut sqlx::QueryBuilder<'_, sqlx::MySql>,
+    column: &'static str,
+    scope: &telemetry_core::DeviceScope,
+) {
+    use telemetry_core::{DevicePattern, DeviceScope};
+    let DeviceScope::Only(patterns) = scope else {
+        return;
+    };
+    query.push(" AND (FALSE");
+    for pattern in patterns {
+        match pattern {
+            DevicePattern::Exact(id) => {
+                query
+                    .push(" OR ")
+                    .push(column)
+                    .push(" = ")
+                    .push_bind(id.clone());
+            }
+            DevicePattern::Prefix(prefix) => {
+                let mut like = String::with_capacity(prefix.len() + 1);
+                for character in prefix.chars() {
+                    if matches!(character, '%' | '_' | '\\') {
+                        like.push('\\');
+                    }
+                    like.push(character);
+                }
+                like.push('%');
+                query
+                    .push(" OR ")
+                    .push(column)
+                    .push(" LIKE ")
+                    .push_bind(like);
+            }
+        }
+    }
+    query.push(")");
 }
 
 #[cfg(test)]

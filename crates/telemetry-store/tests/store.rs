@@ -86,6 +86,7 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
             .dead_letters(&telemetry_store::DeadLetterFilter {
                 device_id: Some("d1"),
                 code: None,
+                scope: &telemetry_core::DeviceScope::All,
                 limit: 10
             })
             .await
@@ -93,4 +94,86 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
             .len(),
         2
     );
+}
+
+#[tokio::test]
+async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
+    use telemetry_core::{DevicePattern, DeviceScope};
+    let store = Store::connect(
+        &telemetry_testkit::database_url(&telemetry_testkit::unique("scope")),
+        2,
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let devices = ["a_b-1", "axb-1", "a%b-2", "pico-7", "pico-70"];
+    let letters: Vec<NewDeadLetter<'_>> = devices
+        .iter()
+        .enumerate()
+        .map(|(offset, device)| NewDeadLetter {
+            source_topic: "raw",
+            source_partition: 0,
+            source_offset: offset as i64,
+            device_id: Some(device),
+            received_at: now,
+            code: "invalid_json",
+            message: "not JSON",
+            field: None,
+            rule: Some("json"),
+            contract_version: 1,
+            payload: b"oops",
+        })
+        .chain(std::iter::once(NewDeadLetter {
+            source_topic: "raw",
+            source_partition: 0,
+            source_offset: 99,
+            device_id: None,
+            received_at: now,
+            code: "invalid_json",
+            message: "not JSON",
+            field: None,
+            rule: Some("json"),
+            contract_version: 1,
+            payload: b"no device",
+        }))
+        .collect();
+    store.insert_dead_letters(&letters).await.unwrap();
+    let listed = |scope: DeviceScope| {
+        let store = store.clone();
+        async move {
+            let mut ids: Vec<String> = store
+                .dead_letters(&telemetry_store::DeadLetterFilter {
+                    device_id: None,
+                    code: None,
+                    scope: &scope,
+                    limit: 100,
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|entry| entry.device_id.unwrap_or_else(|| "(none)".into()))
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let scope = |patterns: &[&str]| {
+        DeviceScope::from_patterns(
+            patterns
+                .iter()
+                .map(|pattern| DevicePattern::parse(pattern).unwrap())
+                .collect(),
+        )
+    };
+    // `_` and `%` in a prefix match themselves, not any character.
+    assert_eq!(listed(scope(&["a_b*"])).await, ["a_b-1"]);
+    assert_eq!(listed(scope(&["a%*"])).await, ["a%b-2"]);
+    assert_eq!(listed(scope(&["pico-7"])).await, ["pico-7"]);
+    assert_eq!(
+        listed(scope(&["pico-7*", "axb-1"])).await,
+        ["axb-1", "pico-7", "pico-70"]
+    );
+    // Every device, and the record without one.
+    assert_eq!(listed(DeviceScope::All).await.len(), 6);
 }

@@ -12,7 +12,7 @@
 //! - [`read_topic`], [`produce`]: read a whole topic / write records, as a user would check.
 //! - [`publish_qos1`], [`publish_qos1_to`]: publish over MQTT and wait for the broker's
 //!   acknowledgements.
-//! - [`http_get`]: a minimal HTTP GET for health checks.
+//! - [`http_get`], [`http_get_with`]: a minimal HTTP GET for health checks and API calls.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +37,26 @@ pub fn unique(prefix: &str) -> String {
 /// Kafka bootstrap servers of the test broker.
 pub fn kafka_brokers() -> String {
     std::env::var("TELEMETRY_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+/// Kafka bootstrap servers of the test broker's SASL_SSL listener (`scripts/services.sh`).
+pub fn kafka_secure_brokers() -> String {
+    std::env::var("TELEMETRY_TEST_KAFKA_SECURE_BROKERS")
+        .unwrap_or_else(|_| "127.0.0.1:9094".to_string())
+}
+
+/// The development SASL user and password of the test broker (`scripts/services.sh`).
+pub const KAFKA_SASL_CREDENTIALS: (&str, &str) = ("telemetry", "telemetry-secret");
+
+/// Where `scripts/services.sh` keeps the development CA (`ca.pem`) and the server certificate
+/// (`server.pem`, `server.key`) the test services use for TLS.
+pub fn tls_dir() -> std::path::PathBuf {
+    std::env::var_os("TELEMETRY_STATE_DIR")
+        .map_or_else(
+            || std::path::PathBuf::from("/var/lib/telemetry-pipeline"),
+            std::path::PathBuf::from,
+        )
+        .join("tls")
 }
 
 /// URL of the test MQTT broker.
@@ -188,7 +208,22 @@ pub async fn publish_qos1_to(
     acknowledged: &AtomicUsize,
 ) {
     let (host, port) = url_host_port(url);
-    let mut options = MqttOptions::new(client_id, host, port);
+    publish_qos1_with(
+        MqttOptions::new(client_id, host, port),
+        messages,
+        per_second,
+        acknowledged,
+    )
+    .await;
+}
+
+/// [`publish_qos1_to`] with the client options made by the caller (TLS, credentials).
+pub async fn publish_qos1_with(
+    mut options: MqttOptions,
+    messages: &[(String, Vec<u8>)],
+    per_second: Option<u32>,
+    acknowledged: &AtomicUsize,
+) {
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(100)
@@ -243,10 +278,25 @@ fn url_host_port(url: &str) -> (String, u16) {
 
 /// `GET path` on `address`; returns the status code and body. Enough for health checks.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let (status, _, body) = http_get_with(address, path, &[]).await?;
+    Ok((status, body))
+}
+
+/// `GET path` on `address` with extra request `headers`; returns the status code, the response
+/// headers (as text, one per line) and the body.
+pub async fn http_get_with(
+    address: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{extra}Connection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await?;
@@ -257,11 +307,11 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> std::io::Res
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+        .map(|(head, body)| (head.to_string(), body.to_string()))
         .unwrap_or_default();
-    Ok((status, body))
+    Ok((status, head, body))
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes; returns its last answer.

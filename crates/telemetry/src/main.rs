@@ -62,6 +62,29 @@ enum Command {
     Contract(contract_tool::ContractArgs),
     /// Check a configuration file, or print a commented example with every setting.
     Config(ConfigArgs),
+    /// Make bearer tokens for the API and the live view (`--auth-tokens`).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    #[command(subcommand)]
+    action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Makes a random token and prints it (once: the file keeps only its SHA-256) with the entry
+    /// to add to the tokens file.
+    New {
+        /// The token's name, shown in logs (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// A device it may read: an id, or a prefix ending in `*` (`greenhouse-*`; `*` for all).
+        /// Repeatable.
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,6 +155,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Contract(args) => contract_tool::run(args),
         Command::Config(ConfigArgs { action }) => config_command(action, cli.config.as_deref()),
+        Command::Token(TokenArgs { action }) => token_command(action),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -152,6 +176,35 @@ fn config_command(action: ConfigAction, path: Option<&std::path::Path>) -> anyho
             println!("{}: {} settings, all valid", path.display(), values.len());
         }
     }
+    Ok(())
+}
+
+fn token_command(action: TokenAction) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let TokenAction::New { name, devices } = action;
+    anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+    for pattern in &devices {
+        telemetry_core::DevicePattern::parse(pattern)
+            .map_err(|problem| anyhow::anyhow!("--device {problem}"))?;
+    }
+    // 256 bits from the thread's CSPRNG (ChaCha, seeded from the operating system).
+    let mut secret = [0_u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = format!(
+        "tp_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let quoted = |text: &str| toml::Value::String(text.to_string()).to_string();
+    let devices: Vec<String> = devices.iter().map(|device| quoted(device)).collect();
+    println!("Token for `{name}` (shown only now; the tokens file keeps only its SHA-256):");
+    println!("{token}");
+    println!();
+    println!("Add to the tokens file (TELEMETRY_AUTH_TOKENS / --auth-tokens), then restart the API and the bridge:");
+    println!("[[token]]");
+    println!("name = {}", quoted(&name));
+    println!("sha256 = \"{}\"", telemetry_ops::auth::token_digest(&token));
+    println!("devices = [{}]", devices.join(", "));
     Ok(())
 }
 
@@ -225,7 +278,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         // Handled in `main`, without a runtime.
-        Command::Contract(_) | Command::Config(_) => Ok(()),
+        Command::Contract(_) | Command::Config(_) | Command::Token(_) => Ok(()),
     }
 }
 

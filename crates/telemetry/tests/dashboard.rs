@@ -3,7 +3,8 @@
 //! Chromium (Debian's, driven by playwright-core from `tests/browser/dashboard.mjs`) loads the
 //! dashboard and checks that the device appears, the live chart receives points, the history
 //! chart has data, a malformed event shows in the DLQ panel and the alert the rejections raise
-//! (the alerter runs too) in the alerts panel; then the bridge is stopped and
+//! (the alerter runs too) in the alerts panel, after signing in with a bearer token (auth is on
+//! for the API and the live view); then the bridge is stopped and
 //! started again, and the page must show the live view disconnected and reconnect by itself. `scripts/test.sh` installs
 //! Chromium and the script's npm packages.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -37,7 +38,25 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     let id = unique("dashboard");
     let kafka = kafka_config(&id);
     let shutdown = CancellationToken::new();
-    let bridge = Bridge::bind(bridge_config(&id, &kafka)).await.unwrap();
+    // Auth on, as a deployment reachable by others runs it: the page must ask for a token, and
+    // this one may read the test's devices (`pico-*`) only.
+    let token = format!("tp_{id}");
+    let tokens = std::env::temp_dir().join(format!("{id}-tokens.toml"));
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"dashboard\"\nsha256 = \"{}\"\ndevices = [\"pico-*\"]\n",
+            telemetry_ops::auth::token_digest(&token)
+        ),
+    )
+    .unwrap();
+    let auth = telemetry_ops::auth::AuthConfig {
+        auth_tokens: Some(tokens.clone()),
+        allow_unauthenticated: false,
+    };
+    let mut first_bridge = bridge_config(&id, &kafka);
+    first_bridge.auth = auth.clone();
+    let bridge = Bridge::bind(first_bridge).await.unwrap();
     let bridge_address = bridge.local_addr().unwrap();
     let bridge_stop = shutdown.child_token();
     let bridge_task = tokio::spawn(bridge.run(bridge_stop.clone()));
@@ -53,6 +72,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         stale_after_seconds: 300,
         failing_dlq_ratio: 0.5,
         failing_min_rejections: 3,
+        auth: auth.clone(),
     })
     .await
     .unwrap();
@@ -139,6 +159,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         .arg(&screenshot)
         .args(["--timeout-seconds", "150", "--expect-reconnect"])
         .args(["--expect-alert", "rejections"])
+        .args(["--token", &token])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -166,6 +187,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         } else if line.starts_with("ok e1:") {
             let mut config = bridge_config(&id, &kafka);
             config.listen = bridge_address.to_string();
+            config.auth = auth.clone();
             let bridge = Bridge::bind(config).await.unwrap();
             second_bridge = Some(tokio::spawn(bridge.run(shutdown.clone())));
         }
@@ -188,7 +210,10 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         status.success(),
         "the browser check failed:\n{stdout}{stderr}"
     );
-    for step in ["ok a:", "ok b:", "ok c:", "ok d:", "ok e1:", "ok e2:"] {
+    std::fs::remove_file(tokens).ok();
+    for step in [
+        "ok s:", "ok a:", "ok b:", "ok c:", "ok d:", "ok e1:", "ok e2:",
+    ] {
         assert!(stdout.contains(step), "step {step} did not pass:\n{stdout}");
     }
 }

@@ -365,6 +365,15 @@ async fn events_published_over_mqtt_reach_table_topics_and_websocket() {
         metric(&metrics, "websocket_clients", &[("service", "bridge")]),
         Some(1.0)
     );
+    // Every raw record's produce latency was measured (a summary: count, sum, quantiles).
+    assert_eq!(
+        metric(
+            &metrics,
+            "kafka_produce_duration_seconds_count",
+            &[("service", "bridge"), ("topic", kafka.raw_topic.as_str())]
+        ),
+        Some(total)
+    );
     for (code, count) in [
         ("empty_payload", 1.0),
         ("not_an_object", 1.0),

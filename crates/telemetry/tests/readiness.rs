@@ -135,6 +135,7 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
                     stale_after_seconds: 300,
                     failing_dlq_ratio: 0.5,
                     failing_min_rejections: 3,
+                    auth: Default::default(),
                 },
                 shutdown.clone(),
             ),
@@ -143,7 +144,7 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
     );
 
     let mut bridge = bridge_config(&id, &kafka);
-    bridge.mqtt_url = "mqtt://127.0.0.1:9".into();
+    bridge.mqtt.mqtt_url = "mqtt://127.0.0.1:9".into();
     let bridge_address = address(free_port());
     bridge.listen = bridge_address.to_string();
     tasks.push(

@@ -35,7 +35,7 @@ async fn simulated_devices_feed_the_pipeline_and_their_faults_land_in_the_dlq() 
 
     let summary = telemetry_simulator::run(
         SimulateConfig {
-            mqtt_url: mqtt_url(),
+            mqtt: telemetry_bridge::MqttConnectionConfig::new(mqtt_url()),
             topic_prefix: format!("{id}/devices"),
             devices: 20,
             rate: 400.0,

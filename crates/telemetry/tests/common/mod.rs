@@ -21,7 +21,7 @@ pub fn kafka_config(id: &str) -> KafkaConfig {
         dlq_topic: format!("{id}.dlq"),
         topic_partitions: 3,
         topic_replication_factor: 1,
-        options: Vec::new(),
+        ..KafkaConfig::default()
     }
 }
 
@@ -29,7 +29,7 @@ pub fn kafka_config(id: &str) -> KafkaConfig {
 /// free port.
 pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeConfig {
     telemetry_bridge::BridgeConfig {
-        mqtt_url: telemetry_testkit::mqtt_url(),
+        mqtt: telemetry_bridge::MqttConnectionConfig::new(telemetry_testkit::mqtt_url()),
         mqtt_topic: format!("{id}/devices/+/telemetry"),
         mqtt_client_id: format!("{id}-bridge"),
         bridge_id: format!("{id}-bridge"),
@@ -38,6 +38,7 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
         max_in_flight: 10_000,
         contract: None,
         shutdown_grace_seconds: 10,
+        auth: Default::default(),
         kafka: kafka.clone(),
     }
 }
@@ -84,4 +85,13 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
+}
+
+/// Waits up to 30 s for a service task to end and asserts it ended without an error.
+pub async fn stopped<E: std::fmt::Debug>(task: tokio::task::JoinHandle<Result<(), E>>) {
+    tokio::time::timeout(std::time::Duration::from_secs(30), task)
+        .await
+        .expect("the service stopped within 30 s")
+        .expect("the service task did not panic")
+        .expect("the service stopped without an error");
 }
