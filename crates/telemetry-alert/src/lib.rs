@@ -82,6 +82,7 @@ pub struct AlertConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
@@ -128,10 +129,20 @@ const DATABASE: &str = "database";
 pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()> {
     // Rules that do not load stop the service before it touches anything.
     let rules = Rules::load(&config.rules)?;
+    // The webhook's host only: its URL often carries a secret (a Slack or PagerDuty key).
+    let webhook_host = rules.webhook.as_ref().map_or_else(
+        || String::from("none"),
+        |webhook| {
+            reqwest::Url::parse(&webhook.url)
+                .ok()
+                .and_then(|url| url.host_str().map(str::to_string))
+                .unwrap_or_else(|| String::from("(not a URL)"))
+        },
+    );
     tracing::info!(
         path = %config.rules.display(),
         rules = rules.rules.len(),
-        webhook = rules.webhook.as_ref().map_or("none", |webhook| webhook.url.as_str()),
+        webhook_host = %webhook_host,
         "Loaded the alert rules."
     );
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;

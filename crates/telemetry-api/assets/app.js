@@ -630,7 +630,10 @@
   // ---------------------------------------------------------------------------------------------
   // live stream (WebSocket)
 
-  const live = { url: null, ws: null, backoffMs: BACKOFF_START_MS, retryAt: 0, timer: null };
+  // `failures`: connections in a row that closed before opening. A refused token looks like that
+  // too (browsers hide the handshake's 401), so after a few the banner says so.
+  const live = { url: null, ws: null, backoffMs: BACKOFF_START_MS, retryAt: 0, timer: null, failures: 0 };
+  const LIVE_FAILURES_REPORTED = 3;
 
   function defaultLiveUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -651,6 +654,7 @@
     live.ws = null;
     if (old) old.close();
     live.backoffMs = BACKOFF_START_MS;
+    live.failures = 0;
     if (live.url) connectLive();
   }
 
@@ -671,8 +675,11 @@
     }
     live.ws = ws;
     renderLiveStatus();
+    let opened = false;
     ws.onopen = () => {
       if (live.ws !== ws) return;
+      opened = true;
+      live.failures = 0;
       live.backoffMs = BACKOFF_START_MS;
       clearError("live");
       renderLiveStatus();
@@ -684,6 +691,10 @@
     ws.onclose = () => {
       if (live.ws !== ws) return;
       live.ws = null;
+      if (!opened && ++live.failures >= LIVE_FAILURES_REPORTED) {
+        const refused = auth.token ? ", or it does not accept this token" : "";
+        setError("live", `cannot connect to the live stream at ${live.url}: the bridge is not reachable${refused}`);
+      }
       scheduleReconnect();
     };
   }

@@ -282,6 +282,13 @@ pub async fn dlq(
         .map_err(|error| ApiError::unavailable(&error))?;
     let entries = entries
         .into_iter()
+        // The query filtered already; the scope is checked again on what it returned.
+        .filter(|entry| {
+            entry.device_id.as_deref().map_or_else(
+                || access.scope.allows_unknown_devices(),
+                |device_id| access.scope.allows(device_id),
+            )
+        })
         .map(|entry| {
             let truncated = entry.payload.len() < entry.payload_bytes as usize;
             let (payload, payload_encoding) = match String::from_utf8(entry.payload) {
@@ -375,6 +382,14 @@ pub async fn alerts(
             tracing::warn!("An alert in the outbox is not a JSON object; left out.");
             continue;
         };
+        // The query filtered already; the scope is checked again on what it returned.
+        let visible = match alert.get("device_id").and_then(serde_json::Value::as_str) {
+            Some(device_id) => access.scope.allows(device_id),
+            None => access.scope.allows_unknown_devices(),
+        };
+        if !visible {
+            continue;
+        }
         if let Some(resolved) = entry
             .resolved
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())

@@ -62,6 +62,7 @@ pub struct ApiConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,

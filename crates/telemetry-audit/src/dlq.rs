@@ -360,6 +360,7 @@ pub struct ReplayConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,

@@ -90,6 +90,7 @@ pub struct ReplayConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,
@@ -513,6 +514,7 @@ pub struct SwapConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,

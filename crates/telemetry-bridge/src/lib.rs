@@ -147,7 +147,7 @@ impl Bridge {
     /// Checks the configuration and binds the HTTP listener.
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
         // Reads the TLS files too, so a bad one fails here rather than at each connection.
-        config.mqtt.options(&config.mqtt_client_id)?;
+        config.mqtt.options(&config.mqtt_client_id, |_| {})?;
         let contract = telemetry_core::Contract::load_or_builtin(config.contract.as_deref())?;
         let validator = std::sync::Arc::new(telemetry_core::Validator::new(contract)?);
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;

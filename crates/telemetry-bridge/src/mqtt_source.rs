@@ -91,6 +91,7 @@ pub struct MqttConnectionConfig {
     #[arg(
         long,
         env = "TELEMETRY_MQTT_URL",
+        hide_env_values = true,
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub mqtt_url: String,
@@ -117,7 +118,27 @@ pub struct MqttConnectionConfig {
     /// PEM file of this client's private key (unencrypted), with `--mqtt-certificate-file`.
     #[arg(long, env = "TELEMETRY_MQTT_KEY_FILE")]
     pub mqtt_key_file: Option<PathBuf>,
+
+    /// MQTT client option as key=value (repeatable; env: comma-separated), applied over our
+    /// defaults: `keep_alive_secs` (30), `max_packet_bytes` (1000000), `inflight` (outgoing QoS 1
+    /// messages awaiting their acknowledgement; 100, the simulator 1000), `pending_throttle_ms`
+    /// (0). rumqttc has no option map of its own; these are the settings of its `MqttOptions`
+    /// that are safe to change (the bridge's session and acknowledgement settings are not).
+    #[arg(
+        long = "mqtt-option",
+        env = "TELEMETRY_MQTT_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub mqtt_options: Vec<String>,
 }
+
+/// The keys `--mqtt-option` takes.
+const MQTT_OPTION_KEYS: &[&str] = &[
+    "keep_alive_secs",
+    "max_packet_bytes",
+    "inflight",
+    "pending_throttle_ms",
+];
 
 impl std::fmt::Debug for MqttConnectionConfig {
     // The password never reaches a log or an error message.
@@ -132,6 +153,7 @@ impl std::fmt::Debug for MqttConnectionConfig {
             .field("mqtt_ca_file", &self.mqtt_ca_file)
             .field("mqtt_certificate_file", &self.mqtt_certificate_file)
             .field("mqtt_key_file", &self.mqtt_key_file)
+            .field("mqtt_options", &self.mqtt_options)
             .finish()
     }
 }
@@ -168,6 +190,7 @@ impl MqttConnectionConfig {
             mqtt_ca_file: None,
             mqtt_certificate_file: None,
             mqtt_key_file: None,
+            mqtt_options: Vec::new(),
         }
     }
 
@@ -263,11 +286,18 @@ impl MqttConnectionConfig {
     }
 
     /// MQTT client options for the configured broker, with its credentials and TLS: what every
-    /// MQTT client of ours starts from. Certificate files are read here, so a bad one fails
+    /// MQTT client of ours starts from. `defaults` sets the caller's own settings, which the
+    /// `--mqtt-option`s then override. Certificate files are read here, so a bad one fails
     /// start-up naming its setting.
-    pub fn options(&self, client_id: &str) -> Result<MqttOptions> {
+    pub fn options(
+        &self,
+        client_id: &str,
+        defaults: impl FnOnce(&mut MqttOptions),
+    ) -> Result<MqttOptions> {
         let address = self.address()?;
         let mut options = MqttOptions::new(client_id, address.host, address.port);
+        defaults(&mut options);
+        self.apply_pass_through(&mut options)?;
         if let Some((user, password)) = address.credentials {
             options.set_credentials(user, password);
         }
@@ -278,6 +308,50 @@ impl MqttConnectionConfig {
             )));
         }
         Ok(options)
+    }
+
+    /// Applies the `--mqtt-option`s, each checked against its range.
+    fn apply_pass_through(&self, options: &mut MqttOptions) -> Result<()> {
+        for option in &self.mqtt_options {
+            let invalid = |problem: String| Error::InvalidSetting {
+                setting: "TELEMETRY_MQTT_OPTIONS / --mqtt-option",
+                problem: format!("`{option}`: {problem}"),
+            };
+            let (key, value) = option
+                .split_once('=')
+                .map(|(key, value)| (key.trim(), value.trim()))
+                .ok_or_else(|| invalid("is not of the form key=value".into()))?;
+            let number = |low: u64, high: u64| {
+                value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|number| (low..=high).contains(number))
+                    .ok_or_else(|| invalid(format!("must be a whole number from {low} to {high}")))
+            };
+            match key {
+                "keep_alive_secs" => {
+                    options.set_keep_alive(Duration::from_secs(number(1, 65_535)?));
+                }
+                "max_packet_bytes" => {
+                    let bytes = usize::try_from(number(1, 268_435_455)?).unwrap_or(usize::MAX);
+                    options.set_max_packet_size(bytes, bytes);
+                }
+                "inflight" => {
+                    let inflight = u16::try_from(number(1, 65_535)?).unwrap_or(u16::MAX);
+                    options.set_inflight(inflight);
+                }
+                "pending_throttle_ms" => {
+                    options.set_pending_throttle(Duration::from_millis(number(0, 60_000)?));
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "`{other}` is not an option; the options are {}",
+                        MQTT_OPTION_KEYS.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The TLS client configuration: the CA file's certificates (or the system's), and the client
@@ -391,12 +465,15 @@ pub(crate) fn start(
     config: &BridgeConfig,
     readiness: Arc<Readiness>,
 ) -> Result<(MqttHandle, mpsc::UnboundedReceiver<Message>)> {
-    let mut options = config.mqtt.options(&config.mqtt_client_id)?;
+    let mut options = config.mqtt.options(&config.mqtt_client_id, |options| {
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    })?;
+    // What delivery rests on: not for the pass-through options to change.
     options
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_request_channel_capacity(REQUEST_CAPACITY);
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     // Unbounded so that the MQTT task never waits and keeps answering pings: the broker's
@@ -604,11 +681,43 @@ mod tests {
         let mut config = MqttConnectionConfig::new("mqtts://broker");
         config.mqtt_ca_file = Some(path.clone());
         let error = config
-            .options("client")
+            .options("client", |_| {})
             .err()
             .map(|error| error.to_string());
         std::fs::remove_file(&path).ok();
         assert!(error.is_some_and(|text| text.contains("--mqtt-ca-file")));
+    }
+
+    #[test]
+    fn pass_through_options_override_defaults_and_are_checked() {
+        let mut config = MqttConnectionConfig::new("mqtt://broker");
+        config.mqtt_options = vec!["keep_alive_secs=60".into(), "inflight = 500".into()];
+        let options = config
+            .options("client", |options| {
+                options.set_keep_alive(Duration::from_secs(30));
+            })
+            .ok();
+        assert_eq!(
+            options.map(|options| (options.keep_alive(), options.inflight())),
+            Some((Duration::from_secs(60), 500))
+        );
+        for (bad, expected) in [
+            ("inflight=0", "from 1 to 65535"),
+            ("keep_alive_secs=0.5", "whole number"),
+            ("clean_session=true", "the options are keep_alive_secs"),
+            ("inflight", "key=value"),
+        ] {
+            config.mqtt_options = vec![bad.into()];
+            let error = config
+                .options("client", |_| {})
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected) && error.contains("--mqtt-option"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -111,7 +111,8 @@ pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>, auth: Auth) -> R
     Router::new()
         .route("/ws", get(upgrade))
         .route_layer(axum::middleware::from_fn_with_state(
-            auth,
+            // Browsers cannot set headers on a WebSocket: the token may come in the query.
+            auth.with_query_tokens(),
             telemetry_ops::auth::require_token,
         ))
         .with_state(frames)

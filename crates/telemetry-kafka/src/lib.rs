@@ -67,7 +67,7 @@ pub enum Error {
     #[error("kafka option `{0}` is not of the form key=value")]
     InvalidOption(String),
     /// librdkafka refused the client configuration or the request.
-    #[error("kafka: {0}")]
+    #[error("kafka: {}", describe(.0))]
     Kafka(#[from] KafkaError),
     /// A setting is missing, or contradicts another.
     #[error("{setting}: {problem}")]
@@ -233,14 +233,31 @@ impl std::fmt::Debug for KafkaConfig {
 /// `ssl.key.password`, `sasl.oauthbearer.client.secret`, ...).
 fn redact_option(option: &str) -> String {
     match option.split_once('=') {
-        Some((key, _))
-            if ["password", "secret", "jaas"]
-                .iter()
-                .any(|word| key.to_ascii_lowercase().contains(word)) =>
-        {
-            format!("{key}=<redacted>")
-        }
+        Some((key, _)) if is_secret(key) => format!("{key}=<redacted>"),
         _ => option.to_string(),
+    }
+}
+
+/// Whether a librdkafka setting's value is a secret: passwords, secrets, JAAS configurations
+/// (Java clients' habit, which carry passwords) and inline PEM keys.
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "pem"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// A librdkafka error for people: rdkafka's own text, except that a refused setting's value is
+/// left out when the setting is a secret (rdkafka's text quotes the value).
+fn describe(error: &KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(_, _, key, _) if is_secret(key) => {
+            format!("the value of client setting `{key}` is not valid (not shown: it is a secret)")
+        }
+        KafkaError::ClientConfig(_, description, key, _) => {
+            format!("client setting `{key}`: {description}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -585,5 +602,22 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("linger.ms=5") && shown.contains("user"));
+    }
+
+    #[test]
+    fn a_refused_secret_setting_is_named_without_its_value() {
+        let config = KafkaConfig {
+            options: vec!["sasl.jaas.config=PlainLoginModule password=\"hunter4\"".into()],
+            ..KafkaConfig::default()
+        };
+        let created = config
+            .client_config(&[])
+            .and_then(|client| Ok(client.create::<FutureProducer>()?));
+        let message = created
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("sasl.jaas.config"), "{message}");
+        assert!(!message.contains("hunter4"), "{message}");
     }
 }

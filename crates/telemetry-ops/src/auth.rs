@@ -31,6 +31,13 @@ use telemetry_core::{DevicePattern, DeviceScope};
 /// The query parameter a WebSocket client (which cannot set headers) passes its token in.
 pub const ACCESS_TOKEN_PARAMETER: &str = "access_token";
 
+/// The digests of `config/tokens.example.toml`, whose tokens are public: refused, so a copy of
+/// the example never grants anything.
+const EXAMPLE_DIGESTS: &[&str] = &[
+    "5563c97b2c39a8edb8e3c53cf080168d84431a42986f1c5f11caa972b93dc214",
+    "427d102a9097d342f744b211e1248e0435ddbc0a7c5c0a3a73611d6fa8377eaa",
+];
+
 /// Largest tokens file read; a bigger one is refused rather than read into memory.
 const MAX_TOKENS_FILE_BYTES: u64 = 1 << 20;
 
@@ -124,6 +131,9 @@ impl Access {
 pub struct Auth {
     /// `None`: off, every request has full access.
     tokens: Option<Arc<HashMap<[u8; 32], Access>>>,
+    /// Whether a token may come as the `access_token` query parameter (the WebSocket only: a URL
+    /// ends up in proxies' logs and browsers' history, so only where there is no other way).
+    query_tokens: bool,
     /// The `service` label of the refusal counter.
     service: &'static str,
 }
@@ -150,6 +160,7 @@ impl Auth {
             }
             return Ok(Auth {
                 tokens: None,
+                query_tokens: false,
                 service,
             });
         };
@@ -157,6 +168,7 @@ impl Auth {
         tracing::info!(tokens = tokens.len(), file = %path.display(), "Bearer-token authentication is on.");
         Ok(Auth {
             tokens: Some(Arc::new(tokens)),
+            query_tokens: false,
             service,
         })
     }
@@ -165,8 +177,16 @@ impl Auth {
     pub fn disabled(service: &'static str) -> Self {
         Auth {
             tokens: None,
+            query_tokens: false,
             service,
         }
+    }
+
+    /// The same tokens, also taken from the `access_token` query parameter: for WebSocket
+    /// upgrades, whose browser API cannot set headers.
+    pub fn with_query_tokens(mut self) -> Self {
+        self.query_tokens = true;
+        self
     }
 
     /// Whether requests need a token.
@@ -181,7 +201,7 @@ impl Auth {
         };
         let token = bearer_token(headers)
             .map(str::to_string)
-            .or_else(|| query.and_then(query_token))
+            .or_else(|| query.filter(|_| self.query_tokens).and_then(query_token))
             .ok_or(Refusal::Missing)?;
         // Looked up by digest: the table holds no token, and timing reveals at most how a
         // digest of the guess compares, which says nothing about a valid token.
@@ -307,6 +327,11 @@ fn load_tokens(path: &Path) -> Result<HashMap<[u8; 32], Access>, AuthError> {
         if !names.insert(entry.name.clone()) {
             return Err(invalid(format!("{which}: the name is used twice")));
         }
+        if EXAMPLE_DIGESTS.contains(&entry.sha256.trim().to_ascii_lowercase().as_str()) {
+            return Err(invalid(format!(
+                "{which} is an example from config/tokens.example.toml, whose token is public; make your own with `telemetry token new`"
+            )));
+        }
         let digest = parse_digest(&entry.sha256).ok_or_else(|| {
             invalid(format!(
                 "{which}: sha256 must be 64 hex digits (the token's SHA-256, as `telemetry token new` prints it)"
@@ -394,6 +419,13 @@ mod tests {
         let auth = Auth::from_config(&config(&path), "test", "LISTEN", loopback());
         std::fs::remove_file(&path).ok();
         let auth = auth.unwrap_or_else(|error| panic!("{error}"));
+        // Tokens in the query string count only where allowed (the WebSocket).
+        assert_eq!(
+            auth.authorize(&HeaderMap::new(), Some("access_token=ops-secret"))
+                .err(),
+            Some(Refusal::Missing)
+        );
+        let auth = auth.with_query_tokens();
         let green = auth.authorize(&bearer("green-secret"), None);
         assert!(green
             .as_ref()
@@ -464,16 +496,31 @@ mod tests {
     }
 
     #[test]
-    fn the_example_tokens_file_loads_and_grants_what_it_says() {
+    fn the_example_tokens_file_is_well_formed_but_never_grants_anything() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tokens.example.toml");
-        let auth = Auth::from_config(&config(&path), "test", "LISTEN", loopback())
-            .unwrap_or_else(|error| panic!("{error}"));
-        let greenhouse = auth.authorize(&bearer("tp_example-greenhouse"), None);
-        assert!(greenhouse.is_ok_and(|access| access.scope.allows("pico-7")
-            && access.scope.allows("greenhouse-12")
-            && !access.scope.allows("pico-8")));
-        let operations = auth.authorize(&bearer("tp_example-operations"), None);
-        assert!(operations.is_ok_and(|access| access.scope == DeviceScope::All));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let file: Result<TokensFile, _> = toml::from_str(&text);
+        assert!(file.is_ok_and(|file| file.token.len() == 2
+            && file
+                .token
+                .iter()
+                .all(|entry| parse_digest(&entry.sha256).is_some()
+                    && entry
+                        .devices
+                        .iter()
+                        .all(|device| DevicePattern::parse(device).is_ok()))));
+        let refused = Auth::from_config(&config(&path), "test", "LISTEN", loopback())
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("example"), "{refused}");
+        assert_eq!(
+            EXAMPLE_DIGESTS,
+            [
+                token_digest("tp_example-operations"),
+                token_digest("tp_example-greenhouse")
+            ]
+        );
     }
 
     #[test]

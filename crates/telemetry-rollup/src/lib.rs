@@ -51,6 +51,7 @@ pub struct RollupConfig {
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
+        hide_env_values = true,
         default_value = telemetry_store::DEFAULT_MYSQL_URL
     )]
     pub mysql_url: String,

@@ -319,10 +319,11 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
         )));
     }
     let mut fleet = Fleet::new(&config)?;
-    let mut options = config.mqtt.options(&config.client_id)?;
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(1_000);
+    let options = config.mqtt.options(&config.client_id, |options| {
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(1_000);
+    })?;
     let (client, mut eventloop) = AsyncClient::new(options, 10_000);
     let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop_polling = CancellationToken::new();

@@ -275,7 +275,8 @@ impl Store {
              WHERE fired.status = 'firing'",
         );
         if let Some(device_id) = device_id {
-            query.push(" AND fired.device_id = ").push_bind(device_id);
+            query.push(" AND ");
+            crate::queries::push_device_is(&mut query, "fired.device_id", device_id);
         }
         crate::queries::push_scope(&mut query, "fired.device_id", scope);
         if firing_only {

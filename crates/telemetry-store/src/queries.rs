@@ -290,7 +290,8 @@ impl Store {
              FROM dlq_events WHERE 1 = 1",
         );
         if let Some(device_id) = filter.device_id {
-            query.push(" AND device_id = ").push_bind(device_id);
+            query.push(" AND ");
+            push_device_is(&mut query, "device_id", device_id);
         }
         if let Some(code) = filter.code {
             query.push(" AND code = ").push_bind(code);
@@ -361,9 +362,8 @@ fn count(row: &sqlx::mysql::MySqlRow, column: &str) -> Result<u64> {
     })
 }
 
-/// Appends ` AND (<column> = ? OR <column> LIKE ? ...)` restricting rows to `scope`'s devices;
-/// nothing for every device. Patterns are bound, never spliced; a prefix's `%`, `_` and `\\`
-/// are escaped so they match themselves.
+/// Appends ` AND (...)` restricting rows to `scope`'s devices; nothing for every device.
+/// Patterns are bound, never spliced.
 pub(crate) fn push_scope(
     query: &mut sqlx::QueryBuilder<'_, sqlx::MySql>,
     column: &'static str,
@@ -375,37 +375,65 @@ pub(crate) fn push_scope(
     };
     query.push(" AND (FALSE");
     for pattern in patterns {
+        query.push(" OR ");
         match pattern {
-            DevicePattern::Exact(id) => {
-                query
-                    .push(" OR ")
-                    .push(column)
-                    .push(" = ")
-                    .push_bind(id.clone());
-            }
+            DevicePattern::Exact(id) => push_device_is(query, column, id),
             DevicePattern::Prefix(prefix) => {
-                let mut like = String::with_capacity(prefix.len() + 1);
-                for character in prefix.chars() {
-                    if matches!(character, '%' | '_' | '\\') {
-                        like.push('\\');
-                    }
-                    like.push(character);
-                }
-                like.push('%');
                 query
-                    .push(" OR ")
                     .push(column)
                     .push(" LIKE ")
-                    .push_bind(like);
+                    .push_bind(like_pattern(prefix, "%"))
+                    .push(" ESCAPE '!'");
             }
         }
     }
     query.push(")");
 }
 
+/// Appends `(<column> = ? AND <column> LIKE ?)`: exactly `device_id`. `=` alone is not exact:
+/// MariaDB's `_bin` collations ignore trailing spaces (`'pico-7 ' = 'pico-7'`), and device ids
+/// taken from MQTT topics may end in one; `LIKE` compares every character, and `=` keeps the
+/// index in use.
+pub(crate) fn push_device_is(
+    query: &mut sqlx::QueryBuilder<'_, sqlx::MySql>,
+    column: &'static str,
+    device_id: &str,
+) {
+    query
+        .push("(")
+        .push(column)
+        .push(" = ")
+        .push_bind(device_id.to_string())
+        .push(" AND ")
+        .push(column)
+        .push(" LIKE ")
+        .push_bind(like_pattern(device_id, ""))
+        .push(" ESCAPE '!')");
+}
+
+/// `text` as a `LIKE` pattern (escape character `!`, named in the query so the server's SQL mode
+/// does not matter) matching itself, followed by `suffix`.
+fn like_pattern(text: &str, suffix: &str) -> String {
+    let mut like = String::with_capacity(text.len() + suffix.len() + 4);
+    for character in text.chars() {
+        if matches!(character, '%' | '_' | '!') {
+            like.push('!');
+        }
+        like.push(character);
+    }
+    like.push_str(suffix);
+    like
+}
+
 #[cfg(test)]
 mod tests {
-    use super::json_path;
+    use super::{json_path, like_pattern};
+
+    #[test]
+    fn like_patterns_match_themselves() {
+        assert_eq!(like_pattern("a_b%c!d", "%"), "a!_b!%c!!d%");
+        assert_eq!(like_pattern("pico-7", ""), "pico-7");
+    }
 
     #[test]
     fn json_paths_quote_the_name() {

@@ -107,7 +107,7 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
     .unwrap();
     store.migrate().await.unwrap();
     let now = chrono::Utc::now().timestamp_millis();
-    let devices = ["a_b-1", "axb-1", "a%b-2", "pico-7", "pico-70"];
+    let devices = ["a_b-1", "axb-1", "a%b-2", "pico-7", "pico-70", "pico-7 "];
     let letters: Vec<NewDeadLetter<'_>> = devices
         .iter()
         .enumerate()
@@ -169,11 +169,22 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
     // `_` and `%` in a prefix match themselves, not any character.
     assert_eq!(listed(scope(&["a_b*"])).await, ["a_b-1"]);
     assert_eq!(listed(scope(&["a%*"])).await, ["a%b-2"]);
+    // Exact ids are exact: MariaDB's `=` alone would also take `pico-7 ` (trailing space).
     assert_eq!(listed(scope(&["pico-7"])).await, ["pico-7"]);
     assert_eq!(
         listed(scope(&["pico-7*", "axb-1"])).await,
-        ["axb-1", "pico-7", "pico-70"]
+        ["axb-1", "pico-7", "pico-7 ", "pico-70"]
     );
+    let only_pico_7 = store
+        .dead_letters(&telemetry_store::DeadLetterFilter {
+            device_id: Some("pico-7"),
+            code: None,
+            scope: &DeviceScope::All,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_pico_7.len(), 1);
     // Every device, and the record without one.
-    assert_eq!(listed(DeviceScope::All).await.len(), 6);
+    assert_eq!(listed(DeviceScope::All).await.len(), 7);
 }

@@ -219,6 +219,9 @@ async fn a_token_reads_only_its_devices_and_requests_without_one_are_refused() {
             assert!(body["error"]["message"].is_string(), "{body}");
         }
     }
+    // A token in the API's query string does not count (only the WebSocket takes one there).
+    let in_query = format!("/api/devices?access_token={OPERATIONS_TOKEN}");
+    assert_eq!(get(api_address, &in_query, None).await.0, 401);
     // The page, its configuration and the OpenAPI document need no token.
     let (status, _, config) = get(api_address, "/api/config", None).await;
     assert_eq!(

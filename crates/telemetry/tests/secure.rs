@@ -190,7 +190,7 @@ async fn the_pipeline_runs_over_tls_with_credentials_to_mqtt_kafka_and_mysql() {
     let device = "pico-secure";
     let options = mosquitto
         .connection(MQTT_PASSWORD)
-        .options(&format!("{id}-device"))
+        .options(&format!("{id}-device"), |_| {})
         .unwrap();
     let payload = format!(
         r#"{{"device_id":"{device}","device_ts":{},"seq":1,"temperature":22.5}}"#,
