@@ -64,6 +64,9 @@ enum Command {
     Config(ConfigArgs),
     /// Make bearer tokens for the API and the live view (`--auth-tokens`).
     Token(TokenArgs),
+    /// Load harness: the real pipeline under simulated devices, measured end to end (rate,
+    /// loss, latency, CPU, memory) next to the infrastructure's own limits in the same run.
+    Bench(telemetry_bench::BenchConfig),
 }
 
 #[derive(Debug, clap::Args)]
@@ -268,6 +271,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .to_string(),
             };
             print!("{text}");
+            Ok(())
+        }
+        Command::Bench(config) => {
+            let report = telemetry_bench::run(config, shutdown)
+                .await
+                .context("the bench failed")?;
+            print!("{report}");
+            if !report.lossless() {
+                anyhow::bail!(
+                    "the pipeline lost or duplicated events: {} lost, {} duplicates, {} of {} malformed in the DLQ",
+                    report.pipeline.lost,
+                    report.pipeline.duplicates,
+                    report.pipeline.dead_letters,
+                    report.pipeline.malformed
+                );
+            }
             Ok(())
         }
         Command::Simulate(config) => {

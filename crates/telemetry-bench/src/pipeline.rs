@@ -1,0 +1,397 @@
+//! The pipeline under load: the bridge and the audit service run as child processes of the
+//! `telemetry` binary (so their CPU time and memory are read from `/proc` alone), with topics,
+//! consumer group, MQTT topics and database of the run's own.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use sqlx::Row;
+use telemetry_kafka::KafkaConfig;
+use telemetry_store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::baseline::per_second;
+use crate::load::{malformed_every, publish, Load, SentAt};
+use crate::measure::{cpu_seconds, peak_rss_mb, ticks_per_second, Percentiles};
+use crate::{BenchConfig, Error, PipelineResult, Result, ServiceUsage};
+
+/// A service running as a child process.
+struct Service {
+    name: &'static str,
+    child: tokio::process::Child,
+    pid: u32,
+    address: SocketAddr,
+}
+
+/// Runs the pipeline under the configured load; returns what it measured.
+pub(crate) async fn run(
+    config: &BenchConfig,
+    binary: &Path,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> Result<(PipelineResult, Vec<ServiceUsage>)> {
+    let kafka = KafkaConfig {
+        brokers: config.bench_kafka_brokers.clone(),
+        raw_topic: format!("{id}.raw"),
+        cleaned_topic: format!("{id}.cleaned"),
+        dlq_topic: format!("{id}.dlq"),
+        ..KafkaConfig::default()
+    };
+    let mysql_url = format!("{}/{id}", config.bench_mysql_server.trim_end_matches('/'));
+    let store = Store::connect(&mysql_url, 2).await?;
+    store.migrate().await?;
+
+    let common = vec![
+        ("TELEMETRY_KAFKA_BROKERS", kafka.brokers.clone()),
+        ("TELEMETRY_RAW_TOPIC", kafka.raw_topic.clone()),
+        ("TELEMETRY_CLEANED_TOPIC", kafka.cleaned_topic.clone()),
+        ("TELEMETRY_DLQ_TOPIC", kafka.dlq_topic.clone()),
+    ];
+    let mut audit_env = common.clone();
+    audit_env.extend([
+        ("TELEMETRY_MYSQL_URL", mysql_url.clone()),
+        ("TELEMETRY_AUDIT_GROUP", format!("{id}-audit")),
+    ]);
+    let mut bridge_env = common;
+    bridge_env.extend([
+        ("TELEMETRY_MQTT_URL", config.bench_mqtt_url.clone()),
+        ("TELEMETRY_MQTT_TOPIC", format!("{id}/devices/+/telemetry")),
+        ("TELEMETRY_MQTT_CLIENT_ID", format!("{id}-bridge")),
+        ("TELEMETRY_BRIDGE_ID", format!("{id}-bridge")),
+    ]);
+    let audit = start(binary, "audit", "TELEMETRY_AUDIT_LISTEN", audit_env, id).await?;
+    let bridge = start(binary, "bridge", "TELEMETRY_BRIDGE_LISTEN", bridge_env, id).await?;
+    let mut services = vec![bridge, audit];
+    let outcome = measure(config, id, &store, &services, shutdown).await;
+    for service in &mut services {
+        stop(service).await;
+    }
+    if !config.keep {
+        delete_topics(
+            &kafka,
+            &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
+        )
+        .await;
+        if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{id}`"))
+            .execute(store.pool())
+            .await
+        {
+            tracing::warn!(%error, "Could not drop the bench database.");
+        }
+    }
+    outcome
+}
+
+/// The measured part: live-view clients, the load, the drain, then the figures.
+async fn measure(
+    config: &BenchConfig,
+    id: &str,
+    store: &Store,
+    services: &[Service],
+    shutdown: &CancellationToken,
+) -> Result<(PipelineResult, Vec<ServiceUsage>)> {
+    let bridge_address = services[0].address;
+    let sent: SentAt = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let stop_clients = CancellationToken::new();
+    let mut clients = Vec::new();
+    for index in 0..config.ws_clients {
+        let url = format!("ws://{bridge_address}/ws");
+        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .map_err(|error| Error::Service(format!("WebSocket client {index}: {error}")))?;
+        let measuring = (index == 0).then(|| sent.clone());
+        clients.push(tokio::spawn(read_frames(
+            socket,
+            measuring,
+            stop_clients.clone(),
+        )));
+    }
+
+    let ticks = ticks_per_second();
+    let cpu_before: Vec<f64> = services
+        .iter()
+        .map(|service| cpu_seconds(service.pid, ticks).unwrap_or(0.0))
+        .collect();
+    let load = Load {
+        url: config.bench_mqtt_url.clone(),
+        client_prefix: format!("{id}-device"),
+        topic_prefix: format!("{id}/devices"),
+        devices: config.devices,
+        events: config.events,
+        rate: config.rate,
+        publishers: config.publishers,
+        malformed_every: malformed_every(config.malformed),
+    };
+    let published = publish(&load, Some(sent.clone()), shutdown).await?;
+
+    // Drain: every valid event a row, every malformed one in the DLQ index.
+    let deadline = Instant::now() + Duration::from_secs(config.drain_timeout_seconds);
+    loop {
+        let rows = count(store, "SELECT COUNT(*) FROM telemetry").await?;
+        let dead = count(store, "SELECT COUNT(*) FROM dlq_events").await?;
+        if rows >= published.valid && dead >= published.malformed {
+            break;
+        }
+        if Instant::now() > deadline || shutdown.is_cancelled() {
+            tracing::warn!(rows, dead, "The pipeline did not drain in time.");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let usage: Vec<ServiceUsage> = services
+        .iter()
+        .zip(cpu_before)
+        .map(|(service, before)| {
+            let cpu = cpu_seconds(service.pid, ticks).unwrap_or(before) - before;
+            #[allow(clippy::cast_precision_loss)]
+            let per_event = cpu * 1e6 / (published.valid + published.malformed).max(1) as f64;
+            ServiceUsage {
+                service: service.name.to_string(),
+                cpu_seconds: cpu,
+                cpu_us_per_event: per_event,
+                peak_rss_mb: peak_rss_mb(service.pid).unwrap_or(0.0),
+            }
+        })
+        .collect();
+    stop_clients.cancel();
+    // The measuring client is the first; the others only keep the bridge busy.
+    let mut frame_latencies = Vec::new();
+    let mut frames_received = 0;
+    for (index, client) in clients.into_iter().enumerate() {
+        if let Ok((frames, latencies)) = client.await {
+            if index == 0 {
+                frames_received = frames;
+                frame_latencies = latencies;
+            }
+        }
+    }
+
+    let rows = count(store, "SELECT COUNT(*) FROM telemetry").await?;
+    let distinct = count(
+        store,
+        "SELECT COUNT(DISTINCT device_id, seq) FROM telemetry",
+    )
+    .await?;
+    let dead_letters = count(store, "SELECT COUNT(*) FROM dlq_events").await?;
+    let last_written_ms: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(UNIX_TIMESTAMP(MAX(written_at)), 0) * 1000 AS SIGNED) FROM telemetry",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    let row_latencies: Vec<i64> = sqlx::query(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, device_ts, written_at) AS micros FROM telemetry",
+    )
+    .fetch_all(store.pool())
+    .await?
+    .iter()
+    .filter_map(|row| row.try_get::<i64, _>("micros").ok())
+    .collect();
+    let span = Duration::from_millis(
+        u64::try_from(last_written_ms - published.first_publish_ms).unwrap_or(0),
+    );
+    let result = PipelineResult {
+        published: published.valid + published.malformed,
+        valid: published.valid,
+        malformed: published.malformed,
+        publish_seconds: published.seconds,
+        publish_per_second: per_second(
+            published.valid + published.malformed,
+            Duration::from_secs_f64(published.seconds),
+        ),
+        rows,
+        lost: published.valid.saturating_sub(distinct),
+        duplicates: rows.saturating_sub(distinct),
+        dead_letters,
+        end_to_end_per_second: per_second(rows.min(published.valid), span),
+        publish_to_row_ms: Percentiles::of_micros(row_latencies),
+        publish_to_frame_ms: Percentiles::of_micros(frame_latencies),
+        frames_received,
+        ws_clients: config.ws_clients,
+    };
+    Ok((result, usage))
+}
+
+/// Reads frames until stopped; the measuring client (with `sent`) also returns the latency, in
+/// microseconds, of every frame whose event was sampled.
+async fn read_frames(
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    sent: Option<SentAt>,
+    stop: CancellationToken,
+) -> (u64, Vec<i64>) {
+    let (_write, mut read) = socket.split();
+    let mut frames = 0;
+    let mut latencies = Vec::new();
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            message = read.next() => message,
+        };
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = message else {
+            if message.is_none() {
+                break;
+            }
+            continue;
+        };
+        frames += 1;
+        let Some(sent) = &sent else { continue };
+        let arrived = Instant::now();
+        let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let device = frame["device_id"]
+            .as_str()
+            .and_then(|name| name.strip_prefix("bench-"))
+            .and_then(|index| index.parse::<u32>().ok());
+        let seq = frame["payload"]["seq"].as_u64();
+        let (Some(device), Some(seq)) = (device, seq) else {
+            continue;
+        };
+        if seq % 10 != 0 {
+            continue;
+        }
+        let published = sent
+            .lock()
+            .ok()
+            .and_then(|mut map| map.remove(&(device, seq)));
+        if let Some(published) = published {
+            latencies.push(
+                i64::try_from(arrived.duration_since(published).as_micros()).unwrap_or(i64::MAX),
+            );
+        }
+    }
+    (frames, latencies)
+}
+
+async fn count(store: &Store, sql: &str) -> Result<u64> {
+    let value: i64 = sqlx::query_scalar(sql).fetch_one(store.pool()).await?;
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// Starts `telemetry <name>` with the run's settings (and none of the caller's `TELEMETRY_*`
+/// variables) on a free port, and waits until its `/readyz` answers 200.
+async fn start(
+    binary: &Path,
+    name: &'static str,
+    listen_variable: &str,
+    environment: Vec<(&str, String)>,
+    id: &str,
+) -> Result<Service> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|source| Error::Io {
+            what: String::from("finding a free port"),
+            source,
+        })?
+        .port();
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let log_path = std::env::temp_dir().join(format!("{id}-{name}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|source| Error::Io {
+        what: format!("creating {}", log_path.display()),
+        source,
+    })?;
+    let log_err = log.try_clone().map_err(|source| Error::Io {
+        what: format!("opening {}", log_path.display()),
+        source,
+    })?;
+    let mut command = tokio::process::Command::new(binary);
+    command.arg(name);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TELEMETRY_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .envs(environment)
+        .env(listen_variable, address.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(log)
+        .stderr(log_err)
+        .kill_on_drop(true);
+    let child = command.spawn().map_err(|source| Error::Io {
+        what: format!("starting {} {name}", binary.display()),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let mut service = Service {
+        name,
+        child,
+        pid,
+        address,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(address, "/readyz").await != Some(200) {
+        if Instant::now() > deadline {
+            stop(&mut service).await;
+            return Err(Error::Service(format!(
+                "the {name} did not become ready within 60 s; see {}",
+                log_path.display()
+            )));
+        }
+        if let Ok(Some(status)) = service.child.try_wait() {
+            return Err(Error::Service(format!(
+                "the {name} exited ({status}); see {}",
+                log_path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(service)
+}
+
+/// SIGTERM, then up to 30 s for a clean stop, then SIGKILL.
+async fn stop(service: &mut Service) {
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &service.pid.to_string()])
+        .status()
+        .await;
+    if tokio::time::timeout(Duration::from_secs(30), service.child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            service = service.name,
+            "Did not stop within 30 s; killing it."
+        );
+        let _ = service.child.kill().await;
+    }
+}
+
+/// The status code of `GET path`, or `None` when nothing answers.
+async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Deletes the run's topics; failures are logged, not fatal.
+pub(crate) async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = match kafka
+        .client_config(&[])
+        .and_then(|config| Ok(config.create()?))
+    {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::warn!(%error, "Could not delete the bench topics.");
+            return;
+        }
+    };
+    if let Err(error) = admin.delete_topics(topics, &AdminOptions::new()).await {
+        tracing::warn!(%error, "Could not delete the bench topics.");
+    }
+}
