@@ -195,6 +195,26 @@ async fn consume(
     let linger = Duration::from_millis(config.batch_linger_ms);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
     let live = Table::live();
+    // Two stages: this loop validates a batch and writes it to the database; a second task
+    // produces its cleaned and DLQ records and then marks its offsets, in batch order. So the next
+    // batch's database write overlaps this one's wait for Kafka, and an offset is still stored
+    // only once both the rows and the records of its batch are durable (measured with `telemetry
+    // bench`: 15.8k to 20.5k events/s end to end on the 2-core machine; docs/benchmarks.md).
+    let source = std::sync::Arc::new(source);
+    let sink = std::sync::Arc::new(sink);
+    let (to_producer, mut to_produce) =
+        tokio::sync::mpsc::channel::<(Vec<OwnedMessage>, Vec<OutgoingRecord>)>(PIPELINE_DEPTH);
+    let producer = tokio::spawn({
+        let (source, sink, abandon) = (source.clone(), sink.clone(), abandon.clone());
+        async move {
+            while let Some((batch, outgoing)) = to_produce.recv().await {
+                if !sink.produce_all(outgoing, &abandon).await {
+                    return; // Abandoned: the batch's offsets stay, it is redelivered.
+                }
+                source.store_offsets(&batch);
+            }
+        }
+    });
     while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
         let decided = decide(&batch, &validator, &mut sequences);
         let span = tracing::debug_span!(
@@ -216,13 +236,22 @@ async fn consume(
             break;
         }
         let outgoing = outgoing_records(&decided, &letters, &refused, kafka);
-        if !sink.produce_all(outgoing, &abandon).await {
-            break;
+        drop(_entered);
+        if to_producer.send((batch, outgoing)).await.is_err() {
+            break; // The producing stage was abandoned.
         }
-        source.store_offsets(&batch);
+    }
+    drop(to_producer);
+    if let Err(error) = producer.await {
+        tracing::error!(%error, "The producing stage failed.");
     }
     sink.flush();
-    source.close(CLOSE_TIMEOUT).await;
+    match std::sync::Arc::try_unwrap(source) {
+        Ok(source) => source.close(CLOSE_TIMEOUT).await,
+        Err(_) => {
+            tracing::warn!("The consumer is still shared at shutdown; not closing it cleanly.")
+        }
+    }
     tracing::info!("Audit service stopped.");
     Ok(())
 }
@@ -237,6 +266,10 @@ pub fn load_contract(path: Option<&std::path::Path>) -> Result<Contract> {
     );
     Ok(contract)
 }
+
+/// Batches written to the database whose records may still be waiting for Kafka: enough to
+/// overlap one batch's database write with the previous one's produce.
+const PIPELINE_DEPTH: usize = 2;
 
 /// How long shutdown waits for the final offset commit and for leaving the consumer group.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

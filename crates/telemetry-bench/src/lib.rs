@@ -125,6 +125,11 @@ pub struct BenchConfig {
     )]
     pub bench_mysql_server: String,
 
+    /// A setting for the bridge and the audit service, as their environment variable
+    /// (`TELEMETRY_AUDIT_BATCH_SIZE=5000`); repeatable. Without any they run on their defaults.
+    #[arg(long = "service-env", value_name = "KEY=VALUE")]
+    pub service_env: Vec<String>,
+
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -162,6 +167,18 @@ impl Baselines {
         .into_iter()
         .fold(f64::INFINITY, f64::min)
     }
+}
+
+/// Each stage alone, in events per second.
+#[derive(Debug, Clone, Serialize)]
+pub struct StagesAlone {
+    /// Messages each stage moved.
+    pub messages: u64,
+    /// The bridge with nothing else of ours running: first publish until it had produced every
+    /// message to Kafka (it acknowledges to MQTT only after Kafka confirmed).
+    pub bridge_per_second: Option<f64>,
+    /// The audit service over a raw topic filled beforehand: first row written to last.
+    pub audit_per_second: Option<f64>,
 }
 
 /// CPU and memory of one service over the loaded part of the run.
@@ -209,6 +226,16 @@ pub struct PipelineResult {
     pub frames_received: u64,
     /// WebSocket clients connected during the run.
     pub ws_clients: u32,
+    /// Seconds from the first publish until the bridge had produced every message to Kafka
+    /// (from its `/metrics`, sampled every 50 ms).
+    pub bridge_produced_all_seconds: Option<f64>,
+    /// Seconds from the first publish until the audit service had decided every record (rows
+    /// written plus records sent to the DLQ).
+    pub audit_wrote_all_seconds: Option<f64>,
+    /// Seconds the audit service spent in its database writes (its `db_write_duration_seconds`).
+    pub audit_db_write_seconds: Option<f64>,
+    /// Batches the audit service processed.
+    pub audit_batches: Option<u64>,
 }
 
 /// Everything one bench run measured.
@@ -224,8 +251,16 @@ pub struct Report {
     pub target_rate: u64,
     /// MQTT publishing connections.
     pub publishers: u32,
+    /// Settings the services ran with beyond their defaults (`--service-env`).
+    pub service_env: Vec<String>,
     /// The infrastructure alone, when measured.
     pub baselines: Option<Baselines>,
+    /// Each stage alone, when the baselines are measured.
+    pub stages_alone: Option<StagesAlone>,
+    /// The bridge alone over Mosquitto's QoS 1 rate (the target is 90% or more).
+    pub bridge_vs_mqtt_baseline: Option<f64>,
+    /// The audit service alone over MariaDB's batched-insert rate (the target is 90% or more).
+    pub audit_vs_mysql_baseline: Option<f64>,
     /// The pipeline.
     pub pipeline: PipelineResult,
     /// The bridge's and the audit service's CPU and memory.
@@ -263,6 +298,9 @@ impl std::fmt::Display for Report {
                 format!("{} events/s", self.target_rate)
             }
         )?;
+        if !self.service_env.is_empty() {
+            writeln!(f, "services with {}", self.service_env.join(" "))?;
+        }
         if let Some(baselines) = &self.baselines {
             writeln!(f, "\nbaselines ({} messages each)", baselines.messages)?;
             writeln!(
@@ -286,6 +324,29 @@ impl std::fmt::Display for Report {
                 baselines.mysql_insert_rows_per_second
             )?;
         }
+        if let Some(stages) = &self.stages_alone {
+            let rate = |value: Option<f64>| {
+                value.map_or_else(|| String::from("-"), |value| format!("{value:.0}"))
+            };
+            let share = |value: Option<f64>| {
+                value.map_or_else(String::new, |value| {
+                    format!(" ({:.0} % of its baseline)", value * 100.0)
+                })
+            };
+            writeln!(f, "\neach stage alone ({} messages)", stages.messages)?;
+            writeln!(
+                f,
+                "  bridge (MQTT -> Kafka, acked)        {:>12} events/s{}",
+                rate(stages.bridge_per_second),
+                share(self.bridge_vs_mqtt_baseline)
+            )?;
+            writeln!(
+                f,
+                "  audit (Kafka -> rows + cleaned)     {:>12} events/s{}",
+                rate(stages.audit_per_second),
+                share(self.audit_vs_mysql_baseline)
+            )?;
+        }
         writeln!(f, "\npipeline")?;
         writeln!(
             f,
@@ -306,6 +367,23 @@ impl std::fmt::Display for Report {
                 f,
                 "  of the slowest baseline              {:>10.1} %",
                 ratio * 100.0
+            )?;
+        }
+        let seconds = |value: Option<f64>| {
+            value.map_or_else(|| String::from("-"), |value| format!("{value:.2} s"))
+        };
+        writeln!(
+            f,
+            "  everything produced by the bridge after {}, decided by the audit after {}",
+            seconds(pipeline.bridge_produced_all_seconds),
+            seconds(pipeline.audit_wrote_all_seconds)
+        )?;
+        if let (Some(seconds), Some(batches)) =
+            (pipeline.audit_db_write_seconds, pipeline.audit_batches)
+        {
+            writeln!(
+                f,
+                "  the audit wrote {batches} batches, {seconds:.2} s in database writes"
             )?;
         }
         writeln!(
@@ -348,6 +426,15 @@ impl std::fmt::Display for Report {
 /// Runs the baselines, then the pipeline under load, and reports. The bench's topics and
 /// database are its own (`bench_<id>`), deleted at the end unless `keep`.
 pub async fn run(config: BenchConfig, shutdown: CancellationToken) -> Result<Report> {
+    if let Some(bad) = config.service_env.iter().find(|setting| {
+        !setting
+            .split_once('=')
+            .is_some_and(|(key, _)| key.starts_with("TELEMETRY_"))
+    }) {
+        return Err(Error::Invalid(format!(
+            "--service-env `{bad}` is not TELEMETRY_...=value"
+        )));
+    }
     if !(0.0..=1.0).contains(&config.malformed) {
         return Err(Error::Invalid(format!(
             "--malformed is {}, must be from 0 to 1",
@@ -373,6 +460,38 @@ pub async fn run(config: BenchConfig, shutdown: CancellationToken) -> Result<Rep
     } else {
         None
     };
+    let stages_alone = if config.baseline_events > 0 {
+        tracing::info!(
+            messages = config.baseline_events,
+            "Measuring each stage alone."
+        );
+        Some(
+            pipeline::stages_alone(&config, &binary, &id, config.baseline_events, &shutdown)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let ratio = |stage: Option<f64>, baseline: Option<f64>| match (stage, baseline) {
+        (Some(stage), Some(baseline)) if baseline > 0.0 => Some(stage / baseline),
+        _ => None,
+    };
+    let bridge_vs_mqtt_baseline = ratio(
+        stages_alone
+            .as_ref()
+            .and_then(|stages| stages.bridge_per_second),
+        baselines
+            .as_ref()
+            .map(|baselines| baselines.mqtt_qos1_per_second),
+    );
+    let audit_vs_mysql_baseline = ratio(
+        stages_alone
+            .as_ref()
+            .and_then(|stages| stages.audit_per_second),
+        baselines
+            .as_ref()
+            .map(|baselines| baselines.mysql_insert_rows_per_second),
+    );
     tracing::info!(events = config.events, "Running the pipeline under load.");
     let (pipeline, services) = pipeline::run(&config, &binary, &id, &shutdown).await?;
     let pipeline_vs_slowest_baseline = baselines
@@ -384,7 +503,11 @@ pub async fn run(config: BenchConfig, shutdown: CancellationToken) -> Result<Rep
         devices: config.devices,
         target_rate: config.rate,
         publishers: config.publishers,
+        service_env: config.service_env.clone(),
         baselines,
+        stages_alone,
+        bridge_vs_mqtt_baseline,
+        audit_vs_mysql_baseline,
         pipeline,
         services,
         pipeline_vs_slowest_baseline,

@@ -29,6 +29,132 @@ struct Service {
     address: SocketAddr,
 }
 
+/// One part of a run: its topics, its database, its MQTT topics (`<name>/devices/...`), and how
+/// its services are started. Everything is named after `name`, so parts never share anything.
+struct Part<'a> {
+    config: &'a BenchConfig,
+    binary: &'a Path,
+    name: String,
+    kafka: KafkaConfig,
+    mysql_url: String,
+    store: Store,
+}
+
+impl<'a> Part<'a> {
+    /// Makes the part's database (migrated); its topics are made by its services.
+    async fn new(config: &'a BenchConfig, binary: &'a Path, name: String) -> Result<Self> {
+        let kafka = KafkaConfig {
+            brokers: config.bench_kafka_brokers.clone(),
+            raw_topic: format!("{name}.raw"),
+            cleaned_topic: format!("{name}.cleaned"),
+            dlq_topic: format!("{name}.dlq"),
+            ..KafkaConfig::default()
+        };
+        let mysql_url = format!("{}/{name}", config.bench_mysql_server.trim_end_matches('/'));
+        let store = Store::connect(&mysql_url, 2).await?;
+        store.migrate().await?;
+        Ok(Part {
+            config,
+            binary,
+            name,
+            kafka,
+            mysql_url,
+            store,
+        })
+    }
+
+    /// The load for this part's bridge.
+    fn load(&self, events: u64, rate: u64, malformed: f64) -> Load {
+        Load {
+            url: self.config.bench_mqtt_url.clone(),
+            client_prefix: format!("{}-device", self.name),
+            topic_prefix: format!("{}/devices", self.name),
+            devices: self.config.devices,
+            events,
+            rate,
+            publishers: self.config.publishers,
+            malformed_every: malformed_every(malformed),
+        }
+    }
+
+    fn topics_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TELEMETRY_KAFKA_BROKERS", self.kafka.brokers.clone()),
+            ("TELEMETRY_RAW_TOPIC", self.kafka.raw_topic.clone()),
+            ("TELEMETRY_CLEANED_TOPIC", self.kafka.cleaned_topic.clone()),
+            ("TELEMETRY_DLQ_TOPIC", self.kafka.dlq_topic.clone()),
+        ]
+    }
+
+    async fn start_bridge(&self) -> Result<Service> {
+        let mut environment = self.topics_env();
+        environment.extend([
+            ("TELEMETRY_MQTT_URL", self.config.bench_mqtt_url.clone()),
+            (
+                "TELEMETRY_MQTT_TOPIC",
+                format!("{}/devices/+/telemetry", self.name),
+            ),
+            ("TELEMETRY_MQTT_CLIENT_ID", format!("{}-bridge", self.name)),
+            ("TELEMETRY_BRIDGE_ID", format!("{}-bridge", self.name)),
+        ]);
+        self.start("bridge", "TELEMETRY_BRIDGE_LISTEN", environment)
+            .await
+    }
+
+    async fn start_audit(&self) -> Result<Service> {
+        let mut environment = self.topics_env();
+        environment.extend([
+            ("TELEMETRY_MYSQL_URL", self.mysql_url.clone()),
+            ("TELEMETRY_AUDIT_GROUP", format!("{}-audit", self.name)),
+        ]);
+        self.start("audit", "TELEMETRY_AUDIT_LISTEN", environment)
+            .await
+    }
+
+    async fn start(
+        &self,
+        service: &'static str,
+        listen_variable: &str,
+        environment: Vec<(&'static str, String)>,
+    ) -> Result<Service> {
+        let extra: Vec<(String, String)> = self
+            .config
+            .service_env
+            .iter()
+            .filter_map(|setting| setting.split_once('='))
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        start(
+            self.binary,
+            service,
+            listen_variable,
+            environment,
+            &extra,
+            &self.name,
+        )
+        .await
+    }
+
+    /// Deletes the part's topics and database, unless `--keep`.
+    async fn clean_up(&self) {
+        if self.config.keep {
+            return;
+        }
+        let kafka = &self.kafka;
+        delete_topics(
+            kafka,
+            &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
+        )
+        .await;
+        if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
+            .execute(self.store.pool())
+            .await
+        {
+            tracing::warn!(%error, "Could not drop the bench database.");
+        }
+    }
+}
+
 /// Runs the pipeline under the configured load; returns what it measured.
 pub(crate) async fn run(
     config: &BenchConfig,
@@ -36,66 +162,25 @@ pub(crate) async fn run(
     id: &str,
     shutdown: &CancellationToken,
 ) -> Result<(PipelineResult, Vec<ServiceUsage>)> {
-    let kafka = KafkaConfig {
-        brokers: config.bench_kafka_brokers.clone(),
-        raw_topic: format!("{id}.raw"),
-        cleaned_topic: format!("{id}.cleaned"),
-        dlq_topic: format!("{id}.dlq"),
-        ..KafkaConfig::default()
-    };
-    let mysql_url = format!("{}/{id}", config.bench_mysql_server.trim_end_matches('/'));
-    let store = Store::connect(&mysql_url, 2).await?;
-    store.migrate().await?;
-
-    let common = vec![
-        ("TELEMETRY_KAFKA_BROKERS", kafka.brokers.clone()),
-        ("TELEMETRY_RAW_TOPIC", kafka.raw_topic.clone()),
-        ("TELEMETRY_CLEANED_TOPIC", kafka.cleaned_topic.clone()),
-        ("TELEMETRY_DLQ_TOPIC", kafka.dlq_topic.clone()),
-    ];
-    let mut audit_env = common.clone();
-    audit_env.extend([
-        ("TELEMETRY_MYSQL_URL", mysql_url.clone()),
-        ("TELEMETRY_AUDIT_GROUP", format!("{id}-audit")),
-    ]);
-    let mut bridge_env = common;
-    bridge_env.extend([
-        ("TELEMETRY_MQTT_URL", config.bench_mqtt_url.clone()),
-        ("TELEMETRY_MQTT_TOPIC", format!("{id}/devices/+/telemetry")),
-        ("TELEMETRY_MQTT_CLIENT_ID", format!("{id}-bridge")),
-        ("TELEMETRY_BRIDGE_ID", format!("{id}-bridge")),
-    ]);
-    let audit = start(binary, "audit", "TELEMETRY_AUDIT_LISTEN", audit_env, id).await?;
-    let bridge = start(binary, "bridge", "TELEMETRY_BRIDGE_LISTEN", bridge_env, id).await?;
+    let part = Part::new(config, binary, id.to_string()).await?;
+    let audit = part.start_audit().await?;
+    let bridge = part.start_bridge().await?;
     let mut services = vec![bridge, audit];
-    let outcome = measure(config, id, &store, &services, shutdown).await;
+    let outcome = measure(&part, &services, shutdown).await;
     for service in &mut services {
         stop(service).await;
     }
-    if !config.keep {
-        delete_topics(
-            &kafka,
-            &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
-        )
-        .await;
-        if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{id}`"))
-            .execute(store.pool())
-            .await
-        {
-            tracing::warn!(%error, "Could not drop the bench database.");
-        }
-    }
+    part.clean_up().await;
     outcome
 }
 
 /// The measured part: live-view clients, the load, the drain, then the figures.
 async fn measure(
-    config: &BenchConfig,
-    id: &str,
-    store: &Store,
+    part: &Part<'_>,
     services: &[Service],
     shutdown: &CancellationToken,
 ) -> Result<(PipelineResult, Vec<ServiceUsage>)> {
+    let (config, store) = (part.config, &part.store);
     let bridge_address = services[0].address;
     let sent: SentAt = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let stop_clients = CancellationToken::new();
@@ -118,16 +203,16 @@ async fn measure(
         .iter()
         .map(|service| cpu_seconds(service.pid, ticks).unwrap_or(0.0))
         .collect();
-    let load = Load {
-        url: config.bench_mqtt_url.clone(),
-        client_prefix: format!("{id}-device"),
-        topic_prefix: format!("{id}/devices"),
-        devices: config.devices,
-        events: config.events,
-        rate: config.rate,
-        publishers: config.publishers,
-        malformed_every: malformed_every(config.malformed),
-    };
+    let load = part.load(config.events, config.rate, config.malformed);
+    let started = Instant::now();
+    let stop_sampler = CancellationToken::new();
+    let sampler = tokio::spawn(sample_progress(
+        services[0].address,
+        services[1].address,
+        config.events,
+        started,
+        stop_sampler.clone(),
+    ));
     let published = publish(&load, Some(sent.clone()), shutdown).await?;
 
     // Drain: every valid event a row, every malformed one in the DLQ index.
@@ -144,6 +229,15 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Where the audit service's time went: its database writes, and its batches.
+    let audit = services[1].address;
+    let audit_db_write_seconds = metric_value(
+        audit,
+        "db_write_duration_seconds_sum",
+        &["service=\"audit\""],
+    )
+    .await;
+    let audit_batches = metric(audit, "audit_batch_records_count", &["service=\"audit\""]).await;
     let usage: Vec<ServiceUsage> = services
         .iter()
         .zip(cpu_before)
@@ -160,6 +254,8 @@ async fn measure(
         })
         .collect();
     stop_clients.cancel();
+    stop_sampler.cancel();
+    let stages = sampler.await.unwrap_or_default();
     // The measuring client is the first; the others only keep the bridge busy.
     let mut frame_latencies = Vec::new();
     let mut frames_received = 0;
@@ -213,8 +309,87 @@ async fn measure(
         publish_to_frame_ms: Percentiles::of_micros(frame_latencies),
         frames_received,
         ws_clients: config.ws_clients,
+        bridge_produced_all_seconds: stages.bridge,
+        audit_wrote_all_seconds: stages.audit,
+        audit_db_write_seconds,
+        audit_batches,
     };
     Ok((result, usage))
+}
+
+/// When each stage had passed on everything, in seconds from the first publish.
+#[derive(Debug, Default)]
+struct Stages {
+    bridge: Option<f64>,
+    audit: Option<f64>,
+}
+
+/// Polls the services' `/metrics` every 50 ms: when the bridge had produced every message to the
+/// raw topic, and when the audit service had decided every record. What tells which stage holds
+/// the pipeline back.
+async fn sample_progress(
+    bridge: SocketAddr,
+    audit: SocketAddr,
+    events: u64,
+    started: Instant,
+    stop: CancellationToken,
+) -> Stages {
+    let mut stages = Stages::default();
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return stages,
+            _ = ticker.tick() => {}
+        }
+        if stages.bridge.is_none() {
+            let produced = metric(
+                bridge,
+                "records_produced_total",
+                &["service=\"bridge\"", "topic=\"raw\""],
+            )
+            .await;
+            if produced.is_some_and(|produced| produced >= events) {
+                stages.bridge = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        if stages.audit.is_none() {
+            // Written rows plus records sent to the DLQ: everything the audit service decided.
+            let written = metric(audit, "events_written_total", &["service=\"audit\""]).await;
+            let rejected = metric(audit, "events_rejected_total", &["service=\"audit\""]).await;
+            if written.unwrap_or(0) + rejected.unwrap_or(0) >= events {
+                stages.audit = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        if stages.bridge.is_some() && stages.audit.is_some() {
+            return stages;
+        }
+    }
+}
+
+/// The sum of the samples of `name` carrying every label of `labels` in a service's `/metrics`,
+/// as a count.
+async fn metric(address: SocketAddr, name: &str, labels: &[&str]) -> Option<u64> {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    metric_value(address, name, labels)
+        .await
+        .map(|value| value as u64)
+}
+
+/// The sum of the samples of `name` carrying every label of `labels` in a service's `/metrics`.
+async fn metric_value(address: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
+    let (_, body) = http_get(address, "/metrics").await?;
+    let mut total = None;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !rest.starts_with('{') || !labels.iter().all(|label| rest.contains(label)) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+        total = Some(total.unwrap_or(0.0) + value);
+    }
+    total
 }
 
 /// Reads frames until stopped; the measuring client (with `sent`) also returns the latency, in
@@ -282,6 +457,7 @@ async fn start(
     name: &'static str,
     listen_variable: &str,
     environment: Vec<(&str, String)>,
+    extra: &[(String, String)],
     id: &str,
 ) -> Result<Service> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -310,6 +486,11 @@ async fn start(
     }
     command
         .envs(environment)
+        .envs(
+            extra
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
         .env(listen_variable, address.to_string())
         .env("RUST_LOG", "warn")
         .stdout(log)
@@ -366,6 +547,11 @@ async fn stop(service: &mut Service) {
 
 /// The status code of `GET path`, or `None` when nothing answers.
 async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
+    http_get(address, path).await.map(|(status, _)| status)
+}
+
+/// `GET path`: the status code and the body, or `None` when nothing answers.
+async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     stream
         .write_all(
@@ -376,7 +562,11 @@ async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())?;
+    Some((status, body))
 }
 
 /// Deletes the run's topics; failures are logged, not fatal.
@@ -394,4 +584,78 @@ pub(crate) async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) {
     if let Err(error) = admin.delete_topics(topics, &AdminOptions::new()).await {
         tracing::warn!(%error, "Could not delete the bench topics.");
     }
+}
+
+/// Each stage alone, with the same payloads: the bridge with no audit service running (MQTT in,
+/// Kafka out, acknowledgements after Kafka confirmed), and the audit service over a raw topic
+/// filled beforehand (Kafka in, rows and cleaned records out). What each stage can do when it
+/// does not share the machine with the other.
+pub(crate) async fn stages_alone(
+    config: &BenchConfig,
+    binary: &Path,
+    id: &str,
+    messages: u64,
+    shutdown: &CancellationToken,
+) -> Result<crate::StagesAlone> {
+    let part = Part::new(config, binary, format!("{id}_stage")).await?;
+    let outcome = stage_by_stage(&part, messages, shutdown).await;
+    part.clean_up().await;
+    outcome
+}
+
+async fn stage_by_stage(
+    part: &Part<'_>,
+    messages: u64,
+    shutdown: &CancellationToken,
+) -> Result<crate::StagesAlone> {
+    // The bridge alone fills the raw topic: its rate is the bridge stage's.
+    let mut bridge = part.start_bridge().await?;
+    let started = Instant::now();
+    let published = publish(&part.load(messages, 0, 0.0), None, shutdown).await;
+    let deadline = Instant::now() + Duration::from_secs(part.config.drain_timeout_seconds);
+    let mut bridge_seconds = None;
+    while Instant::now() < deadline && !shutdown.is_cancelled() {
+        let produced = metric(
+            bridge.address,
+            "records_produced_total",
+            &["service=\"bridge\"", "topic=\"raw\""],
+        )
+        .await;
+        if produced.is_some_and(|produced| produced >= messages) {
+            bridge_seconds = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(&mut bridge).await;
+    published?;
+
+    // The audit service alone over what the bridge produced: first row to last.
+    let mut audit = part.start_audit().await?;
+    let deadline = Instant::now() + Duration::from_secs(part.config.drain_timeout_seconds);
+    while count(&part.store, "SELECT COUNT(*) FROM telemetry").await? < messages
+        && Instant::now() < deadline
+        && !shutdown.is_cancelled()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(&mut audit).await;
+    let rows = count(&part.store, "SELECT COUNT(*) FROM telemetry").await?;
+    let span_ms: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(written_at), MAX(written_at)), 0) \
+         / 1000 AS SIGNED) FROM telemetry",
+    )
+    .fetch_one(part.store.pool())
+    .await?;
+    Ok(crate::StagesAlone {
+        messages,
+        bridge_per_second: bridge_seconds
+            .map(|seconds| per_second(messages, Duration::from_secs_f64(seconds))),
+        audit_per_second: (rows == messages && span_ms > 0).then(|| {
+            per_second(
+                rows,
+                Duration::from_millis(u64::try_from(span_ms).unwrap_or(1)),
+            )
+        }),
+    })
 }
