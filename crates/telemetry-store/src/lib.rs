@@ -395,10 +395,12 @@ async fn insert_rows(
     if skip_stored {
         insert.push(" ON DUPLICATE KEY UPDATE seq_key = seq_key");
     }
-    // Statements differ by row count; caching each prepared variant would only churn.
+    // Statements differ by row count: only the full-size one (every chunk of a large batch) is
+    // kept prepared on the connection, so it is parsed once, not per batch; caching every
+    // variant would only churn.
     insert
         .build()
-        .persistent(false)
+        .persistent(rows.len() == ROWS_PER_STATEMENT)
         .execute(&mut *connection)
         .await?;
     Ok(())
