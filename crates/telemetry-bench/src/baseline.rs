@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::{Contract, Outcome, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
 use telemetry_store::{Store, Table};
 use tokio_util::sync::CancellationToken;
 
-use crate::load::{host_port, publish, Load};
+use crate::load::{client_options, publish, Load};
 use crate::{device_name, now_millis, payload, Baselines, BenchConfig, Error, Result};
 
 /// Records Kafka may hold unacknowledged at once (librdkafka's queue holds 100,000).
@@ -57,13 +57,8 @@ async fn mqtt(
     messages: u64,
     shutdown: &CancellationToken,
 ) -> Result<f64> {
-    let (host, port) = host_port(&config.bench_mqtt_url)?;
     let topic_prefix = format!("{id}/baseline");
-    let mut options = MqttOptions::new(format!("{id}-baseline-subscriber"), host, port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(1 << 20, 1 << 20);
+    let options = client_options(&config.bench_mqtt_url, &format!("{id}-baseline-subscriber"))?;
     let (client, mut eventloop) = AsyncClient::new(options, 10_000);
     client
         .subscribe(format!("{topic_prefix}/#"), QoS::AtLeastOnce)

@@ -108,7 +108,7 @@ pub struct BenchConfig {
     #[arg(long)]
     pub binary: Option<PathBuf>,
 
-    /// The MQTT broker, `mqtt://host:port`.
+    /// The MQTT broker, as the services take it (`mqtt://host:port`).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub bench_mqtt_url: String,
 

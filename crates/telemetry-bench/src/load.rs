@@ -69,21 +69,13 @@ pub(crate) async fn publish(
     sent: Option<SentAt>,
     shutdown: &CancellationToken,
 ) -> Result<Published> {
-    let (host, port) = host_port(&load.url)?;
     let first_publish_ms = now_millis();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for publisher in 0..load.publishers {
-        let mut options = MqttOptions::new(
-            format!("{}-{publisher}", load.client_prefix),
-            host.clone(),
-            port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_inflight(1_000)
-            .set_max_packet_size(1 << 20, 1 << 20);
+        let mut options =
+            client_options(&load.url, &format!("{}-{publisher}", load.client_prefix))?;
+        options.set_inflight(1_000);
         let mine: Vec<u64> = (0..load.events)
             .filter(|n| event(load, *n).0 % load.publishers == publisher)
             .collect();
@@ -201,20 +193,17 @@ async fn run_publisher(
     Ok(counts)
 }
 
-/// Host and port of `mqtt://host:port`.
-pub(crate) fn host_port(url: &str) -> Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| Error::Invalid(format!("the MQTT URL `{url}` is not mqtt://host:port")))?;
-    match rest.rsplit_once(':') {
-        Some((host, port)) => Ok((
-            host.to_string(),
-            port.parse()
-                .map_err(|_| Error::Invalid(format!("the MQTT URL `{url}` has no valid port")))?,
-        )),
-        None => Ok((rest.to_string(), 1883)),
-    }
+/// Client options for the broker at `url` (any URL the services take, `mqtts://` and
+/// credentials included), as every bench client starts from.
+pub(crate) fn client_options(url: &str, client_id: &str) -> Result<MqttOptions> {
+    telemetry_bridge::MqttConnectionConfig::new(url)
+        .options(client_id, |options| {
+            options
+                .set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_max_packet_size(1 << 20, 1 << 20);
+        })
+        .map_err(|error| Error::Invalid(error.to_string()))
 }
 
 #[cfg(test)]

@@ -444,8 +444,18 @@ struct Renewable {
     config: ClientConfig,
     /// The `service` label of the produce metrics.
     service: &'static str,
+    /// The produce metrics' handles by topic, registered once per topic rather than looked up
+    /// (labels hashed, topic name copied) for every record. A service produces to a few topics.
+    meters: Mutex<Vec<(String, ProduceMeters)>>,
     /// Why a mutex: producers run on several tasks; the instance is swapped rarely.
     current: Mutex<(FutureProducer, Instant)>,
+}
+
+/// A topic's produce metrics.
+#[derive(Clone)]
+struct ProduceMeters {
+    duration: metrics::Histogram,
+    errors: metrics::Counter,
 }
 
 impl RenewableProducer {
@@ -457,6 +467,7 @@ impl RenewableProducer {
             inner: Arc::new(Renewable {
                 config,
                 service,
+                meters: Mutex::new(Vec::new()),
                 current: Mutex::new((producer, Instant::now())),
             }),
         })
@@ -504,7 +515,7 @@ impl RenewableProducer {
         P: ToBytes + ?Sized,
     {
         let started = Instant::now();
-        let topic = record.topic.to_string();
+        let meters = self.meters(record.topic);
         // librdkafka copies key, payload and headers, so the record's borrows end here.
         let delivery = self
             .current()
@@ -515,16 +526,31 @@ impl RenewableProducer {
             Ok(Err((error, _))) => Err(error),
             Err(_canceled) => Err(KafkaError::Canceled),
         };
-        let service = self.inner.service;
         match &result {
             // From handing the record over to the brokers' acknowledgement (acks=all): batching,
             // compression, the network and replication; what Kafka adds to a record's latency.
-            Ok(()) => metrics::histogram!("kafka_produce_duration_seconds", "service" => service, "topic" => topic)
-                .record(started.elapsed().as_secs_f64()),
-            Err(_) => metrics::counter!("kafka_produce_errors_total", "service" => service, "topic" => topic)
-                .increment(1),
+            Ok(()) => meters.duration.record(started.elapsed().as_secs_f64()),
+            Err(_) => meters.errors.increment(1),
         }
         result
+    }
+
+    /// The produce metrics of `topic`, registered on its first record.
+    fn meters(&self, topic: &str) -> ProduceMeters {
+        let mut meters = match self.inner.meters.lock() {
+            Ok(meters) => meters,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((_, found)) = meters.iter().find(|(name, _)| name == topic) {
+            return found.clone();
+        }
+        let (service, label) = (self.inner.service, topic.to_string());
+        let registered = ProduceMeters {
+            duration: metrics::histogram!("kafka_produce_duration_seconds", "service" => service, "topic" => label.clone()),
+            errors: metrics::counter!("kafka_produce_errors_total", "service" => service, "topic" => label.clone()),
+        };
+        meters.push((label, registered.clone()));
+        registered
     }
 
     /// Waits up to `timeout` for everything queued in the current instance.

@@ -276,23 +276,10 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn query_token(query: &str) -> Option<String> {
-    url_pairs(query)
+    form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| name == ACCESS_TOKEN_PARAMETER)
-        .map(|(_, value)| value)
+        .map(|(_, value)| value.into_owned())
         .filter(|value| !value.is_empty())
-}
-
-fn url_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter_map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |text: &str| {
-            percent_encoding::percent_decode_str(&text.replace('+', " "))
-                .decode_utf8()
-                .ok()
-                .map(|text| text.into_owned())
-        };
-        Some((decode(name)?, decode(value)?))
-    })
 }
 
 fn load_tokens(path: &Path) -> Result<HashMap<[u8; 32], Access>, AuthError> {

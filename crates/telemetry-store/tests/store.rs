@@ -24,6 +24,23 @@ fn record(device: &str, device_ts: i64, seq: u64) -> CleanedRecord {
     }
 }
 
+/// A record the audit service rejected as not JSON, from `device_id`, at raw offset `offset`.
+fn rejected(offset: i64, device_id: Option<&str>, received_at: i64) -> NewDeadLetter<'_> {
+    NewDeadLetter {
+        source_topic: "raw",
+        source_partition: 0,
+        source_offset: offset,
+        device_id,
+        received_at,
+        code: "invalid_json",
+        message: "not JSON",
+        field: None,
+        rule: Some("json"),
+        contract_version: 1,
+        payload: b"oops",
+    }
+}
+
 async fn rows(store: &Store) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
         .fetch_one(store.pool())
@@ -55,19 +72,7 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
     store.insert_events(&[a, b, c]).await.unwrap();
     assert_eq!(rows(&store).await, 3);
 
-    let letter = |offset| NewDeadLetter {
-        source_topic: "raw",
-        source_partition: 0,
-        source_offset: offset,
-        device_id: Some("d1"),
-        received_at: now,
-        code: "invalid_json",
-        message: "not JSON",
-        field: None,
-        rule: Some("json"),
-        contract_version: 1,
-        payload: b"oops",
-    };
+    let letter = |offset| rejected(offset, Some("d1"), now);
     store.insert_dead_letters(&[letter(10)]).await.unwrap();
     store
         .insert_dead_letters(&[letter(10), letter(11), letter(11)])
@@ -111,32 +116,8 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
     let letters: Vec<NewDeadLetter<'_>> = devices
         .iter()
         .enumerate()
-        .map(|(offset, device)| NewDeadLetter {
-            source_topic: "raw",
-            source_partition: 0,
-            source_offset: offset as i64,
-            device_id: Some(device),
-            received_at: now,
-            code: "invalid_json",
-            message: "not JSON",
-            field: None,
-            rule: Some("json"),
-            contract_version: 1,
-            payload: b"oops",
-        })
-        .chain(std::iter::once(NewDeadLetter {
-            source_topic: "raw",
-            source_partition: 0,
-            source_offset: 99,
-            device_id: None,
-            received_at: now,
-            code: "invalid_json",
-            message: "not JSON",
-            field: None,
-            rule: Some("json"),
-            contract_version: 1,
-            payload: b"no device",
-        }))
+        .map(|(offset, device)| rejected(offset as i64, Some(device), now))
+        .chain(std::iter::once(rejected(99, None, now)))
         .collect();
     store.insert_dead_letters(&letters).await.unwrap();
     let listed = |scope: DeviceScope| {
