@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::{Contract, Outcome, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
@@ -59,7 +59,7 @@ async fn mqtt(
 ) -> Result<f64> {
     let topic_prefix = format!("{id}/baseline");
     let options = client_options(&config.bench_mqtt_url, &format!("{id}-baseline-subscriber"))?;
-    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
     client
         .subscribe(format!("{topic_prefix}/#"), QoS::AtLeastOnce)
         .await

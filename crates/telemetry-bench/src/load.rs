@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::{device_name, now_millis, payload, Error, Result};
@@ -140,7 +140,7 @@ async fn run_publisher(
     sent: Option<SentAt>,
     shutdown: CancellationToken,
 ) -> Result<(u64, u64)> {
-    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
     let expected = messages.len();
     let poll = async {
         let mut acknowledged = 0;

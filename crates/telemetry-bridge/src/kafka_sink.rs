@@ -58,12 +58,21 @@ impl KafkaSink {
     ) {
         // Ordered, so acknowledgements go out in the order the broker sent the messages.
         let mut in_flight: FuturesOrdered<Delivered> = FuturesOrdered::new();
+        let produced =
+            metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw");
+        let in_flight_gauge = metrics::gauge!("bridge_messages_in_flight", "service" => "bridge");
+        let queued_gauge = metrics::gauge!("bridge_messages_queued", "service" => "bridge");
         loop {
+            #[allow(clippy::cast_precision_loss)]
+            {
+                in_flight_gauge.set(in_flight.len() as f64);
+                queued_gauge.set(messages.len() as f64);
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(delivered) = in_flight.next(), if !in_flight.is_empty() => {
-                    acknowledge(&delivered, mqtt);
+                    acknowledge(&delivered, mqtt, &produced);
                 }
                 received = messages.recv(), if in_flight.len() < max_in_flight => match received {
                     Some(message) => {
@@ -79,7 +88,7 @@ impl KafkaSink {
         let pending = in_flight.len();
         let drain = async {
             while let Some(delivered) = in_flight.next().await {
-                acknowledge(&delivered, mqtt);
+                acknowledge(&delivered, mqtt, &produced);
             }
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
@@ -143,8 +152,7 @@ impl KafkaSink {
 }
 
 /// Counts a confirmed message and acknowledges it to the MQTT broker.
-fn acknowledge(message: &Message, mqtt: &MqttHandle) {
-    metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw")
-        .increment(1);
+fn acknowledge(message: &Message, mqtt: &MqttHandle, produced: &metrics::Counter) {
+    produced.increment(1);
     mqtt.ack(message);
 }

@@ -294,6 +294,9 @@ impl KafkaConfig {
         // until the next periodic refresh (default 5 min), stalling produce and fetch that long;
         // measured in the chaos suite on a restarted single-node broker. Refresh every 10 s.
         config.set("topic.metadata.refresh.interval.ms", "10000");
+        // Small requests (a produce at a low rate, a fetch response) go out at once instead of
+        // waiting up to 40 ms for the TCP acknowledgement of the previous segment.
+        config.set("socket.nagle.disable", "true");
         for (key, value) in defaults {
             config.set(*key, *value);
         }

@@ -23,6 +23,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -78,7 +79,14 @@ impl HttpServer {
         shutdown: CancellationToken,
     ) -> JoinHandle<Result<(), ListenError>> {
         tokio::spawn(async move {
-            axum::serve(self.listener, router)
+            // Live-view frames and API answers go out at once, not after the client's delayed
+            // TCP acknowledgement of the previous segment (up to 40 ms).
+            let listener = self.listener.tap_io(|stream| {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "Could not set TCP_NODELAY on a connection.");
+                }
+            });
+            axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
                 .map_err(|source| ListenError {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 /// Errors that stop the simulator.
@@ -324,7 +324,7 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
             .set_keep_alive(Duration::from_secs(30))
             .set_inflight(1_000);
     })?;
-    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
     let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop_polling = CancellationToken::new();
     let poller = tokio::spawn({
