@@ -116,13 +116,17 @@ impl OutcomeSink {
                 () = shutdown.cancelled() => return false,
                 results = join_all(pending.iter().map(|record| self.produce(record))) => results,
             };
+            // Counted per batch and kind: a metric looked up per record was 5% of the audit's CPU.
+            let mut produced: Vec<(&'static str, u64)> = Vec::with_capacity(2);
             let failed: Vec<OutgoingRecord> = pending
                 .into_iter()
                 .zip(results)
                 .filter_map(|(record, result)| match result {
                     Ok(()) => {
-                        metrics::counter!("records_produced_total", "service" => "audit", "topic" => record.kind)
-                            .increment(1);
+                        match produced.iter_mut().find(|(kind, _)| *kind == record.kind) {
+                            Some((_, count)) => *count += 1,
+                            None => produced.push((record.kind, 1)),
+                        }
                         None
                     }
                     Err(error) => {
@@ -133,6 +137,10 @@ impl OutcomeSink {
                     }
                 })
                 .collect();
+            for (kind, count) in produced {
+                metrics::counter!("records_produced_total", "service" => "audit", "topic" => kind)
+                    .increment(count);
+            }
             if failed.is_empty() {
                 return true;
             }

@@ -227,7 +227,7 @@ pub struct PipelineResult {
     /// WebSocket clients connected during the run.
     pub ws_clients: u32,
     /// Seconds from the first publish until the bridge had produced every message to Kafka
-    /// (from its `/metrics`, sampled every 50 ms).
+    /// (from its `/metrics`, sampled every 100 ms).
     pub bridge_produced_all_seconds: Option<f64>,
     /// Seconds from the first publish until the audit service had decided every record (rows
     /// written plus records sent to the DLQ).

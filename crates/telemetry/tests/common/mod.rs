@@ -49,6 +49,7 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         mysql_max_connections: 4,
         group_id: group.to_string(),
         batch_size: 500,
+        db_writers: 2,
         batch_linger_ms: 20,
         contract: None,
         dlq_index_retention_hours: 168,
