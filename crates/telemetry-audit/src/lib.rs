@@ -84,7 +84,7 @@ pub struct AuditConfig {
     /// Batches written to the database at once, each on a connection of its own (at most the
     /// pool's `--mysql-max-connections`, less one for upkeep). Rows are idempotent, so their order
     /// across batches does not matter; offsets are still stored in batch order. 2 writes a backlog
-    /// about a quarter faster than 1, for about a quarter more CPU per event (`telemetry bench`).
+    /// about a fifth faster than 1, for about a fifth more CPU per event (`telemetry bench`).
     #[arg(long, env = "TELEMETRY_AUDIT_DB_WRITERS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub db_writers: u16,
@@ -227,7 +227,7 @@ async fn consume(
     });
     // Before them, a task reads and validates the next batch while earlier ones are written; and
     // up to `--db-writers` batches are written at once, each on a connection of its own, then handed
-    // on in batch order (measured: docs/benchmarks.md, "Audit: batches written side by side").
+    // on in batch order (measured: docs/benchmarks.md, "The audit's writes side by side").
     let contract_version = validator.contract().version;
     let validator = std::sync::Arc::new(validator);
     let (to_writer, mut to_write) = tokio::sync::mpsc::channel::<(Vec<OwnedMessage>, Decided)>(1);
