@@ -81,8 +81,9 @@ pub struct AuditConfig {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
-    /// Batches written to the database at once, each on a connection of its own (at most the
-    /// pool's `--mysql-max-connections`, less one for upkeep). Rows are idempotent, so their order
+    /// Batches written to the database at once, each on a connection of its own from the pool
+    /// (`--mysql-max-connections`, shared with the DLQ index's upkeep: more writers than free
+    /// connections wait for one). Rows are idempotent, so their order
     /// across batches does not matter; offsets are still stored in batch order. 2 writes a backlog
     /// about a fifth faster than 1, for about a fifth more CPU per event (`telemetry bench`).
     #[arg(long, env = "TELEMETRY_AUDIT_DB_WRITERS", default_value_t = 2,
@@ -109,8 +110,9 @@ pub struct AuditConfig {
     #[arg(long, env = "TELEMETRY_DLQ_INDEX_MAX_ROWS", default_value_t = 100_000)]
     pub dlq_index_max_rows: u64,
 
-    /// How long shutdown lets the batch in hand finish (database write, produces) before
-    /// abandoning it to be redelivered, in seconds.
+    /// How long shutdown lets the batches in hand finish (database writes, produces) before
+    /// abandoning them to be redelivered, in seconds. Up to `--db-writers` plus three batches can
+    /// be in hand: one read, those being written, two waiting for or being produced.
     #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 
@@ -135,8 +137,9 @@ const DATABASE: &str = "database";
 /// value outside a constraint an operator added).
 pub const DB_REJECTED: &str = "db_rejected";
 
-/// Runs the audit service until `shutdown` is cancelled. The batch in hand when it is cancelled is
-/// finished if it can be within `shutdown_grace_seconds`; its offsets are committed only if it was.
+/// Runs the audit service until `shutdown` is cancelled. The batches in hand when it is cancelled
+/// are finished if they can be within `shutdown_grace_seconds`; a batch's offsets are committed
+/// only if it was, and only after every earlier batch's.
 pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()> {
     // A contract that does not load stops the service before it touches anything.
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
@@ -156,7 +159,7 @@ async fn consume(
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    // Intake stops at `shutdown`; the batch in hand gets the grace period to become durable.
+    // Intake stops at `shutdown`; the batches in hand get the grace period to become durable.
     let abandon = CancellationToken::new();
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     tokio::spawn({
@@ -205,11 +208,13 @@ async fn consume(
     let linger = Duration::from_millis(config.batch_linger_ms);
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
     let live = Table::live();
-    // Two stages: this loop validates a batch and writes it to the database; a second task
-    // produces its cleaned and DLQ records and then marks its offsets, in batch order. So the next
-    // batch's database write overlaps this one's wait for Kafka, and an offset is still stored
-    // only once both the rows and the records of its batch are durable (measured with `telemetry
-    // bench`: 15.8k to 20.5k events/s end to end on the 2-core machine; docs/benchmarks.md).
+    // Three stages. A task reads and validates batches; this loop writes up to `--db-writers` of
+    // them to the database at once and hands them on in batch order; a third task produces each
+    // batch's cleaned and DLQ records and then marks its offsets, in batch order. So reading,
+    // database writes and the wait for Kafka overlap, and an offset is still stored only once both
+    // the rows and the records of its batch are durable (measured with `telemetry bench`: 15.8k
+    // to 20.5k events/s end to end for the produce stage, the audit alone from 53-55% to 65-71% of
+    // MariaDB's insert rate for the reading task and two writers; docs/benchmarks.md).
     let source = std::sync::Arc::new(source);
     let sink = std::sync::Arc::new(sink);
     let (to_producer, mut to_produce) =
@@ -225,16 +230,15 @@ async fn consume(
             }
         }
     });
-    // Before them, a task reads and validates the next batch while earlier ones are written; and
-    // up to `--db-writers` batches are written at once, each on a connection of its own, then handed
-    // on in batch order (measured: docs/benchmarks.md, "The audit's writes side by side").
     let contract_version = validator.contract().version;
     let validator = std::sync::Arc::new(validator);
     let (to_writer, mut to_write) = tokio::sync::mpsc::channel::<(Vec<OwnedMessage>, Decided)>(1);
+    // Stops at shutdown, or when this loop ends for another reason.
+    let stop_reading = shutdown.child_token();
     let reader = tokio::spawn({
-        let (source, validator, shutdown) = (source.clone(), validator.clone(), shutdown.clone());
+        let (source, validator, stop) = (source.clone(), validator.clone(), stop_reading.clone());
         async move {
-            while let Some(batch) = source.next_batch(batch_size, linger, &shutdown).await {
+            while let Some(batch) = source.next_batch(batch_size, linger, &stop).await {
                 let decided = decide(&batch, &validator, &mut sequences);
                 if to_writer.send((batch, decided)).await.is_err() {
                     return; // The writing stage stopped; the batch's offsets stay.
@@ -253,20 +257,22 @@ async fn consume(
     let db_writers = usize::from(config.db_writers);
     let batch_records = metrics::histogram!("audit_batch_records", "service" => "audit");
     let mut writing = FuturesOrdered::new();
+    // Written batches waiting for room in the producing stage; meanwhile the other writes go on.
+    let mut written = std::collections::VecDeque::new();
     let mut reading = true;
     loop {
         tokio::select! {
             biased;
-            written = writing.next(), if !writing.is_empty() => match written {
-                Some(Some(written)) => {
-                    if to_producer.send(written).await.is_err() {
-                        break; // The producing stage was abandoned.
-                    }
-                }
+            room = to_producer.reserve(), if !written.is_empty() => match (room, written.pop_front()) {
+                (Ok(room), Some(batch)) => room.send(batch),
+                _ => break, // The producing stage was abandoned.
+            },
+            done = writing.next(), if !writing.is_empty() => match done {
+                Some(Some(batch)) => written.push_back(batch),
                 // Stopped before the batch was durable: its offsets stay, it is redelivered.
                 _ => break,
             },
-            received = to_write.recv(), if reading && writing.len() < db_writers => match received {
+            received = to_write.recv(), if reading && writing.len() + written.len() < db_writers => match received {
                 Some((batch, decided)) => {
                     #[allow(clippy::cast_precision_loss)]
                     batch_records.record(batch.len() as f64);
@@ -276,22 +282,22 @@ async fn consume(
                         accepted = decided.accepted.len(),
                         rejected = decided.rejected.len()
                     );
-                    writing.push_back(
-                        write_batch(
-                            Batch { records: batch, decided },
-                            &writer,
-                        )
-                        .instrument(span),
-                    );
+                    let batch = Batch { records: batch, decided };
+                    writing.push_back(write_batch(batch, &writer).instrument(span));
                 }
                 None => reading = false,
             },
             else => break,
         }
     }
+    stop_reading.cancel();
     drop(to_write);
     drop(writing);
     if let Err(error) = reader.await {
+        // A panic while validating is a bug: end the service as one, as before the reading task.
+        if error.is_panic() {
+            std::panic::resume_unwind(error.into_panic());
+        }
         tracing::error!(%error, "The reading stage failed.");
     }
     drop(to_producer);

@@ -396,6 +396,13 @@ impl std::fmt::Display for Report {
             ("publish -> row  ", &pipeline.publish_to_row_ms),
             ("publish -> frame", &pipeline.publish_to_frame_ms),
         ] {
+            if percentiles.samples == 0 {
+                writeln!(
+                    f,
+                    "  {name}        -        -        -        -  (no samples)"
+                )?;
+                continue;
+            }
             writeln!(
                 f,
                 "  {name} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  ({} samples)",

@@ -131,7 +131,8 @@ const CLIENT_READ_BUFFER_BYTES: usize = 8192;
 /// [`MAX_FRAMES_PER_WRITE`], instead of one system call per frame.
 const CLIENT_WRITE_BUFFER_BYTES: usize = 8192;
 
-/// Most frames written to one client at once: about 6 KiB, within its write buffer.
+/// Most frames written to one client at once: about 6 KiB of typical frames, within its write
+/// buffer (larger frames are written as the buffer fills).
 const MAX_FRAMES_PER_WRITE: usize = 16;
 
 async fn upgrade(
@@ -173,9 +174,11 @@ async fn forward(
                     // This frame and those already waiting, written together.
                     let mut next = Some(frame);
                     let mut fed = 0;
+                    let mut gone = false;
                     while let Some(frame) = next.take() {
                         if visible(&frame) {
                             if sender.feed(WsMessage::Text(frame.text)).await.is_err() {
+                                gone = true;
                                 break;
                             }
                             fed += 1;
@@ -184,7 +187,7 @@ async fn forward(
                             next = waiting(&mut frames, &skipped);
                         }
                     }
-                    if sender.flush().await.is_err() {
+                    if gone || sender.flush().await.is_err() {
                         break;
                     }
                 }
