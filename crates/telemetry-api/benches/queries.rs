@@ -178,7 +178,7 @@ fn bench_queries(criterion: &mut Criterion) {
         let newest = fill(&store).await;
         fill_rollups(&store).await;
         let state = AppState {
-            store,
+            store: std::sync::Arc::new(store),
             thresholds: HealthThresholds {
                 stale_after: Duration::from_secs(300),
                 failing_dlq_ratio: 0.5,

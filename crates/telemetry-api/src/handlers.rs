@@ -182,7 +182,7 @@ pub async fn telemetry(
         )));
     }
     let series = crate::series::read(
-        store,
+        store.as_ref(),
         &device_id,
         metric,
         from.timestamp_millis(),

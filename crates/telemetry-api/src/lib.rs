@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use telemetry_ops::auth::{Auth, AuthConfig};
-use telemetry_store::Store;
+use telemetry_store::DynStore;
 use tokio_util::sync::CancellationToken;
 
 pub use health::{Health, HealthThresholds};
@@ -58,7 +58,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiConfig {
     /// MySQL/MariaDB URL of the telemetry database (the audit service creates it; the API only
-    /// reads).
+    /// reads); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -135,8 +135,8 @@ impl ApiConfig {
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The telemetry store (read only).
-    pub store: Store,
+    /// The telemetry store (read only): MySQL, or SQLite under `telemetry up`.
+    pub store: DynStore,
     /// How device health is judged.
     pub thresholds: HealthThresholds,
     /// The live-view WebSocket URL for the dashboard, when configured.
@@ -184,7 +184,8 @@ impl Api {
     /// Checks the settings and binds the listener.
     pub async fn bind(config: ApiConfig) -> Result<Self> {
         let thresholds = config.thresholds()?;
-        let store = Store::connect_lazy(&config.mysql_url, config.mysql_max_connections)?;
+        let store =
+            telemetry_store::open_reader(&config.mysql_url, config.mysql_max_connections).await?;
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
         let auth = Auth::from_config(
             &config.auth,

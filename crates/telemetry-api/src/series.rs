@@ -8,7 +8,7 @@
 //! own bucket boundaries so no bucket mixes the two.
 
 use chrono::{DateTime, Utc};
-use telemetry_store::{Bucket, Resolution, RollupCoverage, SeriesQuery, Store};
+use telemetry_store::{Bucket, Resolution, RollupCoverage, SeriesQuery, TelemetryStore};
 
 /// Which table most of a series' buckets came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub struct Series {
 
 /// Reads `metric` of `device_id` over `[from, to)` in at most `max_points` buckets.
 pub async fn read(
-    store: &Store,
+    store: &dyn TelemetryStore,
     device_id: &str,
     metric: &str,
     from: i64,
@@ -164,7 +164,7 @@ fn div_ceil(numerator: i64, denominator: i64) -> i64 {
 }
 
 async fn raw_only(
-    store: &Store,
+    store: &dyn TelemetryStore,
     device_id: &str,
     metric: &str,
     from: i64,
@@ -181,7 +181,7 @@ async fn raw_only(
 }
 
 async fn raw(
-    store: &Store,
+    store: &dyn TelemetryStore,
     device_id: &str,
     metric: &str,
     from: i64,

@@ -35,7 +35,7 @@ async fn store(name: &str) -> Store {
 
 fn state(store: Store) -> AppState {
     AppState {
-        store,
+        store: std::sync::Arc::new(store),
         thresholds: thresholds(),
         live_url: Some("ws://127.0.0.1:9/ws".into()),
         auth: telemetry_ops::auth::Auth::disabled("api"),

@@ -27,7 +27,7 @@ use telemetry_core::event::CleanedRecord;
 use telemetry_core::event::SequenceCheck;
 use telemetry_core::{Contract, Outcome, Rejection, SequenceTracker, SourcePosition, Validator};
 use telemetry_kafka::KafkaConfig;
-use telemetry_store::{Store, Table};
+use telemetry_store::{DynStore, Table, TelemetryStore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -59,7 +59,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Audit service settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditConfig {
-    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    /// MySQL/MariaDB URL of the telemetry database (created if missing); `sqlite://<file>` for
+    /// the embedded SQLite store of `telemetry up`.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -177,7 +178,8 @@ async fn consume(
     let _abandon_on_return = abandon.clone().drop_guard();
     let shutdown = shutdown.clone();
     let Some(store) =
-        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, &shutdown).await?
+        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, &shutdown)
+            .await?
     else {
         return Ok(());
     };
@@ -247,7 +249,7 @@ async fn consume(
         }
     });
     let writer = Writer {
-        store: &store,
+        store: store.as_ref(),
         table: &live,
         readiness,
         abandon: &abandon,
@@ -323,7 +325,7 @@ struct Batch {
 
 /// Where and how batches are written.
 struct Writer<'a> {
-    store: &'a Store,
+    store: &'a dyn TelemetryStore,
     table: &'a Table,
     readiness: &'a telemetry_ops::Readiness,
     abandon: &'a CancellationToken,
@@ -460,7 +462,7 @@ fn count_quality(event: &telemetry_core::Event) {
 /// one bad record never holds back the others. Returns the refused records (index in `accepted`
 /// and the database's reason), or `None` if `shutdown` came first.
 async fn write_accepted(
-    store: &Store,
+    store: &dyn TelemetryStore,
     table: &Table,
     records: &[CleanedRecord],
     readiness: &telemetry_ops::Readiness,
@@ -572,7 +574,7 @@ fn dead_letters<'a>(
 /// refuses the data itself, the batch is split in halves until the refused record is alone; that
 /// one is logged and left out of the index (the DLQ topic has it all the same).
 async fn index_dead_letters(
-    store: &Store,
+    store: &dyn TelemetryStore,
     letters: &[(Letter<'_>, u32)],
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
@@ -643,7 +645,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Keeps the DLQ index within its retention and size, and the per-minute device counts to two
 /// days, once a minute until `shutdown`.
 async fn prune_dead_letters(
-    store: Store,
+    store: DynStore,
     retention_hours: u32,
     max_rows: u64,
     shutdown: CancellationToken,

@@ -327,8 +327,11 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
     let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
     let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop_polling = CancellationToken::new();
+    // Set before the DISCONNECT: the broker closing the connection after it is expected.
+    let disconnecting = CancellationToken::new();
     let poller = tokio::spawn({
         let (acknowledged, stop) = (acknowledged.clone(), stop_polling.clone());
+        let disconnecting = disconnecting.clone();
         async move {
             loop {
                 tokio::select! {
@@ -338,6 +341,7 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
                             acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(_) => {}
+                        Err(_) if disconnecting.is_cancelled() => return,
                         Err(error) => {
                             tracing::warn!(%error, "MQTT connection failed; reconnecting.");
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -407,6 +411,7 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     summary.acknowledged = acknowledged.load(std::sync::atomic::Ordering::Relaxed);
+    disconnecting.cancel();
     let _ = client.disconnect().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop_polling.cancel();

@@ -12,10 +12,10 @@ use crate::{is_duplicate_key, utc_datetime, Error, Result, Seen, Sightings, Stor
 pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// Longest `field` and `rule` kept (the columns' width); longer ones are cut.
-const MAX_TEXT_COLUMN_CHARS: usize = 255;
+pub(crate) const MAX_TEXT_COLUMN_CHARS: usize = 255;
 
 /// Longest `message` kept: messages quote a field name and a value, and a name may be long.
-const MAX_MESSAGE_CHARS: usize = 4_096;
+pub(crate) const MAX_MESSAGE_CHARS: usize = 4_096;
 
 /// Rows per INSERT: payloads may be up to 64 KiB each, so far fewer rows than for events keep a
 /// statement under the server's packet limit (16 MiB by default).

@@ -10,16 +10,20 @@
 //! - `alerts`: the alerter's states and outbox.
 
 mod alerts;
+mod backend;
 mod dead_letters;
 mod queries;
 mod rollups;
+mod sqlite;
 
 pub use alerts::{AlertEntry, AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
+pub use backend::{is_sqlite_url, open_migrated, open_reader, DynStore, TelemetryStore};
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
 pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
 pub use rollups::{
     Aggregate, Resolution, RollupCoverage, RollupOutcome, RollupRow, MAX_METRIC_NAME_CHARS,
 };
+pub use sqlite::SqliteStore;
 
 use std::time::Duration;
 
@@ -61,6 +65,12 @@ pub enum Error {
     /// A timestamp does not fit SQL's DATETIME; validation rules out such events.
     #[error("timestamp {0} ms is out of the DATETIME range")]
     TimestampOutOfRange(i64),
+    /// The SQLite store failed (opening, a query, a connection).
+    #[error("SQLite: {0}")]
+    Sqlite(String),
+    /// SQLite refused the data itself (a constraint).
+    #[error("SQLite refused the data: {0}")]
+    SqliteData(String),
 }
 
 impl Error {
@@ -69,7 +79,7 @@ impl Error {
     /// timeouts and deadlocks are not: those are retried.
     pub fn is_data_error(&self) -> bool {
         match self {
-            Error::TimestampOutOfRange(_) => true,
+            Error::TimestampOutOfRange(_) | Error::SqliteData(_) => true,
             Error::Database(sqlx::Error::Encode(_)) => true,
             Error::Database(sqlx::Error::Database(error)) => {
                 // SQLSTATE class 22: data exception; 23: integrity constraint violation.
@@ -452,7 +462,7 @@ fn is_duplicate_key(error: &sqlx::Error) -> bool {
 }
 
 /// `seq_key` of an event without a sequence number: NULLs are distinct in a key, -1 is not.
-const NO_SEQ: i64 = -1;
+pub(crate) const NO_SEQ: i64 = -1;
 
 /// Which kind of record a device was seen with.
 #[derive(Clone, Copy)]
@@ -598,7 +608,7 @@ impl<'a> Row<'a> {
     }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value)
         .map_err(|error| Error::Database(sqlx::Error::Encode(Box::new(error))))
 }

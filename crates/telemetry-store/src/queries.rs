@@ -171,20 +171,17 @@ impl Store {
             let names: Vec<String> = names
                 .and_then(|names| serde_json::from_str(&names).ok())
                 .unwrap_or_default();
-            if let Ok(index) = devices.binary_search_by(|device| device.device_id.cmp(&device_id)) {
-                let metrics = &mut devices[index].metrics;
-                metrics.extend(names);
-                metrics.sort_unstable();
-                metrics.dedup();
-            }
+            add_metric_names(&mut devices, &device_id, names);
         }
         Ok(devices)
     }
 
-    /// Whether the device has been seen.
+    /// Whether the device has been seen: exactly this id (`pico-7 ` is not `pico-7`).
     pub async fn device_exists(&self, device_id: &str) -> Result<bool> {
-        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
-            .bind(device_id)
+        let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new("SELECT 1 FROM devices WHERE ");
+        push_device_is(&mut query, "device_id", device_id);
+        let found: Option<i32> = query
+            .build_query_scalar()
             .fetch_optional(&self.pool)
             .await?;
         Ok(found.is_some())
@@ -323,13 +320,24 @@ impl Store {
     }
 }
 
+/// Adds the metric names of a device's latest event to its summary (`devices` sorted by id), sorted
+/// and once each: two events may share the latest device time.
+pub(crate) fn add_metric_names(devices: &mut [DeviceSummary], device_id: &str, names: Vec<String>) {
+    if let Ok(index) = devices.binary_search_by(|device| device.device_id.as_str().cmp(device_id)) {
+        let metrics = &mut devices[index].metrics;
+        metrics.extend(names);
+        metrics.sort_unstable();
+        metrics.dedup();
+    }
+}
+
 /// Ranges longer than this are read in parts at once.
 const PARALLEL_FROM: Duration = Duration::hours(2);
 /// Parts a long range is read in: the cores of a small database server.
 const PARALLEL_PARTS: i64 = 2;
 
 /// The JSON path of a top-level member, quoted so any name is read as a name.
-fn json_path(name: &str) -> String {
+pub(crate) fn json_path(name: &str) -> String {
     let mut path = String::with_capacity(name.len() + 4);
     path.push_str("$.\"");
     for character in name.chars() {

@@ -3,6 +3,7 @@
 
 mod config_file;
 mod contract_tool;
+mod up;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole pipeline in one process on embedded defaults (MQTT broker, Kafka-protocol
+    /// broker, SQLite), with simulated devices and the dashboard: nothing to install. Each
+    /// embedded piece is replaced by a real one with --mqtt-url, --kafka-brokers, --mysql-url.
+    Up(up::UpArgs),
     /// MQTT → WebSocket live view + Kafka raw topic. Never writes the database.
     Bridge(telemetry_bridge::BridgeConfig),
     /// Kafka raw topic → validate → MySQL `telemetry` table + cleaned topic + DLQ.
@@ -67,6 +72,21 @@ enum Command {
     /// Load harness: the real pipeline under simulated devices, measured end to end (rate,
     /// loss, latency, CPU, memory) next to the infrastructure's own limits in the same run.
     Bench(telemetry_bench::BenchConfig),
+    /// The embedded Kafka-protocol broker, as `telemetry up` runs it in a child process.
+    #[cfg(feature = "embedded-kafka")]
+    #[command(name = "embedded-kafka", hide = true)]
+    EmbeddedKafka(EmbeddedKafkaArgs),
+}
+
+#[cfg(feature = "embedded-kafka")]
+#[derive(Debug, clap::Args)]
+struct EmbeddedKafkaArgs {
+    /// Where its SQLite storage goes.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Its port on 127.0.0.1.
+    #[arg(long)]
+    port: u16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,8 +174,28 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let cli = Cli::parse_from(args);
-    init_logging(cli.log_format);
+    // `up` runs every service in one terminal: warnings only, unless RUST_LOG says otherwise.
+    // rumqttd logs every closed connection as an error; its own problems surface as the bridge's.
+    let default_level = if matches!(cli.command, Command::Up(_)) {
+        "warn,rumqttd=off"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     match cli.command {
+        #[cfg(feature = "embedded-kafka")]
+        Command::EmbeddedKafka(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            // nisshi's own SIGINT/SIGTERM handling stops it cleanly.
+            .block_on(telemetry_embedded::kafka::serve(
+                &telemetry_embedded::kafka::BrokerSettings {
+                    data_dir: args.data_dir,
+                    port: args.port,
+                },
+            ))
+            .context("the embedded Kafka broker failed"),
         Command::Contract(args) => contract_tool::run(args),
         Command::Config(ConfigArgs { action }) => config_command(action, cli.config.as_deref()),
         Command::Token(TokenArgs { action }) => token_command(action),
@@ -216,6 +256,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match command {
+        Command::Up(args) => up::run(args, shutdown).await,
         Command::Bridge(config) => telemetry_bridge::run(config, shutdown)
             .await
             .context("the bridge stopped with an error"),
@@ -296,13 +337,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{summary}");
             Ok(())
         }
-        // Handled in `main`, without a runtime.
+        // Handled in `main`, without a runtime (or with one of its own).
         Command::Contract(_) | Command::Config(_) | Command::Token(_) => Ok(()),
+        #[cfg(feature = "embedded-kafka")]
+        Command::EmbeddedKafka(_) => Ok(()),
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     // Colours only on a terminal: PM2's log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -131,7 +131,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
                     )
                     .into_bytes(),
                 )];
-                if seq % 8 == 0 {
+                if seq.is_multiple_of(8) {
                     messages.push((topic.clone(), b"temperature=21.5;oops".to_vec()));
                 }
                 publish_qos1_to(

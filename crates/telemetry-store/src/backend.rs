@@ -1,0 +1,209 @@
+//! The store as the audit service and the API see it: one trait, [`TelemetryStore`], with a MySQL
+//! implementation ([`Store`], the production default) and a SQLite one ([`SqliteStore`], the
+//! embedded default of `telemetry up`). `tests/contract.rs` runs one suite against both: same
+//! rows, same idempotence, same answers to the API's queries.
+//!
+//! Which one a URL opens: `mysql://...` the MySQL store, `sqlite://<path>` the SQLite store.
+//! Rebuilding tables (`telemetry replay --into`), rollups, alerts and the DLQ replay stay MySQL
+//! only: they use [`Store`] directly.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use telemetry_core::event::CleanedRecord;
+
+use crate::{
+    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, NewDeadLetter,
+    Resolution, Result, RollupCoverage, SeriesQuery, SqliteStore, Store, Table,
+};
+
+/// What the audit service writes and the API reads, whatever the database.
+#[async_trait::async_trait]
+pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
+    /// Which database this is, for logs: `mysql` or `sqlite`.
+    fn kind(&self) -> &'static str;
+
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Inserts the events into `table` in one transaction, idempotently (an event whose identity
+    /// (device_id, device_ts, seq) is stored is skipped); for the live table also notes the
+    /// devices as seen and counts the new rows per minute of arrival. Returns how many were new.
+    async fn insert_events_into(&self, table: &Table, records: &[CleanedRecord]) -> Result<u64>;
+
+    /// Indexes rejected records idempotently (by raw topic, partition, offset), noting and
+    /// counting their devices.
+    async fn insert_dead_letters(&self, letters: &[NewDeadLetter<'_>]) -> Result<()>;
+
+    /// Deletes DLQ index rows received before `older_than` and the oldest beyond `keep_rows`.
+    async fn prune_dead_letters(&self, older_than: DateTime<Utc>, keep_rows: u64) -> Result<u64>;
+
+    /// Deletes per-minute device counts from before `older_than`.
+    async fn prune_device_minutes(&self, older_than: DateTime<Utc>) -> Result<u64>;
+
+    /// Every device seen, sorted by id, with its counts for the hour and day before `now`.
+    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>>;
+
+    /// Whether the device has been seen.
+    async fn device_exists(&self, device_id: &str) -> Result<bool>;
+
+    /// The device time (UTC ms) of the device's earliest stored event.
+    async fn first_event_ts(&self, device_id: &str) -> Result<Option<i64>>;
+
+    /// The metric's readings in the range, aggregated per bucket; only buckets with readings, in
+    /// time order.
+    async fn series(&self, query: &SeriesQuery<'_>) -> Result<Vec<Bucket>>;
+
+    /// The newest indexed rejected records matching `filter`.
+    async fn dead_letters(&self, filter: &DeadLetterFilter<'_>) -> Result<Vec<DeadLetterEntry>>;
+
+    /// Rows in the live table.
+    async fn count_events(&self) -> Result<u64>;
+
+    /// Rows in the DLQ index.
+    async fn count_dead_letters(&self) -> Result<u64>;
+
+    /// The rollups' coverage of the device; `None` where there are no rollups (SQLite: `up`
+    /// runs no rollup service, so the API reads raw rows).
+    async fn rollup_coverage(&self, device_id: &str) -> Result<Option<RollupCoverage>>;
+
+    /// Rollup buckets (see [`Store::rollup_series`]); empty where there are no rollups.
+    async fn rollup_series(
+        &self,
+        resolution: Resolution,
+        device_id: &str,
+        metric: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        bucket_ms: i64,
+    ) -> Result<Vec<Bucket>>;
+
+    /// The newest alerts (see [`Store::recent_alerts`]); empty where there is no alerter.
+    async fn recent_alerts(
+        &self,
+        device_id: Option<&str>,
+        scope: &telemetry_core::DeviceScope,
+        firing_only: bool,
+        limit: u32,
+    ) -> Result<Vec<AlertEntry>>;
+}
+
+/// A store shared by the tasks of a service.
+pub type DynStore = Arc<dyn TelemetryStore>;
+
+/// Whether `url` names the SQLite store.
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// For writers: opens the store `url` names, creating and migrating its schema; MySQL is retried
+/// with backoff while unreachable (see [`Store::connect_migrated`]). `None` when `shutdown` came
+/// first.
+pub async fn open_migrated(
+    url: &str,
+    max_connections: u32,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Option<DynStore>> {
+    if is_sqlite_url(url) {
+        return Ok(Some(Arc::new(SqliteStore::open(url).await?)));
+    }
+    Ok(Store::connect_migrated(url, max_connections, shutdown)
+        .await?
+        .map(|store| Arc::new(store) as DynStore))
+}
+
+/// For readers: opens the store `url` names without changing its schema (MySQL connects lazily;
+/// SQLite creates the schema when the file is new, so a reader started first finds empty tables).
+pub async fn open_reader(url: &str, max_connections: u32) -> Result<DynStore> {
+    if is_sqlite_url(url) {
+        return Ok(Arc::new(SqliteStore::open(url).await?));
+    }
+    Ok(Arc::new(Store::connect_lazy(url, max_connections)?))
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for Store {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Store::ping(self).await
+    }
+
+    async fn insert_events_into(&self, table: &Table, records: &[CleanedRecord]) -> Result<u64> {
+        Store::insert_events_into(self, table, records).await
+    }
+
+    async fn insert_dead_letters(&self, letters: &[NewDeadLetter<'_>]) -> Result<()> {
+        Store::insert_dead_letters(self, letters).await
+    }
+
+    async fn prune_dead_letters(&self, older_than: DateTime<Utc>, keep_rows: u64) -> Result<u64> {
+        Store::prune_dead_letters(self, older_than, keep_rows).await
+    }
+
+    async fn prune_device_minutes(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        Store::prune_device_minutes(self, older_than).await
+    }
+
+    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
+        Store::devices(self, now).await
+    }
+
+    async fn device_exists(&self, device_id: &str) -> Result<bool> {
+        Store::device_exists(self, device_id).await
+    }
+
+    async fn first_event_ts(&self, device_id: &str) -> Result<Option<i64>> {
+        Store::first_event_ts(self, device_id).await
+    }
+
+    async fn series(&self, query: &SeriesQuery<'_>) -> Result<Vec<Bucket>> {
+        Store::series(self, query).await
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter<'_>) -> Result<Vec<DeadLetterEntry>> {
+        Store::dead_letters(self, filter).await
+    }
+
+    async fn count_events(&self) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn count_dead_letters(&self) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dlq_events")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn rollup_coverage(&self, device_id: &str) -> Result<Option<RollupCoverage>> {
+        Store::rollup_coverage(self, device_id).await
+    }
+
+    async fn rollup_series(
+        &self,
+        resolution: Resolution,
+        device_id: &str,
+        metric: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        bucket_ms: i64,
+    ) -> Result<Vec<Bucket>> {
+        Store::rollup_series(self, resolution, device_id, metric, from, to, bucket_ms).await
+    }
+
+    async fn recent_alerts(
+        &self,
+        device_id: Option<&str>,
+        scope: &telemetry_core::DeviceScope,
+        firing_only: bool,
+        limit: u32,
+    ) -> Result<Vec<AlertEntry>> {
+        Store::recent_alerts(self, device_id, scope, firing_only, limit).await
+    }
+}

@@ -1,0 +1,805 @@
+//! The SQLite store: the embedded default of `telemetry up`, one file under the data directory.
+//!
+//! Why libsql and not sqlx's SQLite driver: the embedded Kafka-protocol broker (nisshi) stores its
+//! log in SQLite through libsql, which compiles SQLite's C source with the usual `sqlite3_*`
+//! symbols; sqlx's driver would link a second copy of them into the same binary. So the store uses
+//! the same library.
+//!
+//! Same tables and the same guarantees as the MySQL store, in SQLite's terms:
+//! - times are UTC milliseconds (INTEGER); JSON columns are TEXT read with SQLite's JSON functions;
+//! - the event's identity (device_id, device_ts, seq_key) is the primary key, and inserts are
+//!   `ON CONFLICT DO NOTHING`: a redelivered event adds no row and counts nothing twice;
+//! - one transaction per batch, WAL journal with `synchronous = FULL`: a batch the audit service
+//!   was told is stored survives a crash of the process or of the machine;
+//! - one writer connection (SQLite has one writer at a time) and one reader connection, which
+//!   WAL lets read while the writer writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use libsql::Value;
+use telemetry_core::event::CleanedRecord;
+use tokio::sync::Mutex;
+
+use crate::dead_letters::MAX_INDEXED_PAYLOAD_BYTES;
+use crate::{
+    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, Error, NewDeadLetter,
+    Resolution, Result, RollupCoverage, SeriesQuery, Table, TelemetryStore,
+};
+
+/// The schema, applied at every open (each statement is idempotent); `user_version` records it,
+/// so a later release can tell what it migrates from.
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS telemetry (
+    device_id TEXT NOT NULL,
+    device_ts INTEGER NOT NULL,
+    seq INTEGER NULL,
+    seq_key INTEGER NOT NULL CHECK (seq_key = IFNULL(seq, -1)),
+    received_at INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    schema_version INTEGER NOT NULL DEFAULT 0,
+    attributes TEXT NULL,
+    quality TEXT NULL,
+    source_topic TEXT NOT NULL,
+    source_partition INTEGER NOT NULL,
+    source_offset INTEGER NOT NULL,
+    written_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    PRIMARY KEY (device_id, device_ts, seq_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT NOT NULL PRIMARY KEY,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    last_accepted INTEGER NULL,
+    last_rejected INTEGER NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_minutes (
+    device_id TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device_id, minute)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS device_minutes_by_minute ON device_minutes (minute);
+CREATE TABLE IF NOT EXISTS dlq_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source_topic TEXT NOT NULL,
+    source_partition INTEGER NOT NULL,
+    source_offset INTEGER NOT NULL,
+    device_id TEXT NULL,
+    received_at INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL,
+    field TEXT NULL,
+    rule TEXT NULL,
+    contract_version INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    indexed_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    UNIQUE (source_topic, source_partition, source_offset)
+);
+CREATE INDEX IF NOT EXISTS dlq_events_recent ON dlq_events (received_at);
+CREATE INDEX IF NOT EXISTS dlq_events_by_device ON dlq_events (device_id, id);
+CREATE INDEX IF NOT EXISTS dlq_events_by_code ON dlq_events (code, id);
+";
+
+/// Most rows one pruning statement deletes.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// How long a statement waits for another connection's lock (a second process on the same file).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A telemetry database in one SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    /// Keeps the database open; the connections below come from it.
+    _database: libsql::Database,
+    writer: Mutex<libsql::Connection>,
+    reader: Mutex<libsql::Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database `url` names: `sqlite://<path>`, a relative path
+    /// from the working directory (`sqlite://data/telemetry.db`) or an absolute one
+    /// (`sqlite:///var/lib/telemetry/telemetry.db`); then applies the schema.
+    pub async fn open(url: &str) -> Result<Self> {
+        let path = path_of(url)?;
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                Error::Sqlite(format!("cannot make {}: {error}", parent.display()))
+            })?;
+        }
+        let database = libsql::Builder::new_local(&path)
+            .build()
+            .await
+            .map_err(|error| sqlite_error(&path, error))?;
+        let connect = || -> Result<libsql::Connection> {
+            let connection = database
+                .connect()
+                .map_err(|error| sqlite_error(&path, error))?;
+            connection
+                .busy_timeout(BUSY_TIMEOUT)
+                .map_err(|error| sqlite_error(&path, error))?;
+            Ok(connection)
+        };
+        let writer = connect()?;
+        writer
+            .execute_batch(SCHEMA)
+            .await
+            .map_err(|error| sqlite_error(&path, error))?;
+        // Durable at commit, also through a power loss: the audit service moves its Kafka offsets
+        // only past batches the store has committed.
+        writer
+            .execute_batch("PRAGMA synchronous = FULL;")
+            .await
+            .map_err(|error| sqlite_error(&path, error))?;
+        let reader = connect()?;
+        Ok(SqliteStore {
+            path,
+            _database: database,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every row of the query, as values. (A libsql row reads its statement's current row, so
+    /// each is copied out before the next step.)
+    async fn query_rows(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>> {
+        let connection = self.reader.lock().await;
+        let mut rows = connection.query(sql, params).await?;
+        let columns = rows.column_count();
+        let mut all = Vec::new();
+        while let Some(row) = rows.next().await? {
+            all.push(
+                (0..columns)
+                    .map(|index| row.get_value(index))
+                    .collect::<Result<Row, _>>()?,
+            );
+        }
+        Ok(all)
+    }
+
+    /// Runs `delete` (bound to `bound` and a batch size) until it deletes less than a batch, each
+    /// batch in its own statement, so the writer is never held for long.
+    async fn delete_in_batches(&self, delete: &str, bound: i64) -> Result<u64> {
+        let mut deleted = 0;
+        loop {
+            let done = self
+                .writer
+                .lock()
+                .await
+                .execute(
+                    delete,
+                    vec![Value::Integer(bound), Value::Integer(PRUNE_BATCH)],
+                )
+                .await?;
+            deleted += done;
+            if done < PRUNE_BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    async fn scalar_u64(&self, sql: &str, params: Vec<Value>) -> Result<u64> {
+        let rows = self.query_rows(sql, params).await?;
+        Ok(rows
+            .first()
+            .map(|row| nullable_i64(row, 0))
+            .transpose()?
+            .flatten()
+            .map_or(0, |count| u64::try_from(count).unwrap_or(0)))
+    }
+}
+
+/// The file a `sqlite:` URL names.
+fn path_of(url: &str) -> Result<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| Error::Sqlite(format!("`{url}` is not a sqlite:// URL")))?;
+    // Options after `?` are not supported; a path with `?` in it is refused rather than misread.
+    // An in-memory database would be a different one on each connection.
+    if rest.is_empty() || rest.contains('?') || rest.starts_with(":memory:") {
+        return Err(Error::Sqlite(format!(
+            "`{url}`: give a file, as sqlite://data/telemetry.db or sqlite:///absolute/path.db"
+        )));
+    }
+    Ok(PathBuf::from(rest))
+}
+
+fn sqlite_error(path: &Path, error: libsql::Error) -> Error {
+    Error::Sqlite(format!("{}: {error}", path.display()))
+}
+
+impl From<libsql::Error> for Error {
+    fn from(error: libsql::Error) -> Self {
+        match error {
+            // SQLITE_CONSTRAINT: the data itself was refused.
+            libsql::Error::SqliteFailure(code, message) if code & 0xff == 19 => {
+                Error::SqliteData(message)
+            }
+            error => Error::Sqlite(error.to_string()),
+        }
+    }
+}
+
+fn text(value: &str) -> Value {
+    Value::Text(value.to_string())
+}
+
+fn optional_text(value: Option<&str>) -> Value {
+    value.map_or(Value::Null, text)
+}
+
+fn optional_integer(value: Option<i64>) -> Value {
+    value.map_or(Value::Null, Value::Integer)
+}
+
+/// One row of a result, copied out.
+type Row = Vec<Value>;
+
+fn value(row: &Row, index: usize) -> Result<&Value> {
+    row.get(index)
+        .ok_or_else(|| Error::Sqlite(format!("no column {index} in the result")))
+}
+
+fn integer(row: &Row, index: usize) -> Result<i64> {
+    nullable_i64(row, index)?
+        .ok_or_else(|| Error::Sqlite(format!("column {index}: expected an integer, found NULL")))
+}
+
+fn string(row: &Row, index: usize) -> Result<String> {
+    nullable_text(row, index)?
+        .ok_or_else(|| Error::Sqlite(format!("column {index}: expected text, found NULL")))
+}
+
+fn blob(row: &Row, index: usize) -> Result<Vec<u8>> {
+    match value(row, index)? {
+        Value::Blob(bytes) => Ok(bytes.clone()),
+        Value::Text(text) => Ok(text.clone().into_bytes()),
+        other => Err(Error::Sqlite(format!(
+            "column {index}: expected bytes, found {other:?}"
+        ))),
+    }
+}
+
+fn nullable_i64(row: &Row, index: usize) -> Result<Option<i64>> {
+    match value(row, index)? {
+        Value::Null => Ok(None),
+        Value::Integer(value) => Ok(Some(*value)),
+        // SUM over no rows of an INTEGER column, or arithmetic, may give a REAL.
+        Value::Real(value) => Ok(Some(*value as i64)),
+        other => Err(Error::Sqlite(format!(
+            "column {index}: expected an integer, found {other:?}"
+        ))),
+    }
+}
+
+fn nullable_text(row: &Row, index: usize) -> Result<Option<String>> {
+    match value(row, index)? {
+        Value::Null => Ok(None),
+        Value::Text(value) => Ok(Some(value.clone())),
+        other => Err(Error::Sqlite(format!(
+            "column {index}: expected text, found {other:?}"
+        ))),
+    }
+}
+
+fn real(row: &Row, index: usize) -> Result<f64> {
+    match value(row, index)? {
+        Value::Real(value) => Ok(*value),
+        Value::Integer(value) => Ok(*value as f64),
+        other => Err(Error::Sqlite(format!(
+            "column {index}: expected a number, found {other:?}"
+        ))),
+    }
+}
+
+fn utc(millis: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+fn count(row: &Row, index: usize) -> Result<u64> {
+    Ok(nullable_i64(row, index)?.map_or(0, |value| u64::try_from(value).unwrap_or(0)))
+}
+
+/// The start (ms) of the minute `millis` is in.
+fn minute_of(millis: i64) -> i64 {
+    millis - millis.rem_euclid(60_000)
+}
+
+/// Per batch: devices seen (first, last, latest accepted, latest rejected) and new records counted
+/// per device and minute of arrival, as the MySQL store keeps them.
+#[derive(Default)]
+struct Sightings {
+    devices: BTreeMap<String, [Option<i64>; 4]>,
+    minutes: BTreeMap<(String, i64), (i64, i64)>,
+}
+
+impl Sightings {
+    fn saw(&mut self, device_id: &str, at: i64, accepted: bool) {
+        let entry =
+            self.devices
+                .entry(device_id.to_string())
+                .or_insert([Some(at), Some(at), None, None]);
+        entry[0] = entry[0].map(|first| first.min(at));
+        entry[1] = entry[1].map(|last| last.max(at));
+        let latest = &mut entry[if accepted { 2 } else { 3 }];
+        *latest = Some(latest.map_or(at, |latest| latest.max(at)));
+    }
+
+    fn count(&mut self, device_id: &str, at: i64, accepted: bool) {
+        let counts = self
+            .minutes
+            .entry((device_id.to_string(), minute_of(at)))
+            .or_default();
+        if accepted {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+    }
+
+    /// Merges into `devices` and `device_minutes`, inside the caller's transaction. Times only move
+    /// outwards (MIN/MAX), so writing the same sightings again changes nothing.
+    async fn upsert(&self, connection: &libsql::Connection) -> Result<()> {
+        for (device_id, [first, last, accepted, rejected]) in &self.devices {
+            connection
+                .execute(
+                    "INSERT INTO devices (device_id, first_seen, last_seen, last_accepted, last_rejected) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (device_id) DO UPDATE SET \
+                       first_seen = MIN(first_seen, excluded.first_seen), \
+                       last_seen = MAX(last_seen, excluded.last_seen), \
+                       last_accepted = COALESCE(MAX(last_accepted, excluded.last_accepted), \
+                                                last_accepted, excluded.last_accepted), \
+                       last_rejected = COALESCE(MAX(last_rejected, excluded.last_rejected), \
+                                                last_rejected, excluded.last_rejected)",
+                    vec![
+                        text(device_id),
+                        optional_integer(*first),
+                        optional_integer(*last),
+                        optional_integer(*accepted),
+                        optional_integer(*rejected),
+                    ],
+                )
+                .await?;
+        }
+        for ((device_id, minute), (accepted, rejected)) in &self.minutes {
+            connection
+                .execute(
+                    "INSERT INTO device_minutes (device_id, minute, accepted, rejected) \
+                     VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (device_id, minute) DO UPDATE SET \
+                       accepted = accepted + excluded.accepted, \
+                       rejected = rejected + excluded.rejected",
+                    vec![
+                        text(device_id),
+                        Value::Integer(*minute),
+                        Value::Integer(*accepted),
+                        Value::Integer(*rejected),
+                    ],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` cut to `max_chars` characters.
+fn cut(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+/// Appends ` AND (...)` restricting `column` to the scope's devices. Exact ids compare with `=`
+/// (SQLite's BINARY collation: every character counts, trailing spaces too); prefixes with
+/// `substr`, since SQLite's LIKE ignores ASCII case.
+fn push_scope(
+    sql: &mut String,
+    params: &mut Vec<Value>,
+    column: &str,
+    scope: &telemetry_core::DeviceScope,
+) {
+    use telemetry_core::{DevicePattern, DeviceScope};
+    let DeviceScope::Only(patterns) = scope else {
+        return;
+    };
+    sql.push_str(" AND (0");
+    for pattern in patterns {
+        match pattern {
+            DevicePattern::Exact(id) => {
+                params.push(text(id));
+                sql.push_str(&format!(" OR {column} = ?{}", params.len()));
+            }
+            DevicePattern::Prefix(prefix) => {
+                params.push(text(prefix));
+                let index = params.len();
+                sql.push_str(&format!(
+                    " OR substr({column}, 1, length(?{index})) = ?{index}"
+                ));
+            }
+        }
+    }
+    sql.push(')');
+}
+
+#[async_trait::async_trait]
+impl TelemetryStore for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.query_rows("SELECT 1", Vec::new()).await.map(drop)
+    }
+
+    async fn insert_events_into(&self, table: &Table, records: &[CleanedRecord]) -> Result<u64> {
+        if !table.is_live() {
+            return Err(Error::Sqlite(String::from(
+                "rebuilding into another table (replay --into) needs the MySQL store",
+            )));
+        }
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let connection = self.writer.lock().await;
+        let transaction = connection.transaction().await?;
+        let statement = transaction
+            .prepare(
+                "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
+                 schema_version, attributes, quality, source_topic, source_partition, source_offset) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let mut sightings = Sightings::default();
+        let mut inserted = 0;
+        for record in records {
+            let event = &record.event;
+            let metrics = crate::json(&event.metrics)?;
+            let attributes = (!event.attributes.is_empty())
+                .then(|| crate::json(&event.attributes))
+                .transpose()?;
+            let quality = (!event.quality.is_clean())
+                .then(|| crate::json(&event.quality))
+                .transpose()?;
+            // The same range as the MySQL store's DATETIME conversion, so both refuse the same
+            // events (validation rules such times out before they get here).
+            crate::utc_datetime(event.device_ts)?;
+            crate::utc_datetime(event.received_at)?;
+            let seq_key = event.seq.unwrap_or(crate::NO_SEQ);
+            let changed = statement
+                .execute(vec![
+                    text(&event.device_id),
+                    Value::Integer(event.device_ts),
+                    optional_integer(event.seq),
+                    Value::Integer(seq_key),
+                    Value::Integer(event.received_at),
+                    Value::Text(metrics),
+                    Value::Integer(i64::from(event.schema_version)),
+                    attributes.map_or(Value::Null, Value::Text),
+                    quality.map_or(Value::Null, Value::Text),
+                    text(&record.source.topic),
+                    Value::Integer(i64::from(record.source.partition)),
+                    Value::Integer(record.source.offset),
+                ])
+                .await?;
+            statement.reset();
+            sightings.saw(&event.device_id, event.received_at, true);
+            if changed > 0 {
+                inserted += 1;
+                sightings.count(&event.device_id, event.received_at, true);
+            }
+        }
+        drop(statement);
+        sightings.upsert(&transaction).await?;
+        transaction.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn insert_dead_letters(&self, letters: &[NewDeadLetter<'_>]) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let connection = self.writer.lock().await;
+        let transaction = connection.transaction().await?;
+        let statement = transaction
+            .prepare(
+                "INSERT INTO dlq_events (source_topic, source_partition, source_offset, device_id, \
+                 received_at, code, message, field, rule, contract_version, payload, payload_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let mut sightings = Sightings::default();
+        for letter in letters {
+            crate::utc_datetime(letter.received_at)?;
+            let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
+            let changed = statement
+                .execute(vec![
+                    text(letter.source_topic),
+                    Value::Integer(i64::from(letter.source_partition)),
+                    Value::Integer(letter.source_offset),
+                    optional_text(letter.device_id),
+                    Value::Integer(letter.received_at),
+                    text(letter.code),
+                    text(cut(letter.message, crate::dead_letters::MAX_MESSAGE_CHARS)),
+                    optional_text(
+                        letter
+                            .field
+                            .map(|field| cut(field, crate::dead_letters::MAX_TEXT_COLUMN_CHARS)),
+                    ),
+                    optional_text(
+                        letter
+                            .rule
+                            .map(|rule| cut(rule, crate::dead_letters::MAX_TEXT_COLUMN_CHARS)),
+                    ),
+                    Value::Integer(i64::from(letter.contract_version)),
+                    Value::Blob(kept.to_vec()),
+                    Value::Integer(i64::try_from(letter.payload.len()).unwrap_or(i64::MAX)),
+                ])
+                .await?;
+            statement.reset();
+            if let Some(device_id) = letter.device_id {
+                sightings.saw(device_id, letter.received_at, false);
+                if changed > 0 {
+                    sightings.count(device_id, letter.received_at, false);
+                }
+            }
+        }
+        drop(statement);
+        sightings.upsert(&transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn prune_dead_letters(&self, older_than: DateTime<Utc>, keep_rows: u64) -> Result<u64> {
+        let mut deleted = self
+            .delete_in_batches(
+                "DELETE FROM dlq_events WHERE id IN \
+                 (SELECT id FROM dlq_events WHERE received_at < ?1 LIMIT ?2)",
+                older_than.timestamp_millis(),
+            )
+            .await?;
+        // The newest `keep_rows` rows stay: find the id just below them.
+        let cutoff = self
+            .query_rows(
+                "SELECT id FROM dlq_events ORDER BY id DESC LIMIT 1 OFFSET ?1",
+                vec![Value::Integer(i64::try_from(keep_rows).unwrap_or(i64::MAX))],
+            )
+            .await?;
+        if let Some(cutoff) = cutoff.first() {
+            deleted += self
+                .delete_in_batches(
+                    "DELETE FROM dlq_events WHERE id IN \
+                     (SELECT id FROM dlq_events WHERE id <= ?1 LIMIT ?2)",
+                    integer(cutoff, 0)?,
+                )
+                .await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn prune_device_minutes(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        self.delete_in_batches(
+            "DELETE FROM device_minutes WHERE (device_id, minute) IN \
+             (SELECT device_id, minute FROM device_minutes WHERE minute < ?1 LIMIT ?2)",
+            older_than.timestamp_millis(),
+        )
+        .await
+    }
+
+    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
+        let hour_ago = minute_of((now - chrono::Duration::hours(1)).timestamp_millis());
+        let day_ago = minute_of((now - chrono::Duration::days(1)).timestamp_millis());
+        let rows = self
+            .query_rows(
+                "SELECT d.device_id, d.first_seen, d.last_seen, d.last_accepted, d.last_rejected, \
+                        COALESCE(m.accepted_hour, 0), COALESCE(m.accepted_day, 0), \
+                        COALESCE(m.rejected_hour, 0), COALESCE(m.rejected_day, 0) \
+                 FROM devices d \
+                 LEFT JOIN (SELECT device_id, \
+                                   SUM(CASE WHEN minute > ?1 THEN accepted ELSE 0 END) AS accepted_hour, \
+                                   SUM(accepted) AS accepted_day, \
+                                   SUM(CASE WHEN minute > ?1 THEN rejected ELSE 0 END) AS rejected_hour, \
+                                   SUM(rejected) AS rejected_day \
+                            FROM device_minutes WHERE minute > ?2 GROUP BY device_id) m \
+                        ON m.device_id = d.device_id \
+                 ORDER BY d.device_id",
+                vec![Value::Integer(hour_ago), Value::Integer(day_ago)],
+            )
+            .await?;
+        let mut devices = Vec::with_capacity(rows.len());
+        for row in &rows {
+            devices.push(DeviceSummary {
+                device_id: string(row, 0)?,
+                first_seen: utc(integer(row, 1)?),
+                last_seen: utc(integer(row, 2)?),
+                last_accepted: nullable_i64(row, 3)?.map(utc),
+                last_rejected: nullable_i64(row, 4)?.map(utc),
+                events_last_hour: count(row, 5)?,
+                events_last_day: count(row, 6)?,
+                dlq_last_hour: count(row, 7)?,
+                dlq_last_day: count(row, 8)?,
+                metrics: Vec::new(),
+            });
+        }
+        // Each device's latest row by device time: the newest end of its primary-key range.
+        let latest = self
+            .query_rows(
+                "SELECT t.device_id, t.metrics FROM telemetry t \
+                 JOIN (SELECT device_id, MAX(device_ts) AS device_ts FROM telemetry \
+                       GROUP BY device_id) latest \
+                   ON latest.device_id = t.device_id AND latest.device_ts = t.device_ts",
+                Vec::new(),
+            )
+            .await?;
+        for row in &latest {
+            let device_id = string(row, 0)?;
+            let metrics = string(row, 1)?;
+            let names: Vec<String> =
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&metrics)
+                    .map(|metrics| metrics.into_iter().map(|(name, _)| name).collect())
+                    .unwrap_or_default();
+            crate::queries::add_metric_names(&mut devices, &device_id, names);
+        }
+        Ok(devices)
+    }
+
+    async fn device_exists(&self, device_id: &str) -> Result<bool> {
+        let rows = self
+            .query_rows(
+                "SELECT 1 FROM devices WHERE device_id = ?1",
+                vec![text(device_id)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn first_event_ts(&self, device_id: &str) -> Result<Option<i64>> {
+        let rows = self
+            .query_rows(
+                "SELECT MIN(device_ts) FROM telemetry WHERE device_id = ?1",
+                vec![text(device_id)],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => nullable_i64(row, 0),
+            None => Ok(None),
+        }
+    }
+
+    async fn series(&self, query: &SeriesQuery<'_>) -> Result<Vec<Bucket>> {
+        let bucket_millis = query.bucket.num_milliseconds().max(1);
+        let origin = query.from.timestamp_millis();
+        let rows = self
+            .query_rows(
+                "SELECT bucket, COUNT(reading), MIN(reading), AVG(reading), MAX(reading) \
+                 FROM (SELECT (device_ts - ?1) / ?2 AS bucket, \
+                              json_extract(metrics, ?3) AS reading \
+                       FROM telemetry \
+                       WHERE device_id = ?4 AND device_ts >= ?1 AND device_ts < ?5) \
+                 WHERE typeof(reading) IN ('integer', 'real') \
+                 GROUP BY bucket ORDER BY bucket",
+                vec![
+                    Value::Integer(origin),
+                    Value::Integer(bucket_millis),
+                    Value::Text(crate::queries::json_path(query.metric)),
+                    text(query.device_id),
+                    Value::Integer(query.to.timestamp_millis()),
+                ],
+            )
+            .await?;
+        let mut buckets = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let index = integer(row, 0)?;
+            buckets.push(Bucket {
+                start: origin.saturating_add(index.saturating_mul(bucket_millis)),
+                count: count(row, 1)?,
+                min: real(row, 2)?,
+                avg: real(row, 3)?,
+                max: real(row, 4)?,
+            });
+        }
+        Ok(buckets)
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter<'_>) -> Result<Vec<DeadLetterEntry>> {
+        let mut sql = String::from(
+            "SELECT id, received_at, device_id, code, message, field, rule, contract_version, \
+                    source_topic, source_partition, source_offset, payload, payload_bytes \
+             FROM dlq_events WHERE 1 = 1",
+        );
+        let mut params = Vec::new();
+        if let Some(device_id) = filter.device_id {
+            params.push(text(device_id));
+            sql.push_str(&format!(" AND device_id = ?{}", params.len()));
+        }
+        if let Some(code) = filter.code {
+            params.push(text(code));
+            sql.push_str(&format!(" AND code = ?{}", params.len()));
+        }
+        push_scope(&mut sql, &mut params, "device_id", filter.scope);
+        params.push(Value::Integer(i64::from(filter.limit)));
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", params.len()));
+        let rows = self.query_rows(&sql, params).await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            entries.push(DeadLetterEntry {
+                id: u64::try_from(integer(row, 0)?).unwrap_or(0),
+                received_at: utc(integer(row, 1)?),
+                device_id: nullable_text(row, 2)?,
+                code: string(row, 3)?,
+                message: string(row, 4)?,
+                field: nullable_text(row, 5)?,
+                rule: nullable_text(row, 6)?,
+                contract_version: u32::try_from(integer(row, 7)?).unwrap_or(0),
+                source_topic: string(row, 8)?,
+                source_partition: i32::try_from(integer(row, 9)?).unwrap_or(0),
+                source_offset: integer(row, 10)?,
+                payload: blob(row, 11)?,
+                payload_bytes: u32::try_from(integer(row, 12)?).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn count_events(&self) -> Result<u64> {
+        self.scalar_u64("SELECT COUNT(*) FROM telemetry", Vec::new())
+            .await
+    }
+
+    async fn count_dead_letters(&self) -> Result<u64> {
+        self.scalar_u64("SELECT COUNT(*) FROM dlq_events", Vec::new())
+            .await
+    }
+
+    async fn rollup_coverage(&self, _device_id: &str) -> Result<Option<RollupCoverage>> {
+        Ok(None)
+    }
+
+    async fn rollup_series(
+        &self,
+        _resolution: Resolution,
+        _device_id: &str,
+        _metric: &str,
+        _from: DateTime<Utc>,
+        _to: DateTime<Utc>,
+        _bucket_ms: i64,
+    ) -> Result<Vec<Bucket>> {
+        Ok(Vec::new())
+    }
+
+    async fn recent_alerts(
+        &self,
+        _device_id: Option<&str>,
+        _scope: &telemetry_core::DeviceScope,
+        _firing_only: bool,
+        _limit: u32,
+    ) -> Result<Vec<AlertEntry>> {
+        Ok(Vec::new())
+    }
+}

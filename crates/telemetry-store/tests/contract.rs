@@ -1,0 +1,389 @@
+//! One contract for both stores: the same suite runs against the MySQL store (a real MariaDB
+//! database of the test's own) and the SQLite store (a file of the test's own). Same rows, same
+//! idempotence, same answers to the API's queries.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Duration, Utc};
+use telemetry_core::event::CleanedRecord;
+use telemetry_core::{Contract, DevicePattern, DeviceScope, Outcome, SourcePosition, Validator};
+use telemetry_store::{
+    DeadLetterFilter, DynStore, NewDeadLetter, SeriesQuery, Store, Table, TelemetryStore,
+};
+
+async fn mysql() -> DynStore {
+    let url = telemetry_testkit::database_url(&telemetry_testkit::unique("contract"));
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    std::sync::Arc::new(store)
+}
+
+async fn sqlite() -> (DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("nested/telemetry.db").display()
+    );
+    let store = telemetry_store::open_migrated(&url, 2, &Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.kind(), "sqlite");
+    (store, dir)
+}
+
+fn record(device: &str, device_ts: i64, seq: Option<u64>, temperature: f64) -> CleanedRecord {
+    let validator = Validator::new(Contract::default()).unwrap();
+    let seq = seq.map_or(String::new(), |seq| format!(r#","seq":{seq}"#));
+    let payload = format!(
+        r#"{{"device_id":"{device}","device_ts":{device_ts}{seq},"temperature_c":{temperature},"humidity_pct":40,"firmware":"1.2"}}"#
+    );
+    let Outcome::Accepted(event) = validator.validate(payload.as_bytes(), device_ts) else {
+        panic!("{payload} is valid");
+    };
+    CleanedRecord {
+        event,
+        source: SourcePosition {
+            topic: "raw".into(),
+            partition: 0,
+            offset: device_ts,
+        },
+    }
+}
+
+fn rejected<'a>(
+    offset: i64,
+    device_id: Option<&'a str>,
+    received_at: i64,
+    code: &'a str,
+) -> NewDeadLetter<'a> {
+    NewDeadLetter {
+        source_topic: "raw",
+        source_partition: 0,
+        source_offset: offset,
+        device_id,
+        received_at,
+        code,
+        message: "not JSON",
+        field: None,
+        rule: Some("json"),
+        contract_version: 1,
+        payload: b"\xffoops",
+    }
+}
+
+/// A whole minute in the recent past, so per-minute counts are deterministic.
+fn base_time() -> DateTime<Utc> {
+    let now = Utc::now().timestamp_millis();
+    DateTime::from_timestamp_millis(now - now.rem_euclid(60_000) - 120_000).unwrap()
+}
+
+async fn idempotent_rows(store: &dyn TelemetryStore) {
+    let t0 = base_time().timestamp_millis();
+    let (a, b, c) = (
+        record("d1", t0, Some(1), 20.0),
+        record("d1", t0 + 1_000, Some(2), 21.0),
+        record("d1", t0 + 2_000, None, 22.0),
+    );
+    let live = Table::live();
+    assert_eq!(
+        store
+            .insert_events_into(&live, &[a.clone(), b.clone()])
+            .await
+            .unwrap(),
+        2
+    );
+    // A redelivered batch overlapping the stored one, with one event twice in it.
+    assert_eq!(
+        store
+            .insert_events_into(&live, &[b.clone(), c.clone(), c.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.insert_events_into(&live, &[a, b, c]).await.unwrap(),
+        0
+    );
+    assert_eq!(store.count_events().await.unwrap(), 3);
+    // Same device time, another sequence number: another event.
+    let d = record("d1", t0, Some(9), 25.0);
+    assert_eq!(store.insert_events_into(&live, &[d]).await.unwrap(), 1);
+    assert_eq!(store.count_events().await.unwrap(), 4);
+
+    let letter = |offset| rejected(offset, Some("d1"), t0 + 3_000, "invalid_json");
+    store.insert_dead_letters(&[letter(10)]).await.unwrap();
+    store
+        .insert_dead_letters(&[letter(10), letter(11), letter(11)])
+        .await
+        .unwrap();
+    assert_eq!(store.count_dead_letters().await.unwrap(), 2);
+
+    let devices = store.devices(Utc::now()).await.unwrap();
+    assert_eq!(devices.len(), 1);
+    let device = &devices[0];
+    assert_eq!(device.device_id, "d1");
+    assert_eq!(device.events_last_hour, 4, "each new row counted once");
+    assert_eq!(device.events_last_day, 4);
+    assert_eq!(device.dlq_last_hour, 2, "each new rejection counted once");
+    assert_eq!(device.first_seen.timestamp_millis(), t0);
+    assert_eq!(device.last_seen.timestamp_millis(), t0 + 3_000);
+    assert_eq!(device.last_accepted.unwrap().timestamp_millis(), t0 + 2_000);
+    assert_eq!(device.last_rejected.unwrap().timestamp_millis(), t0 + 3_000);
+    assert_eq!(device.metrics, vec!["humidity_pct", "temperature_c"]);
+}
+
+async fn api_queries(store: &dyn TelemetryStore) {
+    let t0 = base_time();
+    let ms = t0.timestamp_millis();
+    let records: Vec<_> = (0..6)
+        .map(|i| record("pico-1", ms + i * 10_000, Some(i as u64), 20.0 + i as f64))
+        .chain([record("pico-2", ms, Some(1), 5.0)])
+        .collect();
+    store
+        .insert_events_into(&Table::live(), &records)
+        .await
+        .unwrap();
+    assert!(store.device_exists("pico-1").await.unwrap());
+    assert!(!store.device_exists("pico-1 ").await.unwrap());
+    assert!(!store.device_exists("pico-3").await.unwrap());
+    assert_eq!(store.first_event_ts("pico-1").await.unwrap(), Some(ms));
+    assert_eq!(store.first_event_ts("pico-3").await.unwrap(), None);
+
+    // 20, 21, 22 in the first 30 s bucket; 23, 24, 25 in the second.
+    let buckets = store
+        .series(&SeriesQuery {
+            device_id: "pico-1",
+            metric: "temperature_c",
+            from: t0,
+            to: t0 + Duration::minutes(1),
+            bucket: Duration::seconds(30),
+        })
+        .await
+        .unwrap();
+    assert_eq!(buckets.len(), 2, "{buckets:?}");
+    assert_eq!((buckets[0].start, buckets[0].count), (ms, 3));
+    assert_eq!(
+        (buckets[0].min, buckets[0].avg, buckets[0].max),
+        (20.0, 21.0, 22.0)
+    );
+    assert_eq!((buckets[1].start, buckets[1].count), (ms + 30_000, 3));
+    assert_eq!(
+        (buckets[1].min, buckets[1].avg, buckets[1].max),
+        (23.0, 24.0, 25.0)
+    );
+    // The range's end is exclusive; an unknown metric has no buckets.
+    let first_only = store
+        .series(&SeriesQuery {
+            device_id: "pico-1",
+            metric: "temperature_c",
+            from: t0,
+            to: t0 + Duration::seconds(10),
+            bucket: Duration::seconds(30),
+        })
+        .await
+        .unwrap();
+    assert_eq!(first_only.len(), 1);
+    assert_eq!(first_only[0].count, 1);
+    let none = store
+        .series(&SeriesQuery {
+            device_id: "pico-1",
+            metric: "pressure_hpa",
+            from: t0,
+            to: t0 + Duration::minutes(1),
+            bucket: Duration::seconds(30),
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    store
+        .insert_dead_letters(&[
+            rejected(100, Some("pico-1"), ms, "invalid_json"),
+            rejected(101, Some("pico-2"), ms + 1, "out_of_range"),
+            rejected(102, None, ms + 2, "invalid_json"),
+            rejected(103, Some("greenhouse-1"), ms + 3, "invalid_json"),
+        ])
+        .await
+        .unwrap();
+    let every = DeviceScope::All;
+    let list = |device_id, code, scope| DeadLetterFilter {
+        device_id,
+        code,
+        scope,
+        limit: 10,
+    };
+    let all = store.dead_letters(&list(None, None, &every)).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|entry| entry.source_offset)
+            .collect::<Vec<_>>(),
+        vec![103, 102, 101, 100],
+        "newest first"
+    );
+    assert_eq!(all[3].payload, b"\xffoops", "original bytes kept");
+    assert_eq!(all[3].payload_bytes, 5);
+    assert_eq!(all[3].device_id.as_deref(), Some("pico-1"));
+    assert_eq!(all[1].device_id, None);
+    let by_code = store
+        .dead_letters(&list(None, Some("out_of_range"), &every))
+        .await
+        .unwrap();
+    assert_eq!(by_code.len(), 1);
+    assert_eq!(by_code[0].device_id.as_deref(), Some("pico-2"));
+    let by_device = store
+        .dead_letters(&list(Some("pico-1"), None, &every))
+        .await
+        .unwrap();
+    assert_eq!(by_device.len(), 1);
+    let picos = DeviceScope::Only(vec![DevicePattern::parse("pico-*").unwrap()]);
+    let scoped = store.dead_letters(&list(None, None, &picos)).await.unwrap();
+    assert_eq!(
+        scoped
+            .iter()
+            .map(|entry| entry.source_offset)
+            .collect::<Vec<_>>(),
+        vec![101, 100],
+        "a scope shows only its devices, and no record without a device"
+    );
+    let limited = store
+        .dead_letters(&DeadLetterFilter {
+            limit: 2,
+            ..list(None, None, &every)
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+
+    // Two hours ago: in the day's counts, not the hour's.
+    let earlier = (t0 - Duration::hours(2)).timestamp_millis();
+    store
+        .insert_events_into(&Table::live(), &[record("pico-2", earlier, Some(0), 4.0)])
+        .await
+        .unwrap();
+    store
+        .insert_dead_letters(&[rejected(99, Some("pico-2"), earlier, "invalid_json")])
+        .await
+        .unwrap();
+
+    let devices = store.devices(Utc::now()).await.unwrap();
+    let ids: Vec<_> = devices
+        .iter()
+        .map(|device| device.device_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["greenhouse-1", "pico-1", "pico-2"],
+        "sorted by id"
+    );
+    assert_eq!(devices[0].events_last_hour, 0);
+    assert_eq!(devices[0].dlq_last_hour, 1);
+    assert_eq!(devices[0].last_accepted, None, "only rejected records");
+    assert!(devices[0].metrics.is_empty());
+    assert_eq!(devices[1].events_last_hour, 6);
+    let pico_2 = &devices[2];
+    assert_eq!((pico_2.events_last_hour, pico_2.events_last_day), (1, 2));
+    assert_eq!((pico_2.dlq_last_hour, pico_2.dlq_last_day), (1, 2));
+    assert_eq!(pico_2.first_seen.timestamp_millis(), earlier);
+
+    // Pruning: the DLQ index drops what is older than its retention, then keeps the newest rows;
+    // old minutes go.
+    assert_eq!(store.count_dead_letters().await.unwrap(), 5);
+    let pruned = store
+        .prune_dead_letters(t0 - Duration::hours(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "the one older than the retention");
+    let pruned = store
+        .prune_dead_letters(t0 - Duration::days(1), 3)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "the oldest beyond the newest 3");
+    let kept: Vec<_> = store
+        .dead_letters(&list(None, None, &every))
+        .await
+        .unwrap()
+        .iter()
+        .map(|entry| entry.source_offset)
+        .collect();
+    assert_eq!(kept, vec![103, 102, 101], "the newest stay");
+    store
+        .prune_device_minutes(Utc::now() + Duration::minutes(1))
+        .await
+        .unwrap();
+    let devices = store.devices(Utc::now()).await.unwrap();
+    assert_eq!(devices[1].events_last_hour, 0, "counts pruned");
+    assert_eq!(devices.len(), 3, "devices stay");
+    assert!(store.rollup_coverage("pico-1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn mysql_rows_are_idempotent() {
+    idempotent_rows(mysql().await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_rows_are_idempotent() {
+    let (store, _dir) = sqlite().await;
+    idempotent_rows(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn mysql_answers_the_api_queries() {
+    api_queries(mysql().await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_answers_the_api_queries() {
+    let (store, _dir) = sqlite().await;
+    api_queries(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_keeps_rows_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+    let open = || async {
+        telemetry_store::open_migrated(&url, 1, &Default::default())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let t0 = base_time().timestamp_millis();
+    let batch = [
+        record("d1", t0, Some(1), 1.0),
+        record("d1", t0 + 1, Some(2), 2.0),
+    ];
+    let first = open().await;
+    assert_eq!(
+        first
+            .insert_events_into(&Table::live(), &batch)
+            .await
+            .unwrap(),
+        2
+    );
+    drop(first);
+    let second = open().await;
+    assert_eq!(second.count_events().await.unwrap(), 2);
+    assert_eq!(
+        second
+            .insert_events_into(&Table::live(), &batch)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        second
+            .insert_events_into(&Table::new("rebuilt").unwrap(), &batch)
+            .await
+            .is_err(),
+        "rebuilding into another table is MySQL only, and says so"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_sqlite_url_is_a_clear_error() {
+    let error = telemetry_store::open_reader("sqlite://", 1)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("give a file"), "{error}");
+}

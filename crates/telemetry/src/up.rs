@@ -1,0 +1,591 @@
+//! `telemetry up`: the whole pipeline in one process, on embedded defaults, for a machine with
+//! nothing installed.
+//!
+//! Starts an MQTT broker (rumqttd, in-process), a Kafka-protocol broker (nisshi, a child process
+//! with SQLite storage) and the SQLite store, then the bridge, the audit service, the API and
+//! dashboard and, with `--simulate N`, N simulated devices; every piece talks the real protocol
+//! over 127.0.0.1, as in production. `--mqtt-url`, `--kafka-brokers` and `--mysql-url` replace an
+//! embedded piece with the real one. Ctrl-C stops the devices, then the bridge, the audit service
+//! (each finishing its work in flight), the API, and last the Kafka broker.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use telemetry_embedded::ports::{self, Ports};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// `telemetry up` settings. Only these flags: the services' other settings come from the
+/// environment or the configuration file, as for the separate services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Simulated devices publishing telemetry (with a few malformed and duplicate messages, as
+    /// real fleets send); 0 for none.
+    #[arg(long, default_value_t = 5)]
+    simulate: u32,
+
+    /// Messages per second of all simulated devices together [default: one per device per
+    /// second].
+    #[arg(long)]
+    simulate_rate: Option<f64>,
+
+    /// Where the embedded pieces keep their data across restarts: `kafka/` (the Kafka log) and
+    /// `telemetry.db` (the SQLite store).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+
+    /// First of the five ports `up` listens on (127.0.0.1): MQTT, Kafka, dashboard and API,
+    /// bridge (live view), audit service (health and metrics).
+    #[arg(long, default_value_t = ports::DEFAULT_BASE, value_parser = clap::value_parser!(u16).range(1..))]
+    port_base: u16,
+
+    /// Use this MQTT broker instead of the embedded one (`mqtt://host:port`).
+    #[arg(long = "mqtt-url")]
+    mqtt_url: Option<String>,
+
+    /// Use these Kafka brokers instead of the embedded one (`host:port,...`).
+    #[arg(long = "kafka-brokers")]
+    kafka_brokers: Option<String>,
+
+    /// Use this MySQL/MariaDB database instead of the embedded SQLite store.
+    #[arg(long = "mysql-url")]
+    mysql_url: Option<String>,
+
+    /// Seconds between status lines.
+    #[arg(long, default_value_t = 2)]
+    status_every_seconds: u64,
+}
+
+/// Consumer group of the audit service under `up`.
+const GROUP_ID: &str = "telemetry-up-audit";
+
+/// Runs everything until `shutdown`, then stops it in order.
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ports = Ports::from_base(args.port_base).with_context(|| {
+        format!(
+            "--port-base {} leaves no room for the five ports above it",
+            args.port_base
+        )
+    })?;
+    let mut external = Vec::new();
+    if args.mqtt_url.is_some() {
+        external.push(ports::ROLE_MQTT);
+    }
+    if args.kafka_brokers.is_some() {
+        external.push(ports::ROLE_KAFKA);
+    }
+    ports.check_free(&external)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot make the data directory {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot read the data directory {}", args.data_dir.display()))?;
+    // One `up` per data directory: two would share one Kafka log and one SQLite file.
+    let _lock = lock_data_dir(&data_dir)?;
+
+    // The infrastructure: each embedded piece unless a real one is given.
+    let (mqtt_url, mqtt_kind) = match &args.mqtt_url {
+        Some(url) => (url.clone(), "given"),
+        None => {
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], ports.mqtt));
+            telemetry_embedded::mqtt::start(address).await?;
+            (format!("mqtt://{address}"), "embedded rumqttd")
+        }
+    };
+    let (kafka, kafka_brokers, kafka_kind) = match &args.kafka_brokers {
+        Some(brokers) => (None, brokers.clone(), "given"),
+        None => {
+            let kafka = start_kafka(&data_dir, ports.kafka).await?;
+            let brokers = kafka.bootstrap();
+            (Some(kafka), brokers, "embedded nisshi")
+        }
+    };
+    let store_url = match &args.mysql_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", data_dir.join("telemetry.db").display()),
+    };
+
+    let store_kind = match args.mysql_url {
+        Some(_) => "MySQL (given)",
+        None => "SQLite",
+    };
+    let summary = format!(
+        "MQTT {mqtt_url} ({mqtt_kind}) · Kafka {kafka_brokers} ({kafka_kind}) · store {store_kind}"
+    );
+    let mut kafka = kafka;
+    let result = run_services(
+        &args,
+        &ports,
+        Endpoints {
+            mqtt_url: &mqtt_url,
+            kafka_brokers: &kafka_brokers,
+            store_url: &store_url,
+        },
+        summary,
+        &mut kafka,
+        &shutdown,
+    )
+    .await;
+
+    if let Some(kafka) = kafka {
+        stop_kafka(kafka).await;
+    }
+    result
+}
+
+/// Holds an exclusive lock on `<data_dir>/up.lock` while `up` runs (released when the process
+/// ends, however it ends).
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("up.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `telemetry up` is using the data directory {}: stop it, or give this one another --data-dir",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+#[cfg(feature = "embedded-kafka")]
+type Kafka = telemetry_embedded::kafka::EmbeddedKafka;
+
+#[cfg(feature = "embedded-kafka")]
+async fn start_kafka(data_dir: &Path, port: u16) -> anyhow::Result<Kafka> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let settings = telemetry_embedded::kafka::BrokerSettings {
+        data_dir: data_dir.join("kafka"),
+        port,
+    };
+    Ok(telemetry_embedded::kafka::EmbeddedKafka::start(&exe, settings).await?)
+}
+
+#[cfg(feature = "embedded-kafka")]
+async fn stop_kafka(kafka: Kafka) {
+    if !kafka.stop().await {
+        tracing::warn!("The embedded Kafka broker did not stop cleanly.");
+    }
+}
+
+/// Without the embedded broker (built with `--no-default-features`).
+#[cfg(not(feature = "embedded-kafka"))]
+struct Kafka;
+
+#[cfg(not(feature = "embedded-kafka"))]
+impl Kafka {
+    fn bootstrap(&self) -> String {
+        String::new()
+    }
+
+    fn is_running(&mut self) -> bool {
+        true
+    }
+
+    fn log_path(&self) -> PathBuf {
+        PathBuf::new()
+    }
+}
+
+#[cfg(not(feature = "embedded-kafka"))]
+async fn start_kafka(_data_dir: &Path, _port: u16) -> anyhow::Result<Kafka> {
+    anyhow::bail!(
+        "this build has no embedded Kafka broker (cargo feature `embedded-kafka`): give --kafka-brokers"
+    )
+}
+
+#[cfg(not(feature = "embedded-kafka"))]
+async fn stop_kafka(_kafka: Kafka) {}
+
+/// A running service: its stop token and task.
+struct Running {
+    name: &'static str,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn spawn<F>(name: &'static str, run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone()));
+        Running { name, stop, task }
+    }
+
+    /// For a service that ended by itself: why.
+    async fn failure(self) -> anyhow::Error {
+        let name = self.name;
+        match self.stop().await {
+            Err(error) => error.context(format!("the {name} stopped by itself")),
+            Ok(()) => anyhow::anyhow!("the {name} stopped by itself, without an error"),
+        }
+    }
+
+    /// Stops it and waits for it; its error, if it had one.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(result) => result.with_context(|| format!("the {} failed", self.name)),
+            Err(error) => Err(anyhow::anyhow!("the {} panicked: {error}", self.name)),
+        }
+    }
+}
+
+/// Where the services find the infrastructure.
+struct Endpoints<'a> {
+    mqtt_url: &'a str,
+    kafka_brokers: &'a str,
+    store_url: &'a str,
+}
+
+async fn run_services(
+    args: &UpArgs,
+    ports: &Ports,
+    endpoints: Endpoints<'_>,
+    summary: String,
+    kafka: &mut Option<Kafka>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Endpoints {
+        mqtt_url,
+        kafka_brokers,
+        store_url,
+    } = endpoints;
+    let kafka_args = |extra: &[String]| -> Vec<String> {
+        let mut all = vec![String::from("--kafka-brokers"), kafka_brokers.to_string()];
+        all.extend_from_slice(extra);
+        all
+    };
+    let kafka_config: telemetry_kafka::KafkaConfig = parse(&kafka_args(&[]))?;
+    // Our topics are made before anything produces: a Kafka-protocol broker that auto-creates
+    // topics (nisshi does, with 4 partitions) must not make them on first use.
+    telemetry_kafka::ensure_topics(
+        &kafka_config,
+        &[
+            &kafka_config.raw_topic,
+            &kafka_config.cleaned_topic,
+            &kafka_config.dlq_topic,
+        ],
+    )
+    .await
+    .with_context(|| format!("cannot create the topics on Kafka at {kafka_brokers}"))?;
+
+    let bridge_address = format!("127.0.0.1:{}", ports.bridge);
+    let bridge: telemetry_bridge::BridgeConfig = parse(&kafka_args(&[
+        "--mqtt-url".into(),
+        mqtt_url.into(),
+        "--bridge-listen".into(),
+        bridge_address.clone(),
+    ]))?;
+    let audit: telemetry_audit::AuditConfig = parse(&kafka_args(&[
+        "--mysql-url".into(),
+        store_url.into(),
+        "--group-id".into(),
+        GROUP_ID.into(),
+        "--audit-listen".into(),
+        format!("127.0.0.1:{}", ports.audit),
+    ]))?;
+    let api: telemetry_api::ApiConfig = parse(&[
+        "--mysql-url".into(),
+        store_url.into(),
+        "--api-listen".into(),
+        format!("127.0.0.1:{}", ports.api),
+        "--live-url".into(),
+        format!("ws://{bridge_address}/ws"),
+    ])?;
+    let simulate: Option<telemetry_simulator::SimulateConfig> = match args.simulate {
+        0 => None,
+        devices => {
+            let rate = args.simulate_rate.unwrap_or(f64::from(devices));
+            anyhow::ensure!(
+                rate.is_finite() && rate > 0.0,
+                "--simulate-rate must be a positive number of messages per second"
+            );
+            Some(parse(&[
+                "--mqtt-url".into(),
+                mqtt_url.into(),
+                "--devices".into(),
+                devices.to_string(),
+                "--rate".into(),
+                rate.to_string(),
+                "--client-id".into(),
+                String::from("telemetry-up-simulator"),
+            ])?)
+        }
+    };
+    let api = telemetry_api::Api::bind(api).await?;
+
+    let audit = Running::spawn("audit service", |stop| async move {
+        Ok(telemetry_audit::run(audit, stop).await?)
+    });
+    let bridge = Running::spawn("bridge", |stop| async move {
+        Ok(telemetry_bridge::run(bridge, stop).await?)
+    });
+    let api = Running::spawn("API", |stop| async move { Ok(api.run(stop).await?) });
+    // In stopping order.
+    let mut services = vec![bridge, audit, api];
+
+    // Devices start once the bridge has subscribed: the embedded broker keeps no session from an
+    // earlier run, so it drops what is published before that, as any MQTT broker does with
+    // messages nobody subscribed to.
+    let mut ended = None;
+    for (port, name) in [(ports.bridge, "bridge"), (ports.audit, "audit service")] {
+        ended = wait_ready(port, name, &mut services, kafka, shutdown).await;
+        if ended.is_some() {
+            break;
+        }
+    }
+    if ended.is_none() {
+        if let Some(simulate) = simulate {
+            services.insert(
+                0,
+                Running::spawn("simulator", |stop| async move {
+                    telemetry_simulator::run(simulate, stop).await?;
+                    Ok(())
+                }),
+            );
+        }
+        println!("telemetry up: {summary}");
+        println!("Dashboard: http://127.0.0.1:{}/", ports.api);
+        match args.simulate {
+            0 => println!("No simulated devices (--simulate N adds some)."),
+            devices => println!("Simulating {devices} devices."),
+        }
+        println!("Ctrl-C stops everything.");
+        ended = Some(watch(&mut services, kafka, args.status_every_seconds, shutdown).await);
+    }
+    let failure = match ended {
+        Some(Ended::Failed(index)) => Some(services.remove(index).failure().await),
+        Some(Ended::KafkaExited(log)) => Some(anyhow::anyhow!(
+            "the embedded Kafka broker exited; its log is {}",
+            log.display()
+        )),
+        Some(Ended::NotReady(error)) => Some(error),
+        Some(Ended::Signal) | None => None,
+    };
+
+    // In order: no new messages; the bridge takes what the broker still holds (the embedded broker
+    // keeps nothing on disk) and hands it to Kafka; the audit service reads as many records as the
+    // bridge produced in this run and writes them; then the API. Each wait is bounded: what is
+    // left stays in Kafka for the next start.
+    let mut errors = Vec::new();
+    let metrics = telemetry_ops::install_metrics();
+    let count = |name: &str, service: &str| sum_metric(&metrics.render(), name, service);
+    for service in services {
+        let name = service.name;
+        if name == "audit service" && failure.is_none() {
+            let produced = count("records_produced_total", "bridge");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while count("events_received_total", "audit") < produced && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if name == "bridge" && failure.is_none() {
+            settle(
+                || count("events_received_total", "bridge"),
+                Duration::from_secs(5),
+            )
+            .await;
+        }
+        if let Err(error) = service.stop().await {
+            errors.push(error);
+        }
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    match errors.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Why `up` stops.
+enum Ended {
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// The service at this index ended by itself.
+    Failed(usize),
+    /// The embedded Kafka broker's process ended; its log.
+    KafkaExited(PathBuf),
+    /// A service did not become ready.
+    NotReady(anyhow::Error),
+}
+
+/// Whether a service or the Kafka broker ended by itself.
+fn something_ended(services: &[Running], kafka: &mut Option<Kafka>) -> Option<Ended> {
+    if let Some(index) = services
+        .iter()
+        .position(|service| service.task.is_finished())
+    {
+        return Some(Ended::Failed(index));
+    }
+    let kafka = kafka.as_mut()?;
+    (!kafka.is_running()).then(|| Ended::KafkaExited(kafka.log_path()))
+}
+
+/// Waits until the service on `port` answers 200 on `/readyz`, at most 60 s; `None` once it does,
+/// or why it will not: a signal, a service or the Kafka broker that ended, the time limit.
+async fn wait_ready(
+    port: u16,
+    name: &str,
+    services: &mut [Running],
+    kafka: &mut Option<Kafka>,
+    shutdown: &CancellationToken,
+) -> Option<Ended> {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            return Some(Ended::NotReady(anyhow::anyhow!(
+                "cannot make an HTTP client: {error}"
+            )))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = client.get(&url).send().await {
+            if response.status().is_success() {
+                return None;
+            }
+        }
+        if let Some(ended) = something_ended(services, kafka) {
+            return Some(ended);
+        }
+        if shutdown.is_cancelled() {
+            return Some(Ended::Signal);
+        }
+        if Instant::now() > deadline {
+            return Some(Ended::NotReady(anyhow::anyhow!(
+                "the {name} was not ready within 60 s ({url})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `value` has not changed for 600 ms, at most `limit`.
+async fn settle(value: impl Fn() -> f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let (mut last, mut steady) = (value(), 0);
+    while steady < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = value();
+        steady = if now == last { steady + 1 } else { 0 };
+        last = now;
+    }
+}
+
+/// Prints the status line until `shutdown`, or until a service or the Kafka broker ends by
+/// itself.
+async fn watch(
+    services: &mut [Running],
+    kafka: &mut Option<Kafka>,
+    every_seconds: u64,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let metrics = telemetry_ops::install_metrics();
+    let every = Duration::from_secs(every_seconds.max(1));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut last = (Instant::now(), 0.0);
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut next_status = Instant::now() + every;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                if terminal {
+                    println!();
+                }
+                return Ended::Signal;
+            }
+            _ = check.tick() => {}
+        }
+        if let Some(ended) = something_ended(services, kafka) {
+            if terminal {
+                println!();
+            }
+            return ended;
+        }
+        if Instant::now() < next_status {
+            continue;
+        }
+        next_status += every;
+        let text = metrics.render();
+        let received = sum_metric(&text, "events_received_total", "bridge");
+        let written = sum_metric(&text, "events_written_total", "audit");
+        let rejected = sum_metric(&text, "events_rejected_total", "audit");
+        let now = Instant::now();
+        let rate = (received - last.1) / now.duration_since(last.0).as_secs_f64().max(0.001);
+        last = (now, received);
+        let line =
+            format!("{rate:.1} events/s in · {written:.0} rows written · {rejected:.0} to the DLQ");
+        if terminal {
+            use std::io::Write as _;
+            print!("\r\x1b[2K{line}");
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+/// The sum of a counter's series for one service in Prometheus text.
+fn sum_metric(text: &str, name: &str, service: &str) -> f64 {
+    let label = format!("service=\"{service}\"");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && line.contains(&label)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, value| sum + value)
+}
+
+/// A service's settings from flags, over the environment and the configuration file, as the
+/// service's own subcommand reads them.
+fn parse<T: clap::Args>(flags: &[String]) -> anyhow::Result<T> {
+    #[derive(Parser)]
+    struct Flags<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    let argv = std::iter::once(String::from("telemetry-up")).chain(flags.iter().cloned());
+    Ok(Flags::<T>::try_parse_from(argv)
+        .context("a setting from the environment or the configuration file is not valid")?
+        .inner)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::sum_metric;
+
+    #[test]
+    fn status_counters_are_summed_per_service() {
+        let text = "# TYPE events_rejected_total counter\n\
+                    events_rejected_total{service=\"audit\",error_code=\"a\"} 3\n\
+                    events_rejected_total{service=\"audit\",error_code=\"b\"} 4\n\
+                    events_rejected_total_other{service=\"audit\"} 100\n\
+                    events_received_total{service=\"bridge\"} 10\n\
+                    events_received_total{service=\"audit\"} 9\n";
+        assert_eq!(sum_metric(text, "events_rejected_total", "audit"), 7.0);
+        assert_eq!(sum_metric(text, "events_received_total", "bridge"), 10.0);
+        assert_eq!(sum_metric(text, "events_written_total", "audit"), 0.0);
+    }
+}

@@ -1,0 +1,257 @@
+//! `telemetry up` as a newcomer runs it: one process, embedded MQTT and Kafka-protocol brokers and
+//! the SQLite store, on free ports and a data directory of the test's own. Simulated and published
+//! events reach the SQLite table and the dashboard's API, malformed ones the DLQ; Ctrl-C (SIGINT)
+//! exits 0 within seconds; a second `up` over the same data directory resumes where the first
+//! stopped, without reading the log again or duplicating rows.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use telemetry_testkit::{eventually, http_get};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A base with its five ports free.
+fn free_base() -> u16 {
+    loop {
+        let base = telemetry_testkit::free_port();
+        let free = (0..5).all(|offset| {
+            base.checked_add(offset)
+                .is_some_and(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+fn up(base: u16, data_dir: &Path, simulate: u32) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telemetry"));
+    command
+        .args([
+            "up",
+            "--port-base",
+            &base.to_string(),
+            "--simulate",
+            &simulate.to_string(),
+        ])
+        .args([
+            "--simulate-rate",
+            "20",
+            "--status-every-seconds",
+            "1",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        // The separate services' settings must not leak in from the test environment.
+        .env_remove("TELEMETRY_MYSQL_URL")
+        .env_remove("TELEMETRY_KAFKA_BROKERS")
+        .env_remove("TELEMETRY_MQTT_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+}
+
+/// Starts `up` and waits for its dashboard line; the rest of its output is kept reading.
+async fn start(base: u16, data_dir: &Path, simulate: u32) -> Child {
+    let mut child = up(base, data_dir, simulate).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let dashboard = format!("Dashboard: http://127.0.0.1:{}/", base + 2);
+    let started = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line == dashboard {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(started, Ok(true)),
+        "`up` printed its dashboard URL"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// SIGINT, as Ctrl-C sends; `up` must exit 0 within 30 s.
+async fn interrupt(mut child: Child) {
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("`up` exits within 30 s of Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "`up` exits 0 on Ctrl-C: {status}");
+}
+
+async fn get(base: u16, port_offset: u16, path: &str) -> Option<serde_json::Value> {
+    let address = SocketAddr::from(([127, 0, 0, 1], base + port_offset));
+    match http_get(address, path).await {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        _ => None,
+    }
+}
+
+async fn rows(data_dir: &Path) -> u64 {
+    let url = format!("sqlite://{}", data_dir.join("telemetry.db").display());
+    let store = telemetry_store::open_reader(&url, 1).await.unwrap();
+    store.count_events().await.unwrap()
+}
+
+/// The audit service's count of raw records it read, from its `/metrics`.
+async fn audit_received(base: u16) -> f64 {
+    let address = SocketAddr::from(([127, 0, 0, 1], base + 4));
+    let (_, text) = http_get(address, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("events_received_total{") && line.contains("audit"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_runs_the_pipeline_stops_on_ctrl_c_and_resumes_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let base = free_base();
+    let child = start(base, &data_dir, 5).await;
+
+    // Simulated devices reach the dashboard's API and the SQLite table.
+    let devices = eventually(Duration::from_secs(90), || async {
+        get(base, 2, "/api/devices")
+            .await
+            .and_then(|body| body["devices"].as_array().map(Vec::len))
+            .is_some_and(|count| count >= 5)
+    })
+    .await;
+    assert!(devices, "the five simulated devices are listed by the API");
+    // A second `up` over the same data directory is refused while this one runs.
+    let second = up(free_base(), &data_dir, 0)
+        .stderr(Stdio::piped())
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("a refused `up` exits at once")
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another `telemetry up`"), "{stderr}");
+    // A malformed payload, as a device with a firmware bug sends, lands in the DLQ.
+    let mqtt_url = format!("mqtt://127.0.0.1:{base}");
+    telemetry_testkit::publish_qos1_to(
+        &mqtt_url,
+        "up-test-broken",
+        &[("devices/broken-1/telemetry".into(), b"{not json".to_vec())],
+        None,
+        &AtomicUsize::new(0),
+    )
+    .await;
+    let in_dlq = eventually(Duration::from_secs(60), || async {
+        get(base, 2, "/api/dlq?device=broken-1")
+            .await
+            .is_some_and(|body| body.to_string().contains("broken-1"))
+    })
+    .await;
+    assert!(in_dlq, "the malformed payload is listed in the DLQ view");
+    // The history of a simulated device's metric, as the dashboard's chart reads it.
+    let body = get(base, 2, "/api/devices").await.unwrap();
+    let device = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|device| {
+            device["metrics"]
+                .as_array()
+                .is_some_and(|metrics| !metrics.is_empty())
+        })
+        .expect("a simulated device with metrics")
+        .clone();
+    let (id, metric) = (
+        device["device_id"].as_str().unwrap(),
+        device["metrics"][0].as_str().unwrap(),
+    );
+    let series = get(
+        base,
+        2,
+        &format!("/api/devices/{id}/telemetry?metric={metric}&max_points=100"),
+    )
+    .await
+    .expect("the history endpoint answers from SQLite");
+    assert!(
+        series.to_string().contains("\"count\""),
+        "the history has readings: {series}"
+    );
+    interrupt(child).await;
+    let first_rows = rows(&data_dir).await;
+    assert!(first_rows > 0, "simulated events are rows in SQLite");
+
+    // Again over the same data directory, without simulated devices: three known events.
+    let child = start(base, &data_dir, 0).await;
+    let now = chrono::Utc::now().timestamp();
+    let events: Vec<(String, Vec<u8>)> = (1..=3)
+        .map(|seq| {
+            (
+                String::from("devices/resume-1/telemetry"),
+                format!(
+                    r#"{{"device_id":"resume-1","device_ts":{now},"seq":{seq},"temperature_c":21.5}}"#
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    telemetry_testkit::publish_qos1_to(
+        &mqtt_url,
+        "up-test-resume",
+        &events,
+        None,
+        &AtomicUsize::new(0),
+    )
+    .await;
+    let arrived = eventually(Duration::from_secs(60), || async {
+        rows(&data_dir).await >= first_rows + 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(arrived, "the three new events arrive");
+    assert_eq!(
+        rows(&data_dir).await,
+        first_rows + 3,
+        "exactly the three new events were added"
+    );
+    assert_eq!(
+        audit_received(base).await,
+        3.0,
+        "the audit service resumed at its committed offsets: it read only the new records"
+    );
+    interrupt(child).await;
+    assert_eq!(rows(&data_dir).await, first_rows + 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_port_is_named_with_the_flag_that_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base();
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", base + 2)).unwrap();
+    let output = up(base, dir.path(), 0).stderr(Stdio::piped()).output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("a refused `up` exits at once")
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("port {} (dashboard and API) is in use", base + 2)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--port-base"), "{stderr}");
+}
