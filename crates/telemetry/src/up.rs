@@ -98,7 +98,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     let (kafka, kafka_brokers, kafka_kind) = match &args.kafka_brokers {
         Some(brokers) => (None, brokers.clone(), "given"),
         None => {
-            let kafka = start_kafka(&data_dir, ports.kafka).await?;
+            // Ctrl-C while the broker starts: dropping the start kills the child.
+            let kafka = tokio::select! {
+                kafka = start_kafka(&data_dir, ports.kafka) => kafka?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
             let brokers = kafka.bootstrap();
             (Some(kafka), brokers, "embedded nisshi")
         }
@@ -271,16 +275,17 @@ async fn run_services(
     let kafka_config: telemetry_kafka::KafkaConfig = parse(&kafka_args(&[]))?;
     // Our topics are made before anything produces: a Kafka-protocol broker that auto-creates
     // topics (nisshi does, with 4 partitions) must not make them on first use.
-    telemetry_kafka::ensure_topics(
-        &kafka_config,
-        &[
-            &kafka_config.raw_topic,
-            &kafka_config.cleaned_topic,
-            &kafka_config.dlq_topic,
-        ],
-    )
-    .await
-    .with_context(|| format!("cannot create the topics on Kafka at {kafka_brokers}"))?;
+    let names = [
+        kafka_config.raw_topic.as_str(),
+        kafka_config.cleaned_topic.as_str(),
+        kafka_config.dlq_topic.as_str(),
+    ];
+    let topics = telemetry_kafka::ensure_topics(&kafka_config, &names);
+    tokio::select! {
+        created = topics => created
+            .with_context(|| format!("cannot create the topics on Kafka at {kafka_brokers}"))?,
+        () = shutdown.cancelled() => return Ok(()),
+    }
 
     let bridge_address = format!("127.0.0.1:{}", ports.bridge);
     let bridge: telemetry_bridge::BridgeConfig = parse(&kafka_args(&[
