@@ -60,14 +60,21 @@ fn up(base: u16, data_dir: &Path, simulate: u32) -> Command {
 
 /// Starts `up` and waits for its dashboard line; the rest of its output is kept reading.
 async fn start(base: u16, data_dir: &Path, simulate: u32) -> Child {
-    let mut child = up(base, data_dir, simulate).spawn().unwrap();
+    start_command(up(base, data_dir, simulate), base).await.0
+}
+
+/// Starts `command` (an `up`) and waits for its dashboard line; returns the lines before it too.
+async fn start_command(mut command: Command, base: u16) -> (Child, Vec<String>) {
+    let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let dashboard = format!("Dashboard: http://127.0.0.1:{}/", base + 2);
+    let mut before = Vec::new();
     let started = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if line == dashboard {
                 return true;
             }
+            before.push(line);
         }
         false
     })
@@ -77,7 +84,7 @@ async fn start(base: u16, data_dir: &Path, simulate: u32) -> Child {
         "`up` printed its dashboard URL"
     );
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
+    (child, before)
 }
 
 /// SIGINT, as Ctrl-C sends; `up` must exit 0 within 30 s.
@@ -254,4 +261,74 @@ async fn a_taken_port_is_named_with_the_flag_that_moves_it() {
         "{stderr}"
     );
     assert!(stderr.contains("--port-base"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_runs_against_the_real_services_when_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let base = free_base();
+    let prefix = telemetry_testkit::unique("up");
+    let database_url = telemetry_testkit::database_url(&telemetry_testkit::unique("up"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telemetry"));
+    command
+        .args(["up", "--port-base", &base.to_string(), "--simulate", "0"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--mqtt-url", &telemetry_testkit::mqtt_url()])
+        .args(["--kafka-brokers", &telemetry_testkit::kafka_brokers()])
+        .args(["--mysql-url", &database_url])
+        // This test's own topics, MQTT subscription and session on the shared services.
+        .env("TELEMETRY_RAW_TOPIC", format!("{prefix}.raw"))
+        .env("TELEMETRY_CLEANED_TOPIC", format!("{prefix}.cleaned"))
+        .env("TELEMETRY_DLQ_TOPIC", format!("{prefix}.dlq"))
+        .env("TELEMETRY_MQTT_TOPIC", format!("{prefix}/+/telemetry"))
+        .env("TELEMETRY_MQTT_CLIENT_ID", format!("{prefix}-bridge"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let (child, before) = start_command(command, base).await;
+    let summary = before.join("\n");
+    assert!(summary.contains("store MySQL (given)"), "{summary}");
+    assert!(
+        !summary.contains("embedded"),
+        "nothing embedded runs: {summary}"
+    );
+
+    let now = chrono::Utc::now().timestamp();
+    let events: Vec<(String, Vec<u8>)> = (1..=5)
+        .map(|seq| {
+            (
+                format!("{prefix}/real-1/telemetry"),
+                format!(
+                    r#"{{"device_id":"real-1","device_ts":{now},"seq":{seq},"temperature_c":20.5}}"#
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    telemetry_testkit::publish_qos1(&format!("{prefix}-device"), &events).await;
+    let pool = sqlx::MySqlPool::connect(&database_url).await.unwrap();
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM telemetry WHERE device_id = 'real-1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+    };
+    let arrived = eventually(Duration::from_secs(60), || async { rows().await == 5 }).await;
+    assert!(
+        arrived,
+        "the five events are rows in the given MySQL database"
+    );
+    let listed = get(base, 2, "/api/devices")
+        .await
+        .is_some_and(|body| body.to_string().contains("real-1"));
+    assert!(listed, "the API reads the given database");
+    interrupt(child).await;
+    assert!(
+        !data_dir.join("kafka").exists() && !data_dir.join("telemetry.db").exists(),
+        "no embedded Kafka log and no SQLite file were made"
+    );
+    assert_eq!(rows().await, 5);
 }
