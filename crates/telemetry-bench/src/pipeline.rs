@@ -395,7 +395,7 @@ async fn metric(address: SocketAddr, name: &str, labels: &[&str]) -> Option<u64>
 /// The sum of the samples of `name` carrying every label of `labels` in a service's `/metrics`.
 async fn metric_value(address: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
     let (_, body) = http_get(address, "/metrics").await?;
-    sum_of(&body, name, labels)
+    telemetry_ops::metric_sum(&body, name, labels)
 }
 
 /// What the audit service has decided so far, from its `/metrics`: rows written (a record
@@ -405,25 +405,9 @@ async fn decided(audit: SocketAddr) -> Option<f64> {
     Some(
         ["events_written_total", "events_rejected_total"]
             .iter()
-            .filter_map(|name| sum_of(&body, name, &["service=\"audit\""]))
+            .filter_map(|name| telemetry_ops::metric_sum(&body, name, &["service=\"audit\""]))
             .sum(),
     )
-}
-
-/// The sum of the samples of `name` carrying every label of `labels` in a `/metrics` text.
-fn sum_of(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let mut total = None;
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !rest.starts_with('{') || !labels.iter().all(|label| rest.contains(label)) {
-            continue;
-        }
-        let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
-        total = Some(total.unwrap_or(0.0) + value);
-    }
-    total
 }
 
 /// Reads frames until stopped; the measuring client (with `sent`) also returns the latency, in

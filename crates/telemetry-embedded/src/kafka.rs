@@ -228,11 +228,6 @@ impl EmbeddedKafka {
         self.settings.bootstrap()
     }
 
-    /// The process id of the child.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// Its log file.
     pub fn log_path(&self) -> PathBuf {
         self.settings.log()

@@ -124,6 +124,31 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// The sum of a metric's series in Prometheus text (`/metrics`, or [`install_metrics`]'s
+/// render) over the series whose labels include every one of `labels` (`service="audit"`);
+/// `None` when no series matches. For tools reading our own metrics: the load harness and
+/// `telemetry up`'s status line.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !rest.starts_with('{') || !labels.iter().all(|label| rest.contains(label)) {
+            continue;
+        }
+        let Some(value) = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        total = Some(total.unwrap_or(0.0) + value);
+    }
+    total
+}
+
 /// Named readiness checks; the service is ready when every check passes.
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -255,6 +280,23 @@ mod tests {
             .await
             .unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn metric_sums_add_the_matching_series_only() {
+        let text = "# TYPE events_rejected_total counter\n\
+                    events_rejected_total{service=\"audit\",error_code=\"a\"} 3\n\
+                    events_rejected_total{service=\"audit\",error_code=\"b\"} 4\n\
+                    events_rejected_total_other{service=\"audit\"} 100\n\
+                    events_received_total{service=\"bridge\"} 10\n\
+                    events_received_total{service=\"audit\"} 9\n";
+        let audit = ["service=\"audit\""];
+        assert_eq!(metric_sum(text, "events_rejected_total", &audit), Some(7.0));
+        assert_eq!(
+            metric_sum(text, "events_received_total", &["service=\"bridge\""]),
+            Some(10.0)
+        );
+        assert_eq!(metric_sum(text, "events_written_total", &audit), None);
     }
 
     #[tokio::test]

@@ -236,7 +236,7 @@ async fn new_letters<'r, 'a, 'b>(
 }
 
 /// `text` cut to `max_chars` characters.
-fn cut(text: &str, max_chars: usize) -> &str {
+pub(crate) fn cut(text: &str, max_chars: usize) -> &str {
     match text.char_indices().nth(max_chars) {
         Some((end, _)) => &text[..end],
         None => text,

@@ -351,7 +351,7 @@ pub(crate) fn json_path(name: &str) -> String {
 }
 
 /// The start of the minute `time` is in.
-fn minute_of(time: DateTime<Utc>) -> NaiveDateTime {
+pub(crate) fn minute_of(time: DateTime<Utc>) -> NaiveDateTime {
     let seconds = time.timestamp();
     DateTime::from_timestamp(seconds - seconds.rem_euclid(60), 0)
         .unwrap_or(time)

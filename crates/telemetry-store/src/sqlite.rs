@@ -14,7 +14,6 @@
 //! - one writer connection (SQLite has one writer at a time) and one reader connection, which
 //!   WAL lets read while the writer writes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,10 +22,12 @@ use libsql::Value;
 use telemetry_core::event::CleanedRecord;
 use tokio::sync::Mutex;
 
-use crate::dead_letters::MAX_INDEXED_PAYLOAD_BYTES;
+use crate::dead_letters::{
+    cut, MAX_INDEXED_PAYLOAD_BYTES, MAX_MESSAGE_CHARS, MAX_TEXT_COLUMN_CHARS,
+};
 use crate::{
     AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, Error, NewDeadLetter,
-    Resolution, Result, RollupCoverage, SeriesQuery, Table, TelemetryStore,
+    Resolution, Result, RollupCoverage, Seen, SeriesQuery, Sightings, Table, TelemetryStore,
 };
 
 /// The schema, applied at every open (each statement is idempotent); `user_version` records it,
@@ -155,11 +156,6 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Every row of the query, as values. (A libsql row reads its statement's current row, so
@@ -323,95 +319,58 @@ fn count(row: &Row, index: usize) -> Result<u64> {
     Ok(nullable_i64(row, index)?.map_or(0, |value| u64::try_from(value).unwrap_or(0)))
 }
 
-/// The start (ms) of the minute `millis` is in.
-fn minute_of(millis: i64) -> i64 {
-    millis - millis.rem_euclid(60_000)
+/// UTC milliseconds of a time the store's shared code works with.
+fn millis(time: chrono::NaiveDateTime) -> i64 {
+    time.and_utc().timestamp_millis()
 }
 
-/// Per batch: devices seen (first, last, latest accepted, latest rejected) and new records counted
-/// per device and minute of arrival, as the MySQL store keeps them.
-#[derive(Default)]
-struct Sightings {
-    devices: BTreeMap<String, [Option<i64>; 4]>,
-    minutes: BTreeMap<(String, i64), (i64, i64)>,
-}
-
-impl Sightings {
-    fn saw(&mut self, device_id: &str, at: i64, accepted: bool) {
-        let entry =
-            self.devices
-                .entry(device_id.to_string())
-                .or_insert([Some(at), Some(at), None, None]);
-        entry[0] = entry[0].map(|first| first.min(at));
-        entry[1] = entry[1].map(|last| last.max(at));
-        let latest = &mut entry[if accepted { 2 } else { 3 }];
-        *latest = Some(latest.map_or(at, |latest| latest.max(at)));
+/// Merges a batch's sightings (the same aggregation the MySQL store uses) into `devices` and
+/// `device_minutes`, inside the caller's transaction. Times only move outwards (MIN/MAX), so
+/// writing the same sightings again changes nothing.
+async fn upsert_sightings(
+    connection: &libsql::Connection,
+    sightings: &Sightings<'_>,
+) -> Result<()> {
+    for (device_id, sighting) in &sightings.devices {
+        connection
+            .execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_accepted, last_rejected) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (device_id) DO UPDATE SET \
+                   first_seen = MIN(first_seen, excluded.first_seen), \
+                   last_seen = MAX(last_seen, excluded.last_seen), \
+                   last_accepted = COALESCE(MAX(last_accepted, excluded.last_accepted), \
+                                            last_accepted, excluded.last_accepted), \
+                   last_rejected = COALESCE(MAX(last_rejected, excluded.last_rejected), \
+                                            last_rejected, excluded.last_rejected)",
+                vec![
+                    text(device_id),
+                    Value::Integer(millis(sighting.first)),
+                    Value::Integer(millis(sighting.last)),
+                    optional_integer(sighting.accepted.map(millis)),
+                    optional_integer(sighting.rejected.map(millis)),
+                ],
+            )
+            .await?;
     }
-
-    fn count(&mut self, device_id: &str, at: i64, accepted: bool) {
-        let counts = self
-            .minutes
-            .entry((device_id.to_string(), minute_of(at)))
-            .or_default();
-        if accepted {
-            counts.0 += 1;
-        } else {
-            counts.1 += 1;
-        }
+    for ((device_id, minute), (accepted, rejected)) in &sightings.minutes {
+        connection
+            .execute(
+                "INSERT INTO device_minutes (device_id, minute, accepted, rejected) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (device_id, minute) DO UPDATE SET \
+                   accepted = accepted + excluded.accepted, \
+                   rejected = rejected + excluded.rejected",
+                vec![
+                    text(device_id),
+                    Value::Integer(millis(*minute)),
+                    Value::Integer(i64::from(*accepted)),
+                    Value::Integer(i64::from(*rejected)),
+                ],
+            )
+            .await?;
     }
-
-    /// Merges into `devices` and `device_minutes`, inside the caller's transaction. Times only move
-    /// outwards (MIN/MAX), so writing the same sightings again changes nothing.
-    async fn upsert(&self, connection: &libsql::Connection) -> Result<()> {
-        for (device_id, [first, last, accepted, rejected]) in &self.devices {
-            connection
-                .execute(
-                    "INSERT INTO devices (device_id, first_seen, last_seen, last_accepted, last_rejected) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (device_id) DO UPDATE SET \
-                       first_seen = MIN(first_seen, excluded.first_seen), \
-                       last_seen = MAX(last_seen, excluded.last_seen), \
-                       last_accepted = COALESCE(MAX(last_accepted, excluded.last_accepted), \
-                                                last_accepted, excluded.last_accepted), \
-                       last_rejected = COALESCE(MAX(last_rejected, excluded.last_rejected), \
-                                                last_rejected, excluded.last_rejected)",
-                    vec![
-                        text(device_id),
-                        optional_integer(*first),
-                        optional_integer(*last),
-                        optional_integer(*accepted),
-                        optional_integer(*rejected),
-                    ],
-                )
-                .await?;
-        }
-        for ((device_id, minute), (accepted, rejected)) in &self.minutes {
-            connection
-                .execute(
-                    "INSERT INTO device_minutes (device_id, minute, accepted, rejected) \
-                     VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT (device_id, minute) DO UPDATE SET \
-                       accepted = accepted + excluded.accepted, \
-                       rejected = rejected + excluded.rejected",
-                    vec![
-                        text(device_id),
-                        Value::Integer(*minute),
-                        Value::Integer(*accepted),
-                        Value::Integer(*rejected),
-                    ],
-                )
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-/// `text` cut to `max_chars` characters.
-fn cut(text: &str, max_chars: usize) -> &str {
-    match text.char_indices().nth(max_chars) {
-        Some((end, _)) => &text[..end],
-        None => text,
-    }
+    Ok(())
 }
 
 /// Appends ` AND (...)` restricting `column` to the scope's devices. Exact ids compare with `=`
@@ -489,7 +448,7 @@ impl TelemetryStore for SqliteStore {
             // The same range as the MySQL store's DATETIME conversion, so both refuse the same
             // events (validation rules such times out before they get here).
             crate::utc_datetime(event.device_ts)?;
-            crate::utc_datetime(event.received_at)?;
+            let received_at = crate::utc_datetime(event.received_at)?;
             let seq_key = event.seq.unwrap_or(crate::NO_SEQ);
             let changed = statement
                 .execute(vec![
@@ -508,14 +467,14 @@ impl TelemetryStore for SqliteStore {
                 ])
                 .await?;
             statement.reset();
-            sightings.saw(&event.device_id, event.received_at, true);
+            sightings.saw(&event.device_id, received_at, Seen::Accepted);
             if changed > 0 {
                 inserted += 1;
-                sightings.count(&event.device_id, event.received_at, true);
+                sightings.count(&event.device_id, received_at, Seen::Accepted);
             }
         }
         drop(statement);
-        sightings.upsert(&transaction).await?;
+        upsert_sightings(&transaction, &sightings).await?;
         transaction.commit().await?;
         Ok(inserted)
     }
@@ -536,7 +495,7 @@ impl TelemetryStore for SqliteStore {
             .await?;
         let mut sightings = Sightings::default();
         for letter in letters {
-            crate::utc_datetime(letter.received_at)?;
+            let received_at = crate::utc_datetime(letter.received_at)?;
             let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
             let changed = statement
                 .execute(vec![
@@ -546,17 +505,9 @@ impl TelemetryStore for SqliteStore {
                     optional_text(letter.device_id),
                     Value::Integer(letter.received_at),
                     text(letter.code),
-                    text(cut(letter.message, crate::dead_letters::MAX_MESSAGE_CHARS)),
-                    optional_text(
-                        letter
-                            .field
-                            .map(|field| cut(field, crate::dead_letters::MAX_TEXT_COLUMN_CHARS)),
-                    ),
-                    optional_text(
-                        letter
-                            .rule
-                            .map(|rule| cut(rule, crate::dead_letters::MAX_TEXT_COLUMN_CHARS)),
-                    ),
+                    text(cut(letter.message, MAX_MESSAGE_CHARS)),
+                    optional_text(letter.field.map(|field| cut(field, MAX_TEXT_COLUMN_CHARS))),
+                    optional_text(letter.rule.map(|rule| cut(rule, MAX_TEXT_COLUMN_CHARS))),
                     Value::Integer(i64::from(letter.contract_version)),
                     Value::Blob(kept.to_vec()),
                     Value::Integer(i64::try_from(letter.payload.len()).unwrap_or(i64::MAX)),
@@ -564,14 +515,14 @@ impl TelemetryStore for SqliteStore {
                 .await?;
             statement.reset();
             if let Some(device_id) = letter.device_id {
-                sightings.saw(device_id, letter.received_at, false);
+                sightings.saw(device_id, received_at, Seen::Rejected);
                 if changed > 0 {
-                    sightings.count(device_id, letter.received_at, false);
+                    sightings.count(device_id, received_at, Seen::Rejected);
                 }
             }
         }
         drop(statement);
-        sightings.upsert(&transaction).await?;
+        upsert_sightings(&transaction, &sightings).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -613,8 +564,8 @@ impl TelemetryStore for SqliteStore {
     }
 
     async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
-        let hour_ago = minute_of((now - chrono::Duration::hours(1)).timestamp_millis());
-        let day_ago = minute_of((now - chrono::Duration::days(1)).timestamp_millis());
+        let hour_ago = millis(crate::queries::minute_of(now - chrono::Duration::hours(1)));
+        let day_ago = millis(crate::queries::minute_of(now - chrono::Duration::days(1)));
         let rows = self
             .query_rows(
                 "SELECT d.device_id, d.first_seen, d.last_seen, d.last_accepted, d.last_rejected, \

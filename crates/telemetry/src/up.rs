@@ -95,7 +95,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             (format!("mqtt://{address}"), "embedded rumqttd")
         }
     };
-    let (kafka, kafka_brokers, kafka_kind) = match &args.kafka_brokers {
+    let (mut kafka, kafka_brokers, kafka_kind) = match &args.kafka_brokers {
         Some(brokers) => (None, brokers.clone(), "given"),
         None => {
             // Ctrl-C while the broker starts: dropping the start kills the child.
@@ -107,19 +107,17 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             (Some(kafka), brokers, "embedded nisshi")
         }
     };
-    let store_url = match &args.mysql_url {
-        Some(url) => url.clone(),
-        None => format!("sqlite://{}", data_dir.join("telemetry.db").display()),
+    let (store_url, store_kind) = match &args.mysql_url {
+        Some(url) => (url.clone(), "MySQL (given)"),
+        None => (
+            format!("sqlite://{}", data_dir.join("telemetry.db").display()),
+            "SQLite",
+        ),
     };
 
-    let store_kind = match args.mysql_url {
-        Some(_) => "MySQL (given)",
-        None => "SQLite",
-    };
     let summary = format!(
         "MQTT {mqtt_url} ({mqtt_kind}) · Kafka {kafka_brokers} ({kafka_kind}) · store {store_kind}"
     );
-    let mut kafka = kafka;
     let result = run_services(
         &args,
         &ports,
@@ -211,21 +209,67 @@ async fn start_kafka(_data_dir: &Path, _port: u16) -> anyhow::Result<Kafka> {
 #[cfg(not(feature = "embedded-kafka"))]
 async fn stop_kafka(_kafka: Kafka) {}
 
-/// A running service: its stop token and task.
+/// A running service: its stop token and task, and what to wait for before stopping it.
 struct Running {
     name: &'static str,
+    drain: Drain,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// What a clean stop waits for (bounded) before stopping a service, so that it hands on what it
+/// holds; whatever is left stays in Kafka for the next start.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    /// Nothing.
+    Nothing,
+    /// The bridge: until its count of received messages has not moved for 600 ms (at most 5 s),
+    /// so it has what the embedded broker, which keeps nothing on disk, still held.
+    Received,
+    /// The audit service: until it has read as many records as the bridge produced in this run
+    /// (at most 10 s).
+    CaughtUp,
+}
+
+impl Drain {
+    async fn wait(self) {
+        let metrics = telemetry_ops::install_metrics();
+        let count = |name: &str, service: &str| counter(&metrics.render(), name, service);
+        match self {
+            Drain::Nothing => {}
+            Drain::Received => {
+                settle(
+                    || count("events_received_total", "bridge"),
+                    Duration::from_secs(5),
+                )
+                .await;
+            }
+            Drain::CaughtUp => {
+                let produced = count("records_produced_total", "bridge");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while count("events_received_total", "audit") < produced
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
 impl Running {
-    fn spawn<F>(name: &'static str, run: impl FnOnce(CancellationToken) -> F) -> Self
+    fn spawn<F>(name: &'static str, drain: Drain, run: impl FnOnce(CancellationToken) -> F) -> Self
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(stop.clone()));
-        Running { name, stop, task }
+        Running {
+            name,
+            drain,
+            stop,
+            task,
+        }
     }
 
     /// For a service that ended by itself: why.
@@ -332,13 +376,15 @@ async fn run_services(
     };
     let api = telemetry_api::Api::bind(api).await?;
 
-    let audit = Running::spawn("audit service", |stop| async move {
+    let audit = Running::spawn("audit service", Drain::CaughtUp, |stop| async move {
         Ok(telemetry_audit::run(audit, stop).await?)
     });
-    let bridge = Running::spawn("bridge", |stop| async move {
+    let bridge = Running::spawn("bridge", Drain::Received, |stop| async move {
         Ok(telemetry_bridge::run(bridge, stop).await?)
     });
-    let api = Running::spawn("API", |stop| async move { Ok(api.run(stop).await?) });
+    let api = Running::spawn("API", Drain::Nothing, |stop| async move {
+        Ok(api.run(stop).await?)
+    });
     // In stopping order.
     let mut services = vec![bridge, audit, api];
 
@@ -347,7 +393,7 @@ async fn run_services(
     // messages nobody subscribed to.
     let mut ended = None;
     for (port, name) in [(ports.bridge, "bridge"), (ports.audit, "audit service")] {
-        ended = wait_ready(port, name, &mut services, kafka, shutdown).await;
+        ended = wait_ready(port, name, &services, kafka, shutdown).await;
         if ended.is_some() {
             break;
         }
@@ -356,7 +402,7 @@ async fn run_services(
         if let Some(simulate) = simulate {
             services.insert(
                 0,
-                Running::spawn("simulator", |stop| async move {
+                Running::spawn("simulator", Drain::Nothing, |stop| async move {
                     telemetry_simulator::run(simulate, stop).await?;
                     Ok(())
                 }),
@@ -369,7 +415,7 @@ async fn run_services(
             devices => println!("Simulating {devices} devices."),
         }
         println!("Ctrl-C stops everything.");
-        ended = Some(watch(&mut services, kafka, args.status_every_seconds, shutdown).await);
+        ended = Some(watch(&services, kafka, args.status_every_seconds, shutdown).await);
     }
     let failure = match ended {
         Some(Ended::Failed(index)) => Some(services.remove(index).failure().await),
@@ -381,28 +427,12 @@ async fn run_services(
         Some(Ended::Signal) | None => None,
     };
 
-    // In order: no new messages; the bridge takes what the broker still holds (the embedded broker
-    // keeps nothing on disk) and hands it to Kafka; the audit service reads as many records as the
-    // bridge produced in this run and writes them; then the API. Each wait is bounded: what is
-    // left stays in Kafka for the next start.
+    // In order: no new messages; the bridge hands what it holds to Kafka; the audit service
+    // writes what it read; then the API (see `Drain`).
     let mut errors = Vec::new();
-    let metrics = telemetry_ops::install_metrics();
-    let count = |name: &str, service: &str| sum_metric(&metrics.render(), name, service);
     for service in services {
-        let name = service.name;
-        if name == "audit service" && failure.is_none() {
-            let produced = count("records_produced_total", "bridge");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while count("events_received_total", "audit") < produced && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        if name == "bridge" && failure.is_none() {
-            settle(
-                || count("events_received_total", "bridge"),
-                Duration::from_secs(5),
-            )
-            .await;
+        if failure.is_none() {
+            service.drain.wait().await;
         }
         if let Err(error) = service.stop().await {
             errors.push(error);
@@ -446,7 +476,7 @@ fn something_ended(services: &[Running], kafka: &mut Option<Kafka>) -> Option<En
 async fn wait_ready(
     port: u16,
     name: &str,
-    services: &mut [Running],
+    services: &[Running],
     kafka: &mut Option<Kafka>,
     shutdown: &CancellationToken,
 ) -> Option<Ended> {
@@ -499,7 +529,7 @@ async fn settle(value: impl Fn() -> f64, limit: Duration) {
 /// Prints the status line until `shutdown`, or until a service or the Kafka broker ends by
 /// itself.
 async fn watch(
-    services: &mut [Running],
+    services: &[Running],
     kafka: &mut Option<Kafka>,
     every_seconds: u64,
     shutdown: &CancellationToken,
@@ -531,9 +561,9 @@ async fn watch(
         }
         next_status += every;
         let text = metrics.render();
-        let received = sum_metric(&text, "events_received_total", "bridge");
-        let written = sum_metric(&text, "events_written_total", "audit");
-        let rejected = sum_metric(&text, "events_rejected_total", "audit");
+        let received = counter(&text, "events_received_total", "bridge");
+        let written = counter(&text, "events_written_total", "audit");
+        let rejected = counter(&text, "events_rejected_total", "audit");
         let now = Instant::now();
         let rate = (received - last.1) / now.duration_since(last.0).as_secs_f64().max(0.001);
         last = (now, received);
@@ -549,17 +579,10 @@ async fn watch(
     }
 }
 
-/// The sum of a counter's series for one service in Prometheus text.
-fn sum_metric(text: &str, name: &str, service: &str) -> f64 {
-    let label = format!("service=\"{service}\"");
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                && line.contains(&label)
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |sum, value| sum + value)
+/// The sum of a counter's series for one service, from this process's metrics; 0 before the first
+/// increment.
+fn counter(text: &str, name: &str, service: &str) -> f64 {
+    telemetry_ops::metric_sum(text, name, &[&format!("service=\"{service}\"")]).unwrap_or(0.0)
 }
 
 /// A service's settings from flags, over the environment and the configuration file, as the
@@ -574,23 +597,4 @@ fn parse<T: clap::Args>(flags: &[String]) -> anyhow::Result<T> {
     Ok(Flags::<T>::try_parse_from(argv)
         .context("a setting from the environment or the configuration file is not valid")?
         .inner)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::sum_metric;
-
-    #[test]
-    fn status_counters_are_summed_per_service() {
-        let text = "# TYPE events_rejected_total counter\n\
-                    events_rejected_total{service=\"audit\",error_code=\"a\"} 3\n\
-                    events_rejected_total{service=\"audit\",error_code=\"b\"} 4\n\
-                    events_rejected_total_other{service=\"audit\"} 100\n\
-                    events_received_total{service=\"bridge\"} 10\n\
-                    events_received_total{service=\"audit\"} 9\n";
-        assert_eq!(sum_metric(text, "events_rejected_total", "audit"), 7.0);
-        assert_eq!(sum_metric(text, "events_received_total", "bridge"), 10.0);
-        assert_eq!(sum_metric(text, "events_written_total", "audit"), 0.0);
-    }
 }

@@ -120,10 +120,7 @@ async fn rows(data_dir: &Path) -> u64 {
 async fn audit_received(base: u16) -> f64 {
     let address = SocketAddr::from(([127, 0, 0, 1], base + 4));
     let (_, text) = http_get(address, "/metrics").await.unwrap();
-    text.lines()
-        .filter(|line| line.starts_with("events_received_total{") && line.contains("audit"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    telemetry_ops::metric_sum(&text, "events_received_total", &["service=\"audit\""]).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
