@@ -8,6 +8,10 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/telemetry-pipeline/target}
 
+# The toolchain rust-toolchain.toml pins, also where rustup does not install it by itself
+# (RUSTUP_AUTO_INSTALL=0); a no-op when it is there.
+rustup toolchain install >/dev/null
+
 scripts/services.sh start
 
 # The dashboard's browser test (crates/telemetry/tests/dashboard.rs) drives Debian's Chromium with

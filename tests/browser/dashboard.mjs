@@ -7,7 +7,9 @@
 // It only observes the browser: something else (the Rust integration test) publishes valid and
 // malformed events for DEVICE_ID while it runs. Steps, in order:
 //   (s) with --token TOKEN, the sign-in form shows and no device is listed; the token is entered;
-//   (a) the device row for DEVICE_ID appears in the device table;
+//   (a) the device row for DEVICE_ID appears in the device table; while it does not and the
+//       "More devices" control shows, that is clicked (the next page of /api/devices); with
+//       --expect-more-devices it must have been, and no device may be listed twice;
 //   (b) after a click on it the row is selected, live-status says "live" and live-points reaches 3;
 //   (c) history-points is at least 1 (the history chart got data);
 //   (d) a DLQ row with data-code="invalid_json" appears;
@@ -41,13 +43,13 @@ function usage(message) {
   console.error(
     "usage: node tests/browser/dashboard.mjs --url URL --device DEVICE_ID --screenshot FILE.png " +
       "[--timeout-seconds 60] [--chromium /usr/bin/chromium] [--expect-reconnect] [--expect-alert RULE] " +
-        "[--token TOKEN]",
+        "[--token TOKEN] [--expect-more-devices]",
   );
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const opts = { timeoutSeconds: 60, chromium: "/usr/bin/chromium", expectReconnect: false };
+  const opts = { timeoutSeconds: 60, chromium: "/usr/bin/chromium", expectReconnect: false, expectMoreDevices: false };
   const names = {
     "--url": "url",
     "--device": "device",
@@ -62,6 +64,10 @@ function parseArgs(argv) {
     if (arg === "-h" || arg === "--help") usage();
     if (arg === "--expect-reconnect") {
       opts.expectReconnect = true;
+      continue;
+    }
+    if (arg === "--expect-more-devices") {
+      opts.expectMoreDevices = true;
       continue;
     }
     let [name, value] = arg.includes("=") ? [arg.slice(0, arg.indexOf("=")), arg.slice(arg.indexOf("=") + 1)] : [arg, undefined];
@@ -133,6 +139,7 @@ function pageState() {
     livePoints: Number(text("live-points")),
     historyPoints: Number(text("history-points")),
     deviceRows: [...document.querySelectorAll('[data-testid="device-row"]')].map((r) => r.dataset.deviceId),
+    moreDevices: !(document.querySelector('[data-testid="devices-more"]') || { hidden: true }).hidden,
     selected: [...document.querySelectorAll('[data-testid="device-row"].selected')].map((r) => r.dataset.deviceId),
     dlqCodes: [...document.querySelectorAll('[data-testid="dlq-row"]')].map((r) => r.dataset.code),
     alerts: [...document.querySelectorAll('[data-testid="alert-row"]')].map((r) => ({
@@ -215,18 +222,43 @@ async function main() {
       console.log(`ok s: asked for a token, signed in (${elapsed()})`);
     }
 
-    // (a) the device row appears
+    // (a) the device row appears, after loading further pages of devices if it is not on the first
     const device = opts.device;
-    await waitFor(
-      page,
-      "a",
-      `the device row for ${device}`,
-      pageState,
-      null,
-      (s) => s.deviceRows.includes(device),
-      summary,
+    let morePages = 0;
+    let a;
+    for (;;) {
+      a = await waitFor(
+        page,
+        "a",
+        `the device row for ${device} (or a "More devices" control)`,
+        pageState,
+        null,
+        (s) => s.deviceRows.includes(device) || s.moreDevices,
+        summary,
+      );
+      if (a.deviceRows.includes(device)) break;
+      const before = a.deviceRows.length;
+      await page.click('[data-testid="devices-more"]', { timeout: Math.max(1000, deadline - Date.now()) });
+      morePages++;
+      await waitFor(
+        page,
+        "a",
+        `more device rows than ${before} after "More devices"`,
+        pageState,
+        null,
+        (s) => s.deviceRows.length > before,
+        summary,
+      );
+    }
+    if (new Set(a.deviceRows).size !== a.deviceRows.length) {
+      throw new StepFailure(`step a: a device is listed twice: ${summary(a)}`);
+    }
+    if (opts.expectMoreDevices && morePages === 0) {
+      throw new StepFailure(`step a: ${device} was on the first page of devices, expected it on a later one`);
+    }
+    console.log(
+      `ok a: device row for ${device} appeared among ${a.deviceRows.length} devices, ${morePages} further page(s) loaded (${elapsed()})`,
     );
-    console.log(`ok a: device row for ${device} appeared (${elapsed()})`);
 
     // (b) select it: live status, live points
     const row = page.locator(`tr[data-testid="device-row"][data-device-id=${JSON.stringify(device)}]`);

@@ -9,8 +9,13 @@
 //! Every alert's id is `rule:device:start` (start: when its condition began to hold, in ms), the
 //! same however often the input is read again: consumers and webhook receivers deduplicate on
 //! `(alert_id, status)`.
+//!
+//! A device that sends nothing (no event, no rejected record) for longer than the forget window
+//! ([`Engine::forgetting_after`]) is forgotten: its states are dropped, and its firing alerts
+//! resolve first, marked [`Transition::forgotten`]. So fake device ids cannot grow the state
+//! without bound.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use telemetry_core::Event;
@@ -49,6 +54,10 @@ pub struct Memory {
     /// as the rule's limit plus one (all it takes to tell whether the limit is passed).
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub rejections: VecDeque<i64>,
+    /// Threshold rules, while pending or firing: arrival time of the device's latest event with
+    /// the metric (ms), so that a restarted alerter knows how long the device has been silent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_arrival: Option<i64>,
 }
 
 /// One rule's state for one device.
@@ -79,6 +88,18 @@ impl State {
     /// Whether the state says nothing worth keeping.
     pub fn is_empty(&self) -> bool {
         self.phase == Phase::Ok && self.memory == Memory::default()
+    }
+
+    /// The arrival time (ms) of the latest event or rejected record this state remembers.
+    fn last_arrival(&self) -> Option<i64> {
+        [
+            self.memory.last_seen,
+            self.memory.rejections.back().copied(),
+            self.memory.last_arrival,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
     }
 }
 
@@ -121,16 +142,38 @@ pub struct Transition {
     pub resolved_at: Option<i64>,
     /// The value that made the condition hold, if the rule has one.
     pub value: Option<f64>,
+    /// Resolved because the device sent nothing for longer than the forget window and its
+    /// states were dropped, not because the condition stopped holding.
+    pub forgotten: bool,
 }
 
 /// (rule index, device) → state.
 pub type Key = (usize, String);
 
+/// What [`Engine::forget`] dropped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Forgotten {
+    /// Devices forgotten.
+    pub devices: usize,
+    /// Their states dropped (each deleted from the store by [`Engine::take_changes`]).
+    pub states: usize,
+    /// Their alerts that were firing, resolved.
+    pub transitions: Vec<Transition>,
+}
+
 /// The states of every rule and device, with the keys changed since [`Engine::take_changes`].
 pub struct Engine {
     rules: Vec<Rule>,
     states: BTreeMap<Key, State>,
-    changed: std::collections::BTreeSet<Key>,
+    changed: BTreeSet<Key>,
+    /// Every device heard from within the forget window: arrival time (ms) of its latest event
+    /// or rejected record.
+    last_active: HashMap<String, i64>,
+    /// Devices with restored states that remember no arrival time (stored by an alerter before
+    /// the forget window existed): their window starts at the first [`Engine::forget`].
+    unstamped: BTreeSet<String>,
+    /// How long a device may send nothing before it is forgotten (ms); `None`: never.
+    forget_after: Option<i64>,
 }
 
 fn millis(duration: std::time::Duration) -> i64 {
@@ -142,19 +185,64 @@ impl Engine {
     /// are no longer in the file are dropped).
     pub fn new(rules: Vec<Rule>, restored: impl IntoIterator<Item = (Key, State)>) -> Self {
         let count = rules.len();
+        let states: BTreeMap<Key, State> = restored
+            .into_iter()
+            .filter(|((rule, _), _)| *rule < count)
+            .collect();
+        let mut last_active: HashMap<String, i64> = HashMap::new();
+        for ((_, device_id), state) in &states {
+            if let Some(arrival) = state.last_arrival() {
+                let latest = last_active.entry(device_id.clone()).or_insert(arrival);
+                *latest = (*latest).max(arrival);
+            }
+        }
+        let unstamped = states
+            .keys()
+            .map(|(_, device_id)| device_id)
+            .filter(|device_id| !last_active.contains_key(*device_id))
+            .cloned()
+            .collect();
         Engine {
             rules,
-            states: restored
-                .into_iter()
-                .filter(|((rule, _), _)| *rule < count)
-                .collect(),
-            changed: Default::default(),
+            states,
+            changed: BTreeSet::new(),
+            last_active,
+            unstamped,
+            forget_after: None,
         }
+    }
+
+    /// Forget devices that send nothing (no event, no rejected record) for longer than `window`;
+    /// by default the engine never forgets.
+    #[must_use]
+    pub fn forgetting_after(mut self, window: std::time::Duration) -> Self {
+        self.forget_after = Some(millis(window));
+        self
     }
 
     /// The rules.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// How many states the engine holds.
+    pub fn states_held(&self) -> usize {
+        self.states.len()
+    }
+
+    /// How many devices the engine tracks (heard from within the forget window, or with a state).
+    pub fn devices_tracked(&self) -> usize {
+        self.last_active.len() + self.unstamped.len()
+    }
+
+    /// Notes that `device_id` was heard from at `arrival` (ms).
+    fn heard_from(&mut self, device_id: &str, arrival: i64) {
+        if let Some(latest) = self.last_active.get_mut(device_id) {
+            *latest = (*latest).max(arrival);
+        } else {
+            self.unstamped.remove(device_id);
+            self.last_active.insert(device_id.to_string(), arrival);
+        }
     }
 
     /// The states changed since the last call: `(key, Some(state))` to store, `(key, None)` to
@@ -175,6 +263,7 @@ impl Engine {
 
     /// An accepted event, which arrived at `arrival` (ms).
     pub fn event(&mut self, event: &Event, arrival: i64) -> Vec<Transition> {
+        self.heard_from(&event.device_id, arrival);
         let mut transitions = Vec::new();
         for index in 0..self.rules.len() {
             let key = (index, event.device_id.clone());
@@ -188,7 +277,10 @@ impl Engine {
                         continue;
                     };
                     let holds = comparison.holds(value, *threshold);
-                    self.step(key, holds, event.device_ts, holds.then_some(value))
+                    let transition =
+                        self.step(key.clone(), holds, event.device_ts, holds.then_some(value));
+                    self.note_arrival(&key, arrival);
+                    transition
                 }
                 Condition::Silent(_) => {
                     let state = self.states.entry(key.clone()).or_default();
@@ -211,6 +303,7 @@ impl Engine {
 
     /// A rejected record from `device_id`, which arrived at `arrival` (ms).
     pub fn rejection(&mut self, device_id: &str, arrival: i64) -> Vec<Transition> {
+        self.heard_from(device_id, arrival);
         let mut transitions = Vec::new();
         for index in 0..self.rules.len() {
             let Condition::DlqRate { above, window } = self.rules[index].condition else {
@@ -281,6 +374,78 @@ impl Engine {
         transitions
     }
 
+    /// Keeps a pending or firing threshold state's `last_arrival`, for a restart to know how
+    /// long the device has been silent. (An ok state has none: [`Engine::step`] clears it.)
+    fn note_arrival(&mut self, key: &Key, arrival: i64) {
+        let Some(state) = self.states.get_mut(key) else {
+            return;
+        };
+        if state.phase == Phase::Ok {
+            return;
+        }
+        let latest = state
+            .memory
+            .last_arrival
+            .map_or(arrival, |at| at.max(arrival));
+        if state.memory.last_arrival != Some(latest) {
+            state.memory.last_arrival = Some(latest);
+            self.changed.insert(key.clone());
+        }
+    }
+
+    /// The clock moved to `now` (ms): devices heard from last more than the forget window ago
+    /// are forgotten, their firing alerts resolved first ([`Transition::forgotten`]). Only when
+    /// `caught_up`, as [`Engine::tick`]: a consumer catching up would forget devices whose
+    /// records it has not read yet.
+    pub fn forget(&mut self, now: i64, caught_up: bool) -> Forgotten {
+        let mut forgotten = Forgotten::default();
+        let Some(window) = self.forget_after else {
+            return forgotten;
+        };
+        if !caught_up {
+            return forgotten;
+        }
+        for device_id in std::mem::take(&mut self.unstamped) {
+            self.last_active.insert(device_id, now);
+        }
+        let cutoff = now.saturating_sub(window);
+        let silent: Vec<String> = self
+            .last_active
+            .iter()
+            .filter(|(_, last)| **last < cutoff)
+            .map(|(device_id, _)| device_id.clone())
+            .collect();
+        for device_id in silent {
+            self.last_active.remove(&device_id);
+            forgotten.devices += 1;
+            for (index, rule) in self.rules.iter().enumerate() {
+                let key = (index, device_id.clone());
+                let Some(state) = self.states.remove(&key) else {
+                    continue;
+                };
+                forgotten.states += 1;
+                if let Phase::Firing {
+                    since, fired_at, ..
+                } = state.phase
+                {
+                    forgotten.transitions.push(Transition {
+                        alert_id: format!("{}:{device_id}:{since}", rule.name),
+                        rule: index,
+                        device_id: device_id.clone(),
+                        status: Status::Resolved,
+                        started_at: since,
+                        fired_at,
+                        resolved_at: Some(now),
+                        value: state.value,
+                        forgotten: true,
+                    });
+                }
+                self.changed.insert(key);
+            }
+        }
+        forgotten
+    }
+
     /// Whether more than `above` of `times` are within `window` before `now`, and how many.
     fn over_limit(times: &VecDeque<i64>, above: u32, window: i64, now: i64) -> (bool, f64) {
         let recent = times
@@ -325,6 +490,7 @@ impl Engine {
                         fired_at: at,
                         resolved_at: None,
                         value,
+                        forgotten: false,
                     });
                 } else {
                     state.phase = Phase::Pending { since };
@@ -333,6 +499,7 @@ impl Engine {
             (Phase::Pending { .. }, false) => {
                 state.phase = Phase::Ok;
                 state.value = None;
+                state.memory.last_arrival = None;
             }
             (
                 Phase::Firing {
@@ -366,9 +533,11 @@ impl Engine {
                         fired_at,
                         resolved_at: Some(at),
                         value: state.value,
+                        forgotten: false,
                     });
                     state.phase = Phase::Ok;
                     state.value = None;
+                    state.memory.last_arrival = None;
                 } else {
                     state.phase = Phase::Firing {
                         since,
@@ -378,7 +547,13 @@ impl Engine {
                 }
             }
         }
-        if *state != before {
+        let (changed, empty) = (*state != before, state.is_empty());
+        if empty {
+            // Says nothing a fresh state would not: not held, so devices that never come near a
+            // threshold cost no memory.
+            self.states.remove(&key);
+        }
+        if changed {
             self.changed.insert(key);
         }
         transition
@@ -525,5 +700,144 @@ mod tests {
         assert_eq!(resolved[0].status, Status::Resolved);
         // Another device's records count for that device only.
         assert!(engine.rejection("pico-2", 95 * SECOND).is_empty());
+    }
+
+    const QUIET_AND_HOT: &str = "[[rules]]\nname = \"quiet\"\nsilent_for = \"5m\"\n\
+                                 [[rules]]\nname = \"hot\"\nwhen = \"temperature_c > 40 for 2m\"\n";
+    const HOUR: i64 = 3_600 * SECOND;
+
+    #[test]
+    fn a_device_silent_past_the_forget_window_is_forgotten_and_its_firing_alerts_resolve() {
+        let mut engine = Engine::new(Rules::parse(QUIET_AND_HOT).unwrap().rules, [])
+            .forgetting_after(std::time::Duration::from_secs(3_600));
+        // pico-1: hot for two minutes (fires), then nothing. pico-2: an event now and then.
+        assert!(engine.event(&reading("pico-1", 0, 41.0), 0).is_empty());
+        assert_eq!(
+            engine.event(&reading("pico-1", 120 * SECOND, 42.0), 120 * SECOND)[0].status,
+            Status::Firing
+        );
+        assert!(engine.event(&reading("pico-2", 0, 20.0), 0).is_empty());
+        let quiet = engine.tick(600 * SECOND, true);
+        assert_eq!(
+            quiet.len(),
+            2,
+            "both devices silent for 5 minutes: {quiet:?}"
+        );
+        assert_eq!(
+            engine.event(&reading("pico-2", 0, 20.0), HOUR).len(),
+            1,
+            "pico-2's silence resolves"
+        );
+        engine.take_changes();
+        assert_eq!((engine.devices_tracked(), engine.states_held()), (2, 3));
+
+        // Heard from last at 120 s: kept until the window has passed.
+        assert_eq!(
+            engine.forget(120 * SECOND + HOUR, true),
+            Forgotten::default()
+        );
+        // Behind the clock (catching up): nothing is forgotten.
+        assert_eq!(engine.forget(2 * HOUR, false), Forgotten::default());
+        let forgotten = engine.forget(120 * SECOND + HOUR + 1, true);
+        assert_eq!((forgotten.devices, forgotten.states), (1, 2));
+        let mut resolved: Vec<(&str, Status, bool, Option<i64>)> = forgotten
+            .transitions
+            .iter()
+            .map(|transition| {
+                (
+                    transition.alert_id.as_str(),
+                    transition.status,
+                    transition.forgotten,
+                    transition.resolved_at,
+                )
+            })
+            .collect();
+        resolved.sort_by_key(|(alert_id, ..)| *alert_id);
+        let at = Some(120 * SECOND + HOUR + 1);
+        assert_eq!(
+            resolved,
+            [
+                ("hot:pico-1:0", Status::Resolved, true, at),
+                ("quiet:pico-1:420000", Status::Resolved, true, at),
+            ],
+            "the alerts that fired, by their ids"
+        );
+        // Deleted from the store; pico-2 (heard from at one hour) is kept.
+        let changes = engine.take_changes();
+        assert_eq!(
+            changes,
+            [
+                ((0, "pico-1".to_string()), None),
+                ((1, "pico-1".to_string()), None)
+            ]
+        );
+        assert_eq!((engine.devices_tracked(), engine.states_held()), (1, 1));
+        assert_eq!(engine.forget(2 * HOUR, true).devices, 0);
+        assert_eq!(engine.forget(3 * HOUR, true).devices, 1, "then pico-2");
+        assert_eq!((engine.devices_tracked(), engine.states_held()), (0, 0));
+        // A forgotten device that comes back starts afresh.
+        assert!(engine
+            .event(&reading("pico-1", 0, 20.0), 3 * HOUR)
+            .is_empty());
+        assert_eq!(engine.states_held(), 1);
+    }
+
+    #[test]
+    fn rejected_records_keep_a_device_and_ok_states_are_not_held() {
+        let mut engine = engine(HOT).forgetting_after(std::time::Duration::from_secs(60));
+        assert!(engine.event(&reading("pico-1", 0, 41.0), 0).is_empty());
+        assert!(engine
+            .event(&reading("pico-1", SECOND, 30.0), SECOND)
+            .is_empty());
+        assert_eq!(
+            engine.take_changes(),
+            [((0, "pico-1".to_string()), None)],
+            "pending, then ok: nothing stored"
+        );
+        assert_eq!(engine.states_held(), 0, "nor held");
+        assert_eq!(engine.devices_tracked(), 1);
+        // No rule counts rejections, but they still mean the device is there.
+        assert!(engine.rejection("pico-1", 50 * SECOND).is_empty());
+        assert_eq!(engine.forget(100 * SECOND, true).devices, 0);
+        assert_eq!(engine.forget(111 * SECOND, true).devices, 1);
+        assert_eq!(engine.devices_tracked(), 0);
+    }
+
+    #[test]
+    fn a_restarted_engine_knows_how_long_its_devices_have_been_silent() {
+        let rules = || Rules::parse(QUIET_AND_HOT).unwrap().rules;
+        let mut first = Engine::new(rules(), []);
+        first.event(&reading("pico-1", 0, 41.0), 10 * SECOND);
+        first.event(&reading("pico-1", 0, 41.0), 20 * SECOND);
+        let saved: Vec<(Key, State)> = first
+            .take_changes()
+            .into_iter()
+            .filter_map(|(key, state)| state.map(|state| (key, state)))
+            .collect();
+        assert_eq!(saved.len(), 2);
+        let hot = &saved.iter().find(|((rule, _), _)| *rule == 1).unwrap().1;
+        assert_eq!(
+            hot.memory.last_arrival,
+            Some(20 * SECOND),
+            "pending: stored"
+        );
+        // Only the threshold's state (the silence rule was added later): its arrival time counts.
+        let threshold_only: Vec<(Key, State)> = saved
+            .iter()
+            .filter(|((rule, _), _)| *rule == 1)
+            .cloned()
+            .collect();
+        let window = std::time::Duration::from_secs(3_600);
+        let mut second = Engine::new(rules(), threshold_only).forgetting_after(window);
+        assert_eq!(second.forget(20 * SECOND + HOUR, true).devices, 0);
+        assert_eq!(second.forget(20 * SECOND + HOUR + 1, true).states, 1);
+        // A state from before the forget window (no arrival time): its window starts now.
+        let mut old = saved[1].1.clone();
+        old.memory.last_arrival = None;
+        let mut third =
+            Engine::new(rules(), [((1, "pico-1".to_string()), old)]).forgetting_after(window);
+        assert_eq!(third.devices_tracked(), 1);
+        assert_eq!(third.forget(5 * HOUR, true).devices, 0);
+        assert_eq!(third.forget(6 * HOUR + 1, true).devices, 1);
     }
 }

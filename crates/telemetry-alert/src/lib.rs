@@ -18,7 +18,8 @@
 //! # Layout
 //! - `rules`: the rules file. `engine`: the state machine (pure). `webhook`: delivery.
 //! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, restore the states; then batch
-//!   (or clock tick) → evaluate → save → produce → commit.
+//!   (or clock tick) → evaluate (on the tick, also forget devices silent past
+//!   `TELEMETRY_ALERT_FORGET_AFTER_SECONDS`) → save → produce → commit.
 
 pub mod engine;
 pub mod rules;
@@ -34,7 +35,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use telemetry_core::names::topics;
+use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
 use telemetry_store::{AlertOffset, AlertStateRow, NewAlert, Store};
@@ -61,6 +62,22 @@ pub enum Error {
     /// A blocking task failed.
     #[error("a background task failed: {0}")]
     Task(String),
+    /// The forget window is too short for a rule.
+    #[error(
+        "TELEMETRY_ALERT_FORGET_AFTER_SECONDS (--forget-after-seconds) is {forget_after} s, not \
+         longer than rule `{rule}`'s {setting} ({duration} s): devices would be forgotten before \
+         the rule could judge them"
+    )]
+    ForgetTooSoon {
+        /// The setting's value, in seconds.
+        forget_after: u64,
+        /// The rule.
+        rule: String,
+        /// `silent_for` or `window`.
+        setting: &'static str,
+        /// The rule's duration, in seconds.
+        duration: u64,
+    },
 }
 
 /// Result with this crate's [`Error`].
@@ -104,6 +121,14 @@ pub struct AlertConfig {
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub tick_ms: u64,
 
+    /// Forget a device that sent nothing (no event, no rejected record) for this long, in
+    /// seconds: its alert states are dropped from memory and from `alert_states`, its firing
+    /// alerts resolved first. Bounds the state a flood of made-up device ids can grow. Longer than
+    /// every rule's `silent_for` and `window`.
+    #[arg(long, env = "TELEMETRY_ALERT_FORGET_AFTER_SECONDS", default_value_t = 604_800,
+          value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
+    pub forget_after_seconds: u64,
+
     /// Most records evaluated per batch.
     #[arg(long, env = "TELEMETRY_ALERT_BATCH_SIZE", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -117,6 +142,10 @@ pub struct AlertConfig {
     )]
     pub listen: String,
 
+    /// Header-read and idle timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub http: telemetry_ops::HttpLimits,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -129,6 +158,7 @@ const DATABASE: &str = "database";
 pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()> {
     // Rules that do not load stop the service before it touches anything.
     let rules = Rules::load(&config.rules)?;
+    check_forget_window(&rules.rules, config.forget_after_seconds)?;
     // The webhook's host only: its URL often carries a secret (a Slack or PagerDuty key).
     let webhook_host = rules.webhook.as_ref().map_or_else(
         || String::from("none"),
@@ -147,7 +177,12 @@ pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()>
     );
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
+    let server = server.spawn(
+        telemetry_ops::router(readiness.clone()),
+        "alert",
+        &config.http,
+        shutdown.clone(),
+    );
     let result = evaluate(&config, rules, &readiness, &shutdown).await;
     shutdown.cancel();
     telemetry_ops::join(server).await?;
@@ -177,9 +212,12 @@ async fn evaluate(
         return Ok(());
     };
     let (restored, orphans) = restore(&rules.rules, stored);
-    let mut engine = Engine::new(rules.rules.clone(), restored);
+    let forget_after = Duration::from_secs(config.forget_after_seconds);
+    let mut engine = Engine::new(rules.rules.clone(), restored).forgetting_after(forget_after);
+    held(&engine);
     let webhook = rules.webhook.is_some();
     let outbox = Outbox {
+        forget_after,
         store: store.clone(),
         producer: RenewableProducer::new(kafka.producer_config(&[])?, "alert")?,
         topic: config.alerts_topic.clone(),
@@ -239,7 +277,24 @@ async fn evaluate(
         if last_tick.elapsed() >= tick {
             last_tick = tokio::time::Instant::now();
             let now = Utc::now().timestamp_millis();
-            transitions.extend(engine.tick(now, consumer.is_caught_up(slack)));
+            let caught_up = consumer.is_caught_up(slack);
+            transitions.extend(engine.tick(now, caught_up));
+            let forgotten = engine.forget(now, caught_up);
+            if forgotten.devices > 0 {
+                metrics::counter!("alert_devices_forgotten_total", "service" => "alert")
+                    .increment(forgotten.devices as u64);
+                metrics::counter!("alert_states_forgotten_total", "service" => "alert")
+                    .increment(forgotten.states as u64);
+                tracing::info!(
+                    devices = forgotten.devices,
+                    states = forgotten.states,
+                    resolved = forgotten.transitions.len(),
+                    forget_after_seconds = config.forget_after_seconds,
+                    "Forgot devices that sent nothing for longer than the forget window; their firing alerts resolve."
+                );
+            }
+            transitions.extend(forgotten.transitions);
+            held(&engine);
         }
         let moved: Vec<AlertOffset> = moved
             .into_iter()
@@ -440,10 +495,11 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
             Err(error) => skip(&format!("not a cleaned event: {error}")),
         }
     } else {
-        // A rejected record's device is its key (from the MQTT topic); its arrival time is the
-        // bridge's header, kept on the DLQ record.
-        let Some(device_id) = message
-            .key()
+        // A rejected record's device is the one the audit service counted it against
+        // (`device.id`: its topic's, or `#unusable`), else, from older audit services, its key;
+        // its arrival time is the bridge's header, kept on the DLQ record.
+        let Some(device_id) = telemetry_kafka::header(message, headers::DEVICE_ID)
+            .or_else(|| message.key())
             .and_then(|key| std::str::from_utf8(key).ok())
             .filter(|key| !key.is_empty() && key.chars().count() <= MAX_DEVICE_ID_CHARS)
         else {
@@ -454,8 +510,41 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
     }
 }
 
+/// Fails when a rule needs a device remembered longer than `forget_after_seconds`: a silence
+/// would never fire, a DLQ burst would be forgotten before its window passed.
+fn check_forget_window(rules: &[Rule], forget_after_seconds: u64) -> Result<()> {
+    for rule in rules {
+        let (setting, duration) = match rule.condition {
+            rules::Condition::Silent(after) => ("silent_for", after),
+            rules::Condition::DlqRate { window, .. } => ("window", window),
+            rules::Condition::Threshold { .. } => continue,
+        };
+        if Duration::from_secs(forget_after_seconds) <= duration {
+            return Err(Error::ForgetTooSoon {
+                forget_after: forget_after_seconds,
+                rule: rule.name.clone(),
+                setting,
+                duration: duration.as_secs(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sets the gauges of what the engine holds.
+fn held(engine: &Engine) {
+    #[allow(clippy::cast_precision_loss)]
+    {
+        metrics::gauge!("alert_devices_tracked", "service" => "alert")
+            .set(engine.devices_tracked() as f64);
+        metrics::gauge!("alert_states_held", "service" => "alert").set(engine.states_held() as f64);
+    }
+}
+
 /// Writes state changes and alerts, and hands the alerts to Kafka.
 struct Outbox<'a> {
+    /// The forget window, named in the alerts it resolves.
+    forget_after: Duration,
     store: Store,
     producer: RenewableProducer,
     topic: String,
@@ -496,7 +585,9 @@ impl Outbox<'_> {
         }
         let payloads: Vec<String> = transitions
             .iter()
-            .map(|transition| payload(&rules[transition.rule], transition).to_string())
+            .map(|transition| {
+                payload(&rules[transition.rule], transition, self.forget_after).to_string()
+            })
             .collect();
         for transition in transitions {
             let rule = &rules[transition.rule];
@@ -511,7 +602,7 @@ impl Outbox<'_> {
                 status = transition.status.name(),
                 rule = %rule.name,
                 device_id = %transition.device_id,
-                condition = %rule.describe(),
+                condition = %condition(rule, transition, self.forget_after),
                 "Alert {}.", transition.status.name()
             );
         }
@@ -659,15 +750,27 @@ impl Outbox<'_> {
     }
 }
 
+/// The rule in one line; for an alert resolved because its device was forgotten, why.
+fn condition(rule: &Rule, transition: &Transition, forget_after: Duration) -> String {
+    if transition.forgotten {
+        format!(
+            "(the device sent nothing for {}: its alert state was forgotten)",
+            humantime::format_duration(forget_after)
+        )
+    } else {
+        rule.describe()
+    }
+}
+
 /// The alert as JSON: the alerts topic's value and the webhook's body.
-fn payload(rule: &Rule, transition: &Transition) -> serde_json::Value {
+fn payload(rule: &Rule, transition: &Transition, forget_after: Duration) -> serde_json::Value {
     let time = rfc3339;
     serde_json::json!({
         "alert_id": transition.alert_id,
         "status": transition.status.name(),
         "rule": rule.name,
         "severity": rule.severity,
-        "condition": rule.describe(),
+        "condition": condition(rule, transition, forget_after),
         "device_id": transition.device_id,
         "started_at": time(transition.started_at),
         "fired_at": time(transition.fired_at),
@@ -699,5 +802,60 @@ async fn prune_outbox(store: Store, shutdown: CancellationToken) {
                 tracing::warn!(%error, "Pruning the alert outbox failed; trying again in an hour.")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forget_window_not_longer_than_a_rule_needs_is_refused_naming_both() {
+        let rules = Rules::parse(
+            "[[rules]]\nname = \"quiet\"\nsilent_for = \"10m\"\n\
+             [[rules]]\nname = \"bad\"\ndlq_above = 5\nwindow = \"1h\"\n",
+        )
+        .map(|rules| rules.rules)
+        .unwrap_or_default();
+        assert_eq!(rules.len(), 2);
+        assert!(check_forget_window(&rules, 3_601).is_ok());
+        let error = check_forget_window(&rules, 3_600)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("TELEMETRY_ALERT_FORGET_AFTER_SECONDS")
+                && error.contains("`bad`'s window"),
+            "{error}"
+        );
+        let error = check_forget_window(&rules, 600)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("`quiet`'s silent_for (600 s)"), "{error}");
+    }
+
+    #[test]
+    fn an_alert_resolved_by_forgetting_says_why() {
+        let rules = Rules::parse("[[rules]]\nname = \"quiet\"\nsilent_for = \"5m\"\n")
+            .map(|rules| rules.rules)
+            .unwrap_or_default();
+        let transition = Transition {
+            alert_id: String::from("quiet:pico-1:0"),
+            rule: 0,
+            device_id: String::from("pico-1"),
+            status: engine::Status::Resolved,
+            started_at: 0,
+            fired_at: 0,
+            resolved_at: Some(1),
+            value: None,
+            forgotten: true,
+        };
+        let body = payload(&rules[0], &transition, Duration::from_secs(604_800));
+        assert_eq!(
+            body["condition"],
+            "(the device sent nothing for 7days: its alert state was forgotten)"
+        );
+        assert_eq!(body["severity"], rules[0].severity.as_str());
     }
 }

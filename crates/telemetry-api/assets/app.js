@@ -8,6 +8,8 @@
   const POLL_DLQ_MS = 3000;
   const POLL_ALERTS_MS = 3000;
   const POLL_HISTORY_MS = 10000;
+  const DEVICES_PAGE = 100; // devices per request (the API's default page)
+  const DEVICES_MAX_PAGES = 50; // most pages loaded at once: 5,000 devices
   const LIVE_MAX_POINTS = 600;
   const LIVE_MAX_DEVICES = 200; // live buffers kept at once (least recently active dropped)
   const HISTORY_MAX_POINTS = 500;
@@ -25,6 +27,9 @@
     devicesById: new Map(),
     deviceRows: new Map(), // device_id -> <tr>
     devicesLoaded: false,
+    devicePages: 1, // pages of devices the user asked for ("More devices")
+    devicePagesLoaded: 0,
+    devicesMore: false, // the API has devices after the pages loaded
     clockOffsetMs: 0, // server clock minus browser clock, from /api/devices generated_at
     selected: null,
     metric: null,
@@ -310,14 +315,38 @@
   // ---------------------------------------------------------------------------------------------
   // devices
 
+  // The API lists devices a page at a time in id order; each page names the next one's cursor.
+  // Loaded: the pages the user asked for, and further ones while the selected device (from the
+  // URL, say) is not listed yet and would come later.
   async function loadDevices() {
-    const body = await fetchJson("/api/devices");
-    const generated = parseTime(body.generated_at);
+    const byId = new Map();
+    let generatedAt = null;
+    let cursor = null;
+    let pages = 0;
+    while (pages < DEVICES_MAX_PAGES) {
+      const params = new URLSearchParams({ limit: String(DEVICES_PAGE) });
+      if (cursor) params.set("cursor", cursor);
+      const body = await fetchJson(`/api/devices?${params}`);
+      pages++;
+      if (generatedAt === null) generatedAt = body.generated_at;
+      let last = null;
+      for (const d of Array.isArray(body.devices) ? body.devices : []) {
+        if (!d || typeof d !== "object" || typeof d.device_id !== "string") continue;
+        byId.set(d.device_id, d);
+        last = d.device_id;
+      }
+      cursor = typeof body.next_cursor === "string" && body.next_cursor ? body.next_cursor : null;
+      if (!cursor) break;
+      const selectedLater = state.selected && !byId.has(state.selected) && last !== null && state.selected > last;
+      if (pages >= state.devicePages && !selectedLater) break;
+    }
+    const generated = parseTime(generatedAt);
     if (Number.isFinite(generated)) state.clockOffsetMs = generated - Date.now();
-    const list = Array.isArray(body.devices) ? body.devices : [];
     const wasListed = state.devicesById.has(state.selected);
-    state.devices = list.filter((d) => d && typeof d === "object" && typeof d.device_id === "string");
-    state.devicesById = new Map(state.devices.map((d) => [d.device_id, d]));
+    state.devices = [...byId.values()];
+    state.devicesById = byId;
+    state.devicePagesLoaded = pages;
+    state.devicesMore = cursor !== null;
     state.devicesLoaded = true;
     renderDevices();
     updateMetricOptions();
@@ -381,11 +410,14 @@
     const empty = $("devices-empty");
     empty.hidden = rows.length > 0;
     empty.textContent = "No devices have sent anything yet.";
+    const more = $("devices-more");
+    more.hidden = !state.devicesMore;
 
     const counts = { ok: 0, stale: 0, failing: 0 };
     for (const d of state.devices) if (d.health in counts) counts[d.health]++;
+    const shown = state.devicesMore ? `first ${rows.length}` : `${rows.length}`;
     $("devices-summary").textContent = rows.length
-      ? `${rows.length} · ${counts.ok} ok · ${counts.stale} stale · ${counts.failing} failing`
+      ? `${shown} · ${counts.ok} ok · ${counts.stale} stale · ${counts.failing} failing`
       : "";
   }
 
@@ -899,14 +931,20 @@
     renderDlq(entries);
   }
 
+  // The API sends the first bytes of long payloads (`payload_truncated`; `payload_bytes` is the
+  // whole length): the preview says so.
   function payloadPreview(e) {
+    const total = Number(e.payload_bytes);
+    const cut = e.payload_truncated === true && Number.isFinite(total);
     if (e.payload_encoding === "base64") {
-      const n = base64Bytes(e.payload || "");
-      return { text: `(binary, ${n} bytes)`, title: `base64: ${truncate(String(e.payload || ""), 4000)}`, binary: true };
+      const n = cut ? total : base64Bytes(e.payload || "");
+      const shown = cut ? ` (the first ${fmtInt(base64Bytes(e.payload || ""))} bytes)` : "";
+      return { text: `(binary, ${fmtInt(n)} bytes)`, title: `base64${shown}: ${truncate(String(e.payload || ""), 4000)}`, binary: true };
     }
     const s = typeof e.payload === "string" ? e.payload : e.payload == null ? "" : JSON.stringify(e.payload);
     if (s === "") return { text: "(empty)", title: "", binary: true };
-    return { text: truncate(visibleControls(s), PAYLOAD_PREVIEW_CHARS), title: s, binary: false };
+    const title = cut ? `${s}…\n(cut: ${fmtInt(total)} bytes in all)` : s;
+    return { text: truncate(visibleControls(s), PAYLOAD_PREVIEW_CHARS), title, binary: false };
   }
 
   function dlqKey(e) {
@@ -1114,6 +1152,10 @@
       historyPoller.now();
     });
     $("dlq-only-device").addEventListener("change", () => dlqPoller.now());
+    $("devices-more").addEventListener("click", () => {
+      state.devicePages = Math.min(DEVICES_MAX_PAGES, state.devicePagesLoaded + 1);
+      devicesPoller.now();
+    });
     $("token-form").addEventListener("submit", (ev) => {
       ev.preventDefault();
       const token = $("token-input").value.trim();

@@ -186,6 +186,7 @@ fn bench_queries(criterion: &mut Criterion) {
             },
             live_url: None,
             auth: telemetry_ops::auth::Auth::disabled("api"),
+            dlq_payload_bytes: 4_096,
         };
         (state, newest)
     });

@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use telemetry_core::validate::Code;
 use telemetry_ops::auth::Access;
-use telemetry_store::DeadLetterFilter;
+use telemetry_store::{DeadLetterFilter, DevicePage};
 
 use crate::health::{dlq_rate, Health};
 use crate::params::{check_name, shorten, ApiError, Params};
@@ -33,6 +33,11 @@ const DEFAULT_POINTS: u32 = 500;
 const DEFAULT_RANGE: chrono::Duration = chrono::Duration::days(1);
 /// The widest range one series query may cover.
 const MAX_RANGE_DAYS: i64 = 366;
+/// Most devices per page, and the number when `limit` is not given.
+const MAX_DEVICES_LIMIT: u32 = 1_000;
+const DEFAULT_DEVICES_LIMIT: u32 = 100;
+/// The longest cursor accepted: the base64url of a device id of 128 characters of 4 bytes.
+const MAX_CURSOR_CHARS: usize = 684;
 /// Most DLQ entries per request, and the number when `limit` is not given.
 const MAX_DLQ_LIMIT: u32 = 1_000;
 const DEFAULT_DLQ_LIMIT: u32 = 50;
@@ -49,6 +54,8 @@ struct DevicesBody {
     generated_at: String,
     thresholds: ThresholdsBody,
     devices: Vec<DeviceBody>,
+    /// Where the next page starts; `None` on the last page.
+    next_cursor: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -74,22 +81,42 @@ struct DeviceBody {
     health: Health,
 }
 
-/// `GET /api/devices`: every device with its counts and health.
+/// `GET /api/devices?limit=&cursor=`: a page of the devices (those the token may see) in id
+/// order, with their counts and health, and the cursor of the next page.
 pub async fn devices(
     State(state): State<Arc<AppState>>,
     Extension(access): Extension<Access>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Params::new(query, &[])?;
+    let params = Params::new(query, &["limit", "cursor"])?;
+    let limit = params.integer("limit", 1, MAX_DEVICES_LIMIT, DEFAULT_DEVICES_LIMIT)?;
+    let after = params.get("cursor").map(decode_cursor).transpose()?;
     let now = Utc::now();
-    let devices = state
+    // One more than the page: whether it exists says whether there is a next page.
+    let mut devices = state
         .store
-        .devices(now)
+        .devices(
+            now,
+            &DevicePage {
+                after: after.as_deref(),
+                scope: &access.scope,
+                limit: limit + 1,
+            },
+        )
         .await
-        .map_err(|error| ApiError::unavailable(&error))?;
+        .map_err(|error| ApiError::store(&error))?;
+    let next_cursor = if devices.len() > limit as usize {
+        devices.truncate(limit as usize);
+        devices
+            .last()
+            .map(|device| encode_cursor(&device.device_id))
+    } else {
+        None
+    };
     let thresholds = &state.thresholds;
     let devices = devices
         .into_iter()
+        // The query filtered already; the scope is checked again on what it returned.
         .filter(|device| access.scope.allows(&device.device_id))
         .map(|device| DeviceBody {
             health: thresholds.judge(&device, now),
@@ -114,7 +141,39 @@ pub async fn devices(
             failing_min_rejections: thresholds.failing_min_rejections,
         },
         devices,
+        next_cursor,
     }))
+}
+
+/// The cursor after `device_id`: its base64url. Opaque to clients; only this API reads it.
+fn encode_cursor(device_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(device_id)
+}
+
+/// The device id a cursor of [`encode_cursor`] holds, or a 400 naming `cursor`.
+fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
+    let refused = || {
+        ApiError::bad(
+            "cursor",
+            format!(
+                "`{}` is not a cursor this API gave out (take `next_cursor` from the previous page as \
+                 it is, or leave it out for the first page)",
+                shorten(cursor)
+            ),
+        )
+    };
+    if cursor.len() > MAX_CURSOR_CHARS {
+        return Err(refused());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| refused())?;
+    let device_id = String::from_utf8(bytes).map_err(|_| refused())?;
+    let length = device_id.chars().count();
+    if length == 0 || length > MAX_DEVICE_ID_CHARS {
+        return Err(refused());
+    }
+    Ok(device_id)
 }
 
 #[derive(Serialize)]
@@ -174,7 +233,7 @@ pub async fn telemetry(
     let known = store
         .device_exists(&device_id)
         .await
-        .map_err(|error| ApiError::unavailable(&error))?;
+        .map_err(|error| ApiError::store(&error))?;
     if !known {
         return Err(ApiError::not_found(format!(
             "no device `{}` has been seen",
@@ -190,7 +249,7 @@ pub async fn telemetry(
         max_points,
     )
     .await
-    .map_err(|error| ApiError::unavailable(&error))?;
+    .map_err(|error| ApiError::store(&error))?;
     let time = |millis: i64| rfc3339(DateTime::from_timestamp_millis(millis).unwrap_or_default());
     Ok(Json(SeriesBody {
         metric: metric.to_string(),
@@ -277,9 +336,10 @@ pub async fn dlq(
             code,
             scope: &access.scope,
             limit,
+            max_payload_bytes: state.dlq_payload_bytes,
         })
         .await
-        .map_err(|error| ApiError::unavailable(&error))?;
+        .map_err(|error| ApiError::store(&error))?;
     let entries = entries
         .into_iter()
         // The query filtered already; the scope is checked again on what it returned.
@@ -291,21 +351,10 @@ pub async fn dlq(
         })
         .map(|entry| {
             let truncated = entry.payload.len() < entry.payload_bytes as usize;
-            let (payload, payload_encoding) = match String::from_utf8(entry.payload) {
-                Ok(text) => (text, "utf8"),
-                // Text cut inside a character by the index's 64 KiB limit is still text.
-                Err(error) if truncated && error.utf8_error().error_len().is_none() => {
-                    let mut bytes = error.into_bytes();
-                    let valid =
-                        std::str::from_utf8(&bytes).map_or_else(|e| e.valid_up_to(), str::len);
-                    bytes.truncate(valid);
-                    (String::from_utf8_lossy(&bytes).into_owned(), "utf8")
-                }
-                Err(error) => (
-                    base64::engine::general_purpose::STANDARD.encode(error.as_bytes()),
-                    "base64",
-                ),
-            };
+            if truncated {
+                metrics::counter!("dlq_payloads_cut_total", "service" => "api").increment(1);
+            }
+            let (payload, payload_encoding) = payload_text(entry.payload, truncated);
             DlqEntryBody {
                 id: entry.id,
                 received_at: rfc3339(entry.received_at),
@@ -328,6 +377,45 @@ pub async fn dlq(
         })
         .collect();
     Ok(Json(DlqBody { entries }))
+}
+
+/// A DLQ payload as a JSON string and its encoding: the text when it is UTF-8, else base64.
+/// Text cut inside a character (by the query's cut or the index's 64 KiB) is still text, without
+/// the partial character. Text that JSON escaping would more than double (each control character
+/// becomes six bytes) is sent as base64 too, so an entry's payload is at most about twice the
+/// bytes read, whatever a device sent.
+fn payload_text(bytes: Vec<u8>, truncated: bool) -> (String, &'static str) {
+    let base64 = |bytes: &[u8]| {
+        (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            "base64",
+        )
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) if truncated && error.utf8_error().error_len().is_none() => {
+            let valid = error.utf8_error().valid_up_to();
+            let mut bytes = error.into_bytes();
+            bytes.truncate(valid);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        Err(error) => return base64(error.as_bytes()),
+    };
+    if json_escaped_len(&text) > 2 * text.len() {
+        return base64(text.as_bytes());
+    }
+    (text, "utf8")
+}
+
+/// The length of `text` inside a JSON string, as serde_json escapes it.
+fn json_escaped_len(text: &str) -> usize {
+    text.chars()
+        .map(|character| match character {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            control if u32::from(control) < 0x20 => 6,
+            other => other.len_utf8(),
+        })
+        .sum()
 }
 
 #[derive(Serialize)]
@@ -374,7 +462,7 @@ pub async fn alerts(
         .store
         .recent_alerts(device_id, &access.scope, firing_only, limit)
         .await
-        .map_err(|error| ApiError::unavailable(&error))?;
+        .map_err(|error| ApiError::store(&error))?;
     let mut alerts = Vec::with_capacity(entries.len());
     for entry in entries {
         // Written by the alerter; one that does not parse is left out, not a failed request.
@@ -434,4 +522,79 @@ fn allowed(access: &Access, device_id: &str) -> Result<(), ApiError> {
 /// Any other `/api/...` path: a JSON 404 rather than the dashboard.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see /api/openapi.json")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{decode_cursor, encode_cursor, json_escaped_len, payload_text};
+
+    #[test]
+    fn cursors_hold_any_device_id_and_refuse_the_rest() {
+        for id in [
+            "pico-1",
+            "pico-7 ",
+            "é:ü.x_y-z",
+            &"x".repeat(128),
+            &"€".repeat(128),
+        ] {
+            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        }
+        for cursor in [
+            "!!".to_string(),
+            "_w".to_string(), // 0xff: not UTF-8
+            "A".to_string(),  // not base64 of whole bytes
+            encode_cursor(&"x".repeat(129)),
+            "A".repeat(685),
+        ] {
+            assert!(decode_cursor(&cursor).is_err(), "{cursor}");
+        }
+    }
+
+    #[test]
+    fn payloads_are_text_unless_not_utf8_or_mostly_escapes() {
+        assert_eq!(
+            payload_text(b"oops".to_vec(), false),
+            ("oops".into(), "utf8")
+        );
+        // Quotes double at most: JSON stays text.
+        assert_eq!(
+            payload_text(br#"["a","b","c"]"#.to_vec(), false),
+            (r#"["a","b","c"]"#.into(), "utf8")
+        );
+        assert_eq!(
+            payload_text(vec![0xff, 0x00], false),
+            ("/wA=".into(), "base64")
+        );
+        // Control characters would be six bytes each.
+        assert_eq!(payload_text(vec![1; 3], false), ("AQEB".into(), "base64"));
+        assert_eq!(payload_text(b"a\nb\tc".to_vec(), false).1, "utf8");
+        // Cut inside a character: the partial character is left out.
+        assert_eq!(
+            payload_text("éé".as_bytes()[..3].to_vec(), true),
+            ("é".into(), "utf8")
+        );
+        // The same bytes, not cut: not UTF-8.
+        assert_eq!(
+            payload_text("éé".as_bytes()[..3].to_vec(), false).1,
+            "base64"
+        );
+    }
+
+    #[test]
+    fn escaped_lengths_are_serde_jsons() {
+        for text in [
+            "plain",
+            "a\"b\\c",
+            "\u{1}\u{1f}\n\r\t\u{8}\u{c}",
+            "é€😀",
+            "\u{7f}",
+        ] {
+            assert_eq!(
+                json_escaped_len(text) + 2,
+                serde_json::to_string(text).unwrap().len(),
+                "{text:?}"
+            );
+        }
+    }
 }

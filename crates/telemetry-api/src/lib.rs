@@ -71,6 +71,27 @@ pub struct ApiConfig {
     #[arg(long, env = "TELEMETRY_API_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
     pub mysql_max_connections: u32,
 
+    /// Longest a database query of the API may run, in milliseconds (0: no limit, at most
+    /// 3600000); a longer one is stopped, so a few costly requests cannot hold the pool, and is
+    /// answered 504. Set per connection as MariaDB's `max_statement_time` (MySQL's
+    /// `max_execution_time`); the SQLite store interrupts the statement.
+    #[arg(
+        long = "api-statement-timeout-ms",
+        env = "TELEMETRY_API_STATEMENT_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub statement_timeout_ms: u64,
+
+    /// Most bytes of each rejected record's payload in a `/api/dlq` answer (0 to 65536, what the
+    /// index keeps): cut by the query and marked `payload_truncated`, `payload_bytes` keeping the
+    /// original length; so 1,000 entries stay within a few MB.
+    #[arg(
+        long = "api-dlq-payload-bytes",
+        env = "TELEMETRY_API_DLQ_PAYLOAD_BYTES",
+        default_value_t = 4_096
+    )]
+    pub dlq_payload_bytes: u32,
+
     /// Address of the API and dashboard (plus `/healthz`, `/readyz`, `/metrics`).
     #[arg(
         long = "api-listen",
@@ -113,6 +134,10 @@ pub struct ApiConfig {
     /// Bearer tokens and their device allow-lists.
     #[command(flatten)]
     pub auth: AuthConfig,
+
+    /// Header-read and idle timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub http: telemetry_ops::HttpLimits,
 }
 
 impl ApiConfig {
@@ -130,7 +155,40 @@ impl ApiConfig {
             failing_min_rejections: self.failing_min_rejections,
         })
     }
+
+    /// The statement timeout, checked; `None` for no limit.
+    pub fn statement_timeout(&self) -> Result<Option<Duration>> {
+        if self.statement_timeout_ms > MAX_STATEMENT_TIMEOUT_MS {
+            return Err(Error::Invalid {
+                setting: "TELEMETRY_API_STATEMENT_TIMEOUT_MS / --api-statement-timeout-ms",
+                problem: format!(
+                    "is {}, must be from 0 (no limit) to {MAX_STATEMENT_TIMEOUT_MS} (an hour)",
+                    self.statement_timeout_ms
+                ),
+            });
+        }
+        Ok((self.statement_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.statement_timeout_ms)))
+    }
+
+    /// The DLQ payload bound, checked.
+    pub fn dlq_payload_bytes(&self) -> Result<u32> {
+        let most = u32::try_from(telemetry_store::MAX_INDEXED_PAYLOAD_BYTES).unwrap_or(u32::MAX);
+        if self.dlq_payload_bytes > most {
+            return Err(Error::Invalid {
+                setting: "TELEMETRY_API_DLQ_PAYLOAD_BYTES / --api-dlq-payload-bytes",
+                problem: format!(
+                    "is {}, must be from 0 to {most} (the DLQ index keeps no more)",
+                    self.dlq_payload_bytes
+                ),
+            });
+        }
+        Ok(self.dlq_payload_bytes)
+    }
 }
+
+/// The longest statement timeout accepted: an hour.
+const MAX_STATEMENT_TIMEOUT_MS: u64 = 3_600_000;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -143,6 +201,8 @@ pub struct AppState {
     pub live_url: Option<String>,
     /// Who may read what (off: everyone everything).
     pub auth: Auth,
+    /// Most bytes of each payload in a `/api/dlq` answer.
+    pub dlq_payload_bytes: u32,
 }
 
 /// The readiness check `/readyz` reports: passing while the database answers.
@@ -178,14 +238,21 @@ pub fn app(state: AppState) -> Router {
 pub struct Api {
     state: AppState,
     server: telemetry_ops::HttpServer,
+    http: telemetry_ops::HttpLimits,
 }
 
 impl Api {
     /// Checks the settings and binds the listener.
     pub async fn bind(config: ApiConfig) -> Result<Self> {
         let thresholds = config.thresholds()?;
-        let store =
-            telemetry_store::open_reader(&config.mysql_url, config.mysql_max_connections).await?;
+        let statement_timeout = config.statement_timeout()?;
+        let dlq_payload_bytes = config.dlq_payload_bytes()?;
+        let store = telemetry_store::open_bounded_reader(
+            &config.mysql_url,
+            config.mysql_max_connections,
+            statement_timeout,
+        )
+        .await?;
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
         let auth = Auth::from_config(
             &config.auth,
@@ -199,8 +266,10 @@ impl Api {
                 thresholds,
                 live_url: config.live_url,
                 auth,
+                dlq_payload_bytes,
             },
             server,
+            http: config.http,
         })
     }
 
@@ -211,12 +280,16 @@ impl Api {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let Api { state, server } = self;
+        let Api {
+            state,
+            server,
+            http,
+        } = self;
         let store = state.store.clone();
         let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
         tracing::info!(listen = %server.local_addr()?, "API and dashboard started.");
         let router = app(state).merge(telemetry_ops::router(readiness.clone()));
-        let server = server.spawn(router, shutdown.clone());
+        let server = server.spawn(router, "api", &http, shutdown.clone());
         loop {
             let reachable = store.ping().await;
             if let Err(error) = &reachable {

@@ -45,8 +45,21 @@ impl ApiError {
         }
     }
 
-    /// A 503: the database did not answer the query. The detail is logged, not sent.
-    pub fn unavailable(error: &telemetry_store::Error) -> Self {
+    /// The answer to a failed query: a 504 when the statement timeout stopped it, else a 503
+    /// (the database did not answer). The detail is logged, not sent.
+    pub fn store(error: &telemetry_store::Error) -> Self {
+        if error.is_statement_timeout() {
+            tracing::warn!(%error, "A query ran into the statement timeout.");
+            metrics::counter!("queries_timed_out_total", "service" => "api").increment(1);
+            return ApiError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                parameter: None,
+                message: "the query took longer than the statement timeout \
+                          (TELEMETRY_API_STATEMENT_TIMEOUT_MS / --api-statement-timeout-ms) and \
+                          was stopped; ask for a shorter range, or try again later"
+                    .into(),
+            };
+        }
         tracing::warn!(%error, "A query failed.");
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -34,11 +34,17 @@ async fn store(name: &str) -> Store {
 }
 
 fn state(store: Store) -> AppState {
+    state_of(std::sync::Arc::new(store))
+}
+
+/// The API's state over any store, with the default settings.
+fn state_of(store: telemetry_store::DynStore) -> AppState {
     AppState {
-        store: std::sync::Arc::new(store),
+        store,
         thresholds: thresholds(),
         live_url: Some("ws://127.0.0.1:9/ws".into()),
         auth: telemetry_ops::auth::Auth::disabled("api"),
+        dlq_payload_bytes: 4_096,
     }
 }
 
@@ -109,8 +115,17 @@ fn conforms(name: &str, body: &Value) {
 }
 
 async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
+    get_with(state, uri, None).await
+}
+
+/// `get` with a bearer token.
+async fn get_with(state: &AppState, uri: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let mut request = Request::get(uri);
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
     let response = app(state.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(request.body(Body::empty()).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -486,12 +501,14 @@ async fn the_dlq_lists_rejections_newest_first_with_their_original_bytes() {
     assert_eq!(entry["rule"], "json");
     assert_eq!(entry["source"]["topic"], "telemetry.raw");
 
+    // Cut by the query to TELEMETRY_API_DLQ_PAYLOAD_BYTES (4,096 bytes: 2,048 of the two-byte
+    // characters), marked, the full length given.
     let (_, body) = get(&state, "/api/dlq?device=pico-3").await;
     let entry = &body["entries"][0];
     assert_eq!(entry["payload_encoding"], "utf8");
     assert_eq!(entry["payload_truncated"], true);
     assert_eq!(entry["payload_bytes"], 80_000);
-    assert_eq!(entry["payload"].as_str().unwrap().chars().count(), 32_768);
+    assert_eq!(entry["payload"].as_str().unwrap().chars().count(), 2_048);
 
     let (_, body) = get(&state, "/api/dlq?code=missing_device_id").await;
     let entries = body["entries"].as_array().unwrap();
@@ -659,6 +676,18 @@ async fn bad_parameters_are_a_400_naming_the_parameter() {
         ("/api/dlq?code=not_a_code".into(), Some("code")),
         (format!("/api/dlq?device={long}"), Some("device")),
         ("/api/devices?verbose=1".into(), None),
+        ("/api/devices?limit=0".into(), Some("limit")),
+        ("/api/devices?limit=1001".into(), Some("limit")),
+        ("/api/devices?limit=many".into(), Some("limit")),
+        ("/api/devices?limit=1&limit=2".into(), Some("limit")),
+        ("/api/devices?cursor=%21%21".into(), Some("cursor")),
+        // base64url of the byte 0xff: not UTF-8, so no device id.
+        ("/api/devices?cursor=_w".into(), Some("cursor")),
+        (
+            format!("/api/devices?cursor={}", "A".repeat(700)),
+            Some("cursor"),
+        ),
+        ("/api/devices?cursor=YQ&cursor=Yg".into(), Some("cursor")),
     ];
     for (uri, parameter) in cases {
         let (status, body) = get(&state, &uri).await;
@@ -677,9 +706,13 @@ async fn bad_parameters_are_a_400_naming_the_parameter() {
 
 #[tokio::test]
 async fn a_database_that_does_not_answer_is_a_503_not_a_500() {
-    // Nothing listens on port 9 of loopback.
-    let store =
-        Store::connect_lazy("mysql://telemetry:telemetry@127.0.0.1:9/telemetry", 1).unwrap();
+    // Nothing listens on port 9 of loopback. With a statement timeout, as the API runs.
+    let store = Store::connect_reader(
+        "mysql://telemetry:telemetry@127.0.0.1:9/telemetry",
+        1,
+        Some(Duration::from_secs(5)),
+    )
+    .unwrap();
     let state = state(store);
     for uri in [
         "/api/devices",
@@ -737,4 +770,319 @@ async fn the_openapi_document_describes_every_endpoint_and_the_dashboard_is_serv
     let (status, body) = get(&state, "/api/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"]["message"].is_string());
+}
+
+/// The ids of one page of `/api/devices` and its `next_cursor`, checked against the schema.
+async fn device_page(
+    state: &AppState,
+    uri: &str,
+    token: Option<&str>,
+) -> (Vec<String>, Option<String>) {
+    let (status, body) = get_with(state, uri, token).await;
+    assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+    conforms("Devices", &body);
+    let ids = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["device_id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, body["next_cursor"].as_str().map(str::to_string))
+}
+
+/// Every page of `/api/devices?limit=` following `next_cursor` to the end.
+async fn device_pages(state: &AppState, limit: u32, token: Option<&str>) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let uri = match &cursor {
+            Some(cursor) => format!("/api/devices?limit={limit}&cursor={cursor}"),
+            None => format!("/api/devices?limit={limit}"),
+        };
+        let (ids, next) = device_page(state, &uri, token).await;
+        pages.push(ids);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return pages,
+        }
+        assert!(pages.len() <= 100, "the cursor does not advance");
+    }
+}
+
+#[tokio::test]
+async fn devices_are_paged_by_cursor_in_id_order() {
+    let store = store(&telemetry_testkit::unique("api_pages")).await;
+    let now = Utc::now().timestamp_millis();
+    let ids: Vec<String> = (0..25).map(|index| format!("pico-{index:02}")).collect();
+    // Stored in another order than the ids'.
+    let records: Vec<_> = ids
+        .iter()
+        .rev()
+        .zip(0..)
+        .map(|(id, offset)| record(id, now - offset, now - offset, 20.0, offset))
+        .collect();
+    store.insert_events(&records).await.unwrap();
+    let state = state(store);
+
+    for limit in [1, 4, 24, 25, 100] {
+        let pages = device_pages(&state, limit, None).await;
+        let walked: Vec<String> = pages.concat();
+        assert_eq!(walked, ids, "pages of {limit}: each device once, in order");
+        let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+        let full = usize::try_from(limit).unwrap();
+        assert!(
+            sizes[..sizes.len() - 1].iter().all(|size| *size == full),
+            "pages of {limit}: {sizes:?}"
+        );
+        // No empty last page: `next_cursor` is null on the page that holds the last device.
+        assert_ne!(sizes.last(), Some(&0), "pages of {limit}: {sizes:?}");
+    }
+    // Without `limit`: pages of 100, here one.
+    let (all, next) = device_page(&state, "/api/devices", None).await;
+    assert_eq!((all.len(), next), (25, None));
+    // A page's metrics and counts are those of its devices.
+    let (_, body) = get(&state, "/api/devices?limit=2&cursor=cGljby0xMA").await;
+    assert_eq!(body["devices"][0]["device_id"], "pico-11");
+    assert_eq!(body["devices"][0]["events_last_hour"], 1);
+    assert_eq!(
+        body["devices"][0]["metrics"],
+        serde_json::json!(["battery_v", "temperature_c"])
+    );
+    // A cursor past the last device: an empty last page.
+    let (past, next) = device_page(&state, "/api/devices?cursor=cGljby05OQ", None).await;
+    assert!(past.is_empty() && next.is_none(), "{past:?}");
+}
+
+#[tokio::test]
+async fn a_restricted_token_gets_full_pages_of_its_own_devices() {
+    let id = telemetry_testkit::unique("api_scope");
+    let store = store(&id).await;
+    let now = Utc::now().timestamp_millis();
+    // The token may see pico-03 and pico-1x: 11 of 30 devices, between others in id order.
+    let ids: Vec<String> = (0..30).map(|index| format!("pico-{index:02}")).collect();
+    let records: Vec<_> = ids
+        .iter()
+        .zip(0..)
+        .map(|(id, offset)| record(id, now - offset, now - offset, 20.0, offset))
+        .collect();
+    store.insert_events(&records).await.unwrap();
+    let token = format!("tp_{id}");
+    let tokens = std::env::temp_dir().join(format!("{id}-tokens.toml"));
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"some\"\nsha256 = \"{}\"\ndevices = [\"pico-1*\", \"pico-03\"]\n",
+            telemetry_ops::auth::token_digest(&token)
+        ),
+    )
+    .unwrap();
+    let auth = telemetry_ops::auth::Auth::from_config(
+        &telemetry_ops::auth::AuthConfig {
+            auth_tokens: Some(tokens.clone()),
+            allow_unauthenticated: false,
+        },
+        "api",
+        "TELEMETRY_API_LISTEN / --api-listen",
+        "127.0.0.1:8082".parse().unwrap(),
+    )
+    .unwrap();
+    std::fs::remove_file(tokens).ok();
+    let state = AppState {
+        auth,
+        ..state(store)
+    };
+
+    let pages = device_pages(&state, 4, Some(&token)).await;
+    let expected: Vec<String> = ids
+        .iter()
+        .filter(|id| *id == "pico-03" || id.starts_with("pico-1"))
+        .cloned()
+        .collect();
+    assert_eq!(pages.concat(), expected);
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        [4, 4, 3],
+        "full pages: the scope is applied in the query, before the limit"
+    );
+    // A cursor naming a device outside the scope reveals nothing beyond it.
+    let (ids, _) = device_page(
+        &state,
+        "/api/devices?limit=2&cursor=cGljby0yMA",
+        Some(&token),
+    )
+    .await;
+    assert!(ids.is_empty(), "{ids:?}");
+}
+
+#[tokio::test]
+async fn dlq_payloads_are_cut_by_the_query_so_a_full_answer_stays_small() {
+    let store = store(&telemetry_testkit::unique("api_dlq_cut")).await;
+    let now = Utc::now().timestamp_millis();
+    // 300 payloads of 40,000 bytes: 12 MB uncut.
+    let big = "x".repeat(40_000);
+    let letters: Vec<_> = (0..300)
+        .map(|offset| letter(Some("pico-1"), "invalid_json", big.as_bytes(), now, offset))
+        .collect();
+    store.insert_dead_letters(&letters).await.unwrap();
+    // Text that JSON escaping would make six times larger; bytes that are not UTF-8; text cut
+    // inside a character.
+    let controls = vec![1_u8; 10_000];
+    let binary: Vec<u8> = (0..10_000_u32).map(|index| (index % 256) as u8).collect();
+    let accented = "é".repeat(3_000);
+    store
+        .insert_dead_letters(&[
+            letter(Some("pico-2"), "invalid_json", &controls, now, 1_000),
+            letter(Some("pico-3"), "invalid_json", &binary, now, 1_001),
+            letter(
+                Some("pico-4"),
+                "invalid_json",
+                accented.as_bytes(),
+                now,
+                1_002,
+            ),
+        ])
+        .await
+        .unwrap();
+    let state = AppState {
+        dlq_payload_bytes: 4_095,
+        ..state(store)
+    };
+
+    let response = app(state.clone())
+        .oneshot(
+            Request::get("/api/dlq?device=pico-1&limit=1000")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    conforms("DeadLetters", &body);
+    let entries = body["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 300);
+    for entry in entries {
+        assert_eq!(entry["payload"].as_str().unwrap().len(), 4_095);
+        assert_eq!(entry["payload_truncated"], true);
+        assert_eq!(entry["payload_bytes"], 40_000);
+    }
+    assert!(
+        bytes.len() < 300 * 5_000,
+        "{} bytes for 300 entries",
+        bytes.len()
+    );
+
+    let entry = |device: &'static str| {
+        let state = state.clone();
+        async move {
+            let (status, body) = get(&state, &format!("/api/dlq?device={device}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["entries"][0].clone()
+        }
+    };
+    let controls = entry("pico-2").await;
+    assert_eq!(controls["payload_encoding"], "base64");
+    assert_eq!(
+        controls["payload"].as_str().unwrap().len(),
+        4_095 / 3 * 4,
+        "base64 of the 4,095 bytes kept, not 6 escaped bytes for each"
+    );
+    let binary = entry("pico-3").await;
+    assert_eq!(binary["payload_encoding"], "base64");
+    assert_eq!(binary["payload_bytes"], 10_000);
+    assert_eq!(binary["payload_truncated"], true);
+    let accented = entry("pico-4").await;
+    assert_eq!(accented["payload_encoding"], "utf8");
+    assert_eq!(
+        accented["payload"].as_str().unwrap().chars().count(),
+        2_047,
+        "the character cut in two is left out"
+    );
+}
+
+/// 100,000 readings a second apart: a series query over them takes well over
+/// [`STATEMENT_TIMEOUT`] (about 150 ms on MariaDB, 400 ms on SQLite).
+async fn fill_slow_device(store: &dyn telemetry_store::TelemetryStore) -> i64 {
+    let rows = 100_000;
+    let start = Utc::now().timestamp_millis() / MINUTE_MS * MINUTE_MS - rows * 1_000;
+    let template = record("slow-1", start, start, 20.0, 0);
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(10_000) {
+        let records: Vec<_> = chunk
+            .iter()
+            .map(|second| {
+                let mut record = template.clone();
+                record.event.device_ts = start + second * 1_000;
+                record.source.offset = *second;
+                record
+            })
+            .collect();
+        store
+            .insert_events_into(&telemetry_store::Table::live(), &records)
+            .await
+            .unwrap();
+    }
+    start
+}
+
+/// Far below the slow query, far above an index lookup.
+const STATEMENT_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// A 504 naming the setting for the slow series; then the API goes on answering.
+async fn the_slow_query_is_a_504(state: &AppState, start: i64) {
+    let uri = format!(
+        "/api/devices/slow-1/telemetry?metric=temperature_c&from={start}&to={}&max_points=100",
+        start + 100_000 * 1_000
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = get(state, &uri).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(body["error"]["parameter"], Value::Null);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TELEMETRY_API_STATEMENT_TIMEOUT_MS"),
+        "{body}"
+    );
+    let (status, body) = get(state, "/api/devices").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["devices"][0]["device_id"], "slow-1");
+}
+
+#[tokio::test]
+async fn a_query_past_the_statement_timeout_is_a_504_on_mariadb() {
+    let name = telemetry_testkit::unique("api_timeout");
+    let writer = store(&name).await;
+    let start = fill_slow_device(&writer).await;
+    let reader = telemetry_store::open_bounded_reader(
+        &telemetry_testkit::database_url(&name),
+        2,
+        Some(STATEMENT_TIMEOUT),
+    )
+    .await
+    .unwrap();
+    the_slow_query_is_a_504(&state_of(reader), start).await;
+}
+
+#[tokio::test]
+async fn a_query_past_the_statement_timeout_is_a_504_on_sqlite() {
+    let directory = std::env::temp_dir().join(telemetry_testkit::unique("api_timeout"));
+    let url = format!("sqlite://{}", directory.join("telemetry.db").display());
+    let writer = telemetry_store::open_migrated(&url, 1, &Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let start = fill_slow_device(writer.as_ref()).await;
+    let reader = telemetry_store::open_bounded_reader(&url, 1, Some(STATEMENT_TIMEOUT))
+        .await
+        .unwrap();
+    the_slow_query_is_a_504(&state_of(reader), start).await;
+    drop(writer);
+    std::fs::remove_dir_all(directory).ok();
 }

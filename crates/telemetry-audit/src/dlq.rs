@@ -1,7 +1,9 @@
 //! `telemetry dlq list|show|stats`: the rejected records in the DLQ topic, as Kafka has them (every
 //! header, the original bytes), filtered by device, reason code and time. Read-only: it assigns
-//! itself the partitions and commits nothing.
+//! itself the partitions and commits nothing. What devices chose (payloads, device ids, topics,
+//! header values) reaches the operator's terminal through [`printable`] only.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -251,6 +253,45 @@ pub fn stats(records: &[DeadRecord]) -> Stats {
     stats
 }
 
+/// `text` safe to print to a terminal, ordinary text unchanged: control characters (C0 such as
+/// ESC and CR, DEL, C1) and the invisible characters that reorder or break lines (Unicode bidi
+/// overrides and isolates, line and paragraph separators) are written out as escapes: `\t`,
+/// `\n`, `\r`, `\x1b`, `\u{9b}`, `\u{202e}`. A device's bytes then cannot move the cursor,
+/// clear the screen, set the window title or disguise text. (A backslash is left as it is, so a
+/// payload may spell an escape itself; the hex dump of `dlq show` is unambiguous.)
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unprintable) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for character in text.chars() {
+        match character {
+            '\t' => escaped.push_str("\\t"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            character if character.is_ascii() && is_unprintable(character) => {
+                let _ = write!(escaped, "\\x{:02x}", u32::from(character));
+            }
+            character if is_unprintable(character) => {
+                let _ = write!(escaped, "\\u{{{:x}}}", u32::from(character));
+            }
+            character => escaped.push(character),
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+/// Control characters (Unicode `Cc`: C0, DEL, C1), bidi formatting characters and the Unicode
+/// line and paragraph separators.
+fn is_unprintable(character: char) -> bool {
+    character.is_control()
+        || matches!(
+            character,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}'
+        )
+}
+
 /// `records` as a table, one line each: time, position, device, code, message.
 pub fn list_text(records: &[DeadRecord]) -> String {
     let mut text = String::new();
@@ -266,11 +307,12 @@ pub fn list_text(records: &[DeadRecord]) -> String {
         let message: String = message.chars().take(100).collect();
         let _ = writeln!(
             text,
-            "{time}  {}:{:<8} {:<24} {:<22} {message}",
+            "{time}  {}:{:<8} {:<24} {:<22} {}",
             record.partition,
             record.offset,
-            record.key.as_deref().unwrap_or("-"),
-            record.code(),
+            printable(record.key.as_deref().unwrap_or("-")),
+            printable(&record.code()),
+            printable(&message),
         );
     }
     text
@@ -295,20 +337,23 @@ pub fn show_text(record: &DeadRecord) -> String {
     let _ = writeln!(
         text,
         "key       {}",
-        record.key.as_deref().unwrap_or("(none)")
+        printable(record.key.as_deref().unwrap_or("(none)"))
     );
     let _ = writeln!(text, "headers");
     for (name, value) in &record.headers {
         let value = value.as_deref().map_or_else(
             || String::from("(null)"),
-            |value| String::from_utf8_lossy(value).into_owned(),
+            |value| printable(&String::from_utf8_lossy(value)).into_owned(),
         );
-        let _ = writeln!(text, "  {name}: {value}");
+        let _ = writeln!(text, "  {}: {value}", printable(name));
     }
     let _ = writeln!(text, "payload ({} bytes)", record.payload.len());
     match std::str::from_utf8(&record.payload) {
         Ok(payload) => {
-            let _ = writeln!(text, "{payload}");
+            // Line by line, so a payload of several lines stays readable; a CR is escaped.
+            for line in payload.split('\n') {
+                let _ = writeln!(text, "{}", printable(line));
+            }
         }
         Err(_) => {
             for (line, chunk) in record.payload.chunks(16).enumerate() {
@@ -338,13 +383,13 @@ pub fn stats_text(stats: &Stats) -> String {
     let mut codes: Vec<_> = stats.by_code.iter().collect();
     codes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     for (code, count) in codes {
-        let _ = writeln!(text, "  {code:<24} {count}");
+        let _ = writeln!(text, "  {:<24} {count}", printable(code));
     }
     let _ = writeln!(text, "by device:");
     let mut devices: Vec<_> = stats.by_device.iter().collect();
     devices.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     for (device, count) in devices {
-        let _ = writeln!(text, "  {device:<24} {count}");
+        let _ = writeln!(text, "  {:<24} {count}", printable(device));
     }
     text
 }
@@ -449,7 +494,22 @@ pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
             .filter(|millis| (0..=telemetry_core::validate::MAX_TIMESTAMP_MS).contains(millis))
             .or(record.timestamp)
             .unwrap_or_else(|| Utc::now().timestamp_millis());
-        let event = match validator.validate(&record.payload, received_at) {
+        let original_bytes = record.header(headers::PAYLOAD_ORIGINAL_BYTES);
+        let cut_reason = record.header(headers::PAYLOAD_CUT_REASON);
+        let cut_detail = record.header(headers::PAYLOAD_CUT_DETAIL);
+        let received = telemetry_core::Received {
+            payload: &record.payload,
+            received_at,
+            topic_device: record.key.as_deref().map(str::as_bytes),
+            cut: original_bytes
+                .and_then(|size| size.parse::<u64>().ok())
+                .map(|original_bytes| telemetry_core::Cut {
+                    original_bytes,
+                    reason: cut_reason.as_deref(),
+                    detail: cut_detail.as_deref(),
+                }),
+        };
+        let event = match validator.validate_received(&received) {
             telemetry_core::Outcome::Accepted(event) => event,
             telemetry_core::Outcome::Rejected(rejection) => {
                 *summary
@@ -535,4 +595,90 @@ async fn produce_pending(store: &telemetry_store::Store, kafka: &KafkaConfig) ->
             .await?;
     }
     Ok(pending.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record whose every device-chosen part tries to drive the terminal.
+    fn hostile() -> DeadRecord {
+        DeadRecord {
+            partition: 0,
+            offset: 7,
+            timestamp: Some(1_764_300_000_000),
+            key: Some(String::from("pico-1\x1b[2J")),
+            headers: vec![
+                (
+                    headers::MQTT_TOPIC.to_string(),
+                    Some(b"devices/pico-1\x1b]0;owned\x07/telemetry".to_vec()),
+                ),
+                (
+                    headers::ERROR_CODE.to_string(),
+                    Some(b"invalid_json".to_vec()),
+                ),
+                (
+                    headers::ERROR_MESSAGE.to_string(),
+                    Some("bad \u{202e}txt.exe\r ok".as_bytes().to_vec()),
+                ),
+            ],
+            payload: "{\"temp\": 21.5,\r\x1b[31m\"note\": \"café\u{9b}\"}\n{\"next\": 1}"
+                .as_bytes()
+                .to_vec(),
+        }
+    }
+
+    fn assert_harmless(text: &str) {
+        for forbidden in ['\x1b', '\r', '\x07', '\u{9b}', '\u{202e}'] {
+            assert!(!text.contains(forbidden), "{forbidden:?} in {text:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_visibly_and_ordinary_text_is_left_alone() {
+        assert_eq!(
+            printable("pico-1 café ✓ {\"a\": 1}"),
+            "pico-1 café ✓ {\"a\": 1}"
+        );
+        assert!(matches!(printable("pico-1"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\x1b[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(printable("line\r\nnext\ttab"), "line\\r\\nnext\\ttab");
+        assert_eq!(
+            printable("\x00\x7f\u{85}\u{9b}"),
+            "\\x00\\x7f\\u{85}\\u{9b}"
+        );
+        assert_eq!(printable("abc\u{202e}fdp.exe"), "abc\\u{202e}fdp.exe");
+        assert_eq!(
+            printable("\u{2066}x\u{2069}\u{2028}"),
+            "\\u{2066}x\\u{2069}\\u{2028}"
+        );
+    }
+
+    #[test]
+    fn show_list_and_stats_print_escapes_not_escape_sequences() {
+        let record = hostile();
+        let shown = show_text(&record);
+        assert_harmless(&shown);
+        assert!(shown.contains("key       pico-1\\x1b[2J\n"), "{shown}");
+        assert!(
+            shown.contains("mqtt.topic: devices/pico-1\\x1b]0;owned\\x07/telemetry\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(
+                "{\"temp\": 21.5,\\r\\x1b[31m\"note\": \"café\\u{9b}\"}\n{\"next\": 1}\n"
+            ),
+            "the payload's lines stay lines, its CR and ESC are shown: {shown}"
+        );
+
+        let listed = list_text(std::slice::from_ref(&record));
+        assert_harmless(&listed);
+        assert_eq!(listed.lines().count(), 1, "{listed}");
+        assert!(listed.contains("pico-1\\x1b[2J"), "{listed}");
+        assert!(listed.contains("bad \\u{202e}txt.exe\\r ok"), "{listed}");
+
+        let counted = stats_text(&stats(&[record]));
+        assert_harmless(&counted);
+        assert!(counted.contains("  pico-1\\x1b[2J "), "{counted}");
+    }
 }

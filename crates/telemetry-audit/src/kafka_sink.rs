@@ -1,44 +1,80 @@
 //! Produces cleaned events and dead letters, retrying each record until Kafka acknowledged it.
+//!
+//! A record Kafka refuses for good (too large for its topic, invalid by a broker policy) is not
+//! retried for ever, which would stop the partition behind it: a cleaned event becomes a dead
+//! letter of its raw record (`kafka_rejected`; its row is in the table), and a dead letter is
+//! produced cut, with its first bytes and the reason in `payload.*` headers, then with none.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
-use telemetry_kafka::{KafkaConfig, RenewableProducer};
+use telemetry_core::KEPT_PAYLOAD_BYTES;
+use telemetry_kafka::delivery::record_bytes;
+use telemetry_kafka::{refusal, KafkaConfig, Refusal, RenewableProducer, TopicLimits};
 use tokio_util::sync::CancellationToken;
 
 use telemetry_ops::RETRY_BACKOFF;
 
 use crate::Result;
 
-/// A record to produce, owned so it can be produced again after a failure.
+/// A record to produce, owned so it can be produced again after a failure. A dead letter's key
+/// and bytes are not copied: they are the raw record's, at `source` in the batch.
 pub(crate) struct OutgoingRecord {
     /// `cleaned` or `dlq`: the metric label (topic names vary, the roles do not).
     kind: &'static str,
-    topic: String,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    topic: Arc<str>,
+    /// The raw record it comes from: its index in the batch.
+    source: usize,
+    /// A cleaned record's key and JSON; `None` for a dead letter, whose are the raw record's.
+    own: Option<(Vec<u8>, Vec<u8>)>,
     headers: OwnedHeaders,
+    /// How much of the raw record's bytes a dead letter carries.
+    body: Body,
+}
+
+/// How much of the raw record's payload a dead letter carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Whole,
+    /// The first bytes only.
+    Head(usize),
 }
 
 impl OutgoingRecord {
-    /// The cleaned-topic record of an accepted event: JSON, keyed by device id.
-    pub fn cleaned(topic: &str, record: &CleanedRecord) -> serde_json::Result<Self> {
+    /// The cleaned-topic record of an accepted event (the raw record at `source`): JSON, keyed
+    /// by device id.
+    pub fn cleaned(
+        topic: &Arc<str>,
+        source: usize,
+        record: &CleanedRecord,
+    ) -> serde_json::Result<Self> {
         Ok(OutgoingRecord {
             kind: "cleaned",
-            topic: topic.to_string(),
-            key: Some(record.event.device_id.as_bytes().to_vec()),
-            payload: Some(serde_json::to_vec(record)?),
+            topic: topic.clone(),
+            source,
+            own: Some((
+                record.event.device_id.as_bytes().to_vec(),
+                serde_json::to_vec(record)?,
+            )),
             headers: OwnedHeaders::new(),
+            body: Body::Whole,
         })
     }
 
-    /// The DLQ record of a rejected one: its key, bytes and headers unchanged, plus the reason and
-    /// where it came from.
-    pub fn dead_letter(topic: &str, message: &OwnedMessage, reason: &DeadLetter<'_>) -> Self {
+    /// The DLQ record of a rejected one (`message`, at `source` in the batch): its key, bytes and
+    /// headers unchanged, plus the reason and where it came from.
+    pub fn dead_letter(
+        topic: &Arc<str>,
+        source: usize,
+        message: &OwnedMessage,
+        reason: &DeadLetter<'_>,
+    ) -> Self {
         let original = message.headers();
         let mut record_headers =
             OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 8);
@@ -51,6 +87,7 @@ impl OutgoingRecord {
         let offset = message.offset().to_string();
         let version = reason.contract_version.to_string();
         for (key, value) in [
+            (headers::DEVICE_ID, reason.device),
             (headers::ERROR_CODE, Some(reason.code)),
             (headers::ERROR_MESSAGE, Some(reason.message)),
             (headers::ERROR_FIELD, reason.field),
@@ -69,16 +106,54 @@ impl OutgoingRecord {
         }
         OutgoingRecord {
             kind: "dlq",
-            topic: topic.to_string(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
+            topic: topic.clone(),
+            source,
+            own: None,
             headers: record_headers,
+            body: Body::Whole,
         }
+    }
+
+    /// Its key and value, `batch` holding the raw records.
+    fn key_and_value<'a>(
+        &'a self,
+        batch: &'a [OwnedMessage],
+    ) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+        match &self.own {
+            Some((key, value)) => (Some(key), Some(value)),
+            None => {
+                let message = batch.get(self.source);
+                let value = message
+                    .and_then(Message::payload)
+                    .map(|payload| match self.body {
+                        Body::Whole => payload,
+                        Body::Head(kept) => &payload[..kept.min(payload.len())],
+                    });
+                (message.and_then(Message::key), value)
+            }
+        }
+    }
+
+    /// What it counts against its topic's record limit.
+    fn size(&self, batch: &[OwnedMessage]) -> usize {
+        let (key, value) = self.key_and_value(batch);
+        let header_sizes: Vec<(&str, usize)> = self
+            .headers
+            .iter()
+            .map(|header| (header.key, header.value.map_or(0, <[u8]>::len)))
+            .collect();
+        record_bytes(
+            key.map_or(0, <[u8]>::len),
+            value.map_or(0, <[u8]>::len),
+            &header_sizes,
+        )
     }
 }
 
 /// Why a record goes to the DLQ, as its headers say it.
 pub(crate) struct DeadLetter<'a> {
+    /// The device it counts against (`device.id`), when its topic names one.
+    pub device: Option<&'a str>,
     /// The stable reason code.
     pub code: &'a str,
     /// The sentence for people.
@@ -93,19 +168,31 @@ pub(crate) struct DeadLetter<'a> {
 
 pub(crate) struct OutcomeSink {
     producer: RenewableProducer,
+    limits: TopicLimits,
+    dlq_topic: Arc<str>,
+    contract_version: u32,
 }
 
 impl OutcomeSink {
-    pub fn new(kafka: &KafkaConfig) -> Result<Self> {
-        let producer = RenewableProducer::new(kafka.producer_config(&[])?, "audit")?;
-        Ok(OutcomeSink { producer })
+    pub fn new(kafka: &KafkaConfig, contract_version: u32) -> Result<Self> {
+        let client = kafka.producer_config(&[])?;
+        let producer_limit = telemetry_kafka::producer_max_message_bytes(&client);
+        let producer = RenewableProducer::new(client, "audit")?;
+        Ok(OutcomeSink {
+            producer,
+            limits: TopicLimits::new(kafka, producer_limit)?,
+            dlq_topic: Arc::from(kafka.dlq_topic.as_str()),
+            contract_version,
+        })
     }
 
-    /// Produces every record and waits for Kafka's acknowledgements, producing failed ones again
-    /// with backoff. `false` if `shutdown` came first.
+    /// Produces every record (their raw records in `batch`) and waits for Kafka's
+    /// acknowledgements, producing failed ones again with backoff, and what Kafka refuses for
+    /// good in a form it takes. `false` if `shutdown` came first.
     pub async fn produce_all(
         &self,
         records: Vec<OutgoingRecord>,
+        batch: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> bool {
         let (mut backoff, max_backoff) = RETRY_BACKOFF;
@@ -114,29 +201,33 @@ impl OutcomeSink {
             // While Kafka is down deliveries wait up to message.timeout.ms; shutdown does not.
             let results = tokio::select! {
                 () = shutdown.cancelled() => return false,
-                results = join_all(pending.iter().map(|record| self.produce(record))) => results,
+                results = join_all(pending.iter().map(|record| self.produce(record, batch))) => results,
             };
             // Counted per batch and kind: a metric looked up per record was 5% of the audit's CPU.
             let mut produced: Vec<(&'static str, u64)> = Vec::with_capacity(2);
-            let failed: Vec<OutgoingRecord> = pending
-                .into_iter()
-                .zip(results)
-                .filter_map(|(record, result)| match result {
-                    Ok(()) => {
-                        match produced.iter_mut().find(|(kind, _)| *kind == record.kind) {
-                            Some((_, count)) => *count += 1,
-                            None => produced.push((record.kind, 1)),
+            let mut failed = Vec::new();
+            let mut refused_now = false;
+            for (record, result) in pending.into_iter().zip(results) {
+                match result {
+                    Ok(()) => match produced.iter_mut().find(|(kind, _)| *kind == record.kind) {
+                        Some((_, count)) => *count += 1,
+                        None => produced.push((record.kind, 1)),
+                    },
+                    Err(error) => match refusal(&error) {
+                        Some(refused) => {
+                            refused_now = true;
+                            failed.push(self.smaller(record, batch, refused, &error).await);
                         }
-                        None
-                    }
-                    Err(error) => {
-                        metrics::counter!("produce_retries_total", "service" => "audit").increment(1);
-                        self.producer.delivery_failed(&error);
-                        tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
-                        Some(record)
-                    }
-                })
-                .collect();
+                        None => {
+                            metrics::counter!("produce_retries_total", "service" => "audit")
+                                .increment(1);
+                            self.producer.delivery_failed(&error);
+                            tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
+                            failed.push(record);
+                        }
+                    },
+                }
+            }
             for (kind, count) in produced {
                 metrics::counter!("records_produced_total", "service" => "audit", "topic" => kind)
                     .increment(count);
@@ -145,6 +236,10 @@ impl OutcomeSink {
                 return true;
             }
             pending = failed;
+            if refused_now {
+                // A record in another form goes again at once.
+                continue;
+            }
             tokio::select! {
                 () = shutdown.cancelled() => return false,
                 () = tokio::time::sleep(backoff) => {}
@@ -153,14 +248,102 @@ impl OutcomeSink {
         }
     }
 
-    async fn produce(&self, record: &OutgoingRecord) -> Result<(), rdkafka::error::KafkaError> {
+    /// The form to produce `record` in after Kafka refused it for good.
+    async fn smaller(
+        &self,
+        mut record: OutgoingRecord,
+        batch: &[OwnedMessage],
+        refused: Refusal,
+        error: &KafkaError,
+    ) -> OutgoingRecord {
+        metrics::counter!("kafka_records_refused_total", "service" => "audit", "reason" => refused.code())
+            .increment(1);
+        if refused == Refusal::TooLarge {
+            // Refused with a batch that was too large, or a limit lowered since it was read?
+            let limit = self.limits.refresh(&record.topic).await;
+            if record.size(batch) <= limit {
+                tracing::debug!(%error, "A record was refused with its batch; producing it again.");
+                return record;
+            }
+        }
+        let Some(message) = batch.get(record.source) else {
+            return record; // Every record comes from its batch.
+        };
+        if let Some((device, _)) = &record.own {
+            // A cleaned event the cleaned topic will not take: its row is in the table; the DLQ
+            // says why it is not on the topic, under the event's device.
+            let device = String::from_utf8_lossy(device);
+            tracing::warn!(%error, offset = message.offset(), "The cleaned topic refused an event for good; it goes to the DLQ.");
+            let detail =
+                format!("the cleaned topic refused the event (its row is stored): {error}");
+            return OutgoingRecord::dead_letter(
+                &self.dlq_topic,
+                record.source,
+                message,
+                &DeadLetter {
+                    device: Some(&device),
+                    code: Refusal::Invalid.code(),
+                    message: &detail,
+                    field: None,
+                    rule: None,
+                    contract_version: self.contract_version,
+                },
+            );
+        }
+        let payload = message.payload().map_or(0, <[u8]>::len);
+        match record.body {
+            Body::Whole => {
+                record.body = Body::Head(0);
+                let original = message.headers().is_some_and(|found| {
+                    found
+                        .iter()
+                        .any(|header| header.key == headers::PAYLOAD_ORIGINAL_BYTES)
+                });
+                if !original {
+                    let size = payload.to_string();
+                    record.headers = record.headers.insert(Header {
+                        key: headers::PAYLOAD_ORIGINAL_BYTES,
+                        value: Some(size.as_bytes()),
+                    });
+                }
+                let detail = format!("the DLQ topic refused the whole record: {error}");
+                record.headers = record
+                    .headers
+                    .insert(Header {
+                        key: headers::PAYLOAD_CUT_REASON,
+                        value: Some(refused.code().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: headers::PAYLOAD_CUT_DETAIL,
+                        value: Some(detail.as_bytes()),
+                    });
+                let limit = self.limits.max_record_bytes(&record.topic).await;
+                let room = limit.saturating_sub(record.size(batch));
+                record.body = Body::Head(payload.min(KEPT_PAYLOAD_BYTES).min(room));
+            }
+            Body::Head(kept) if kept > 0 => record.body = Body::Head(0),
+            Body::Head(_) => {
+                tracing::error!(%error, topic = %record.topic, "The DLQ topic refuses even a record without payload; an operator must fix the topic. Retrying.");
+                return record;
+            }
+        }
+        tracing::warn!(%error, offset = message.offset(), body = ?record.body, "Kafka refused a dead letter for good; producing what it takes of it.");
+        record
+    }
+
+    async fn produce(
+        &self,
+        record: &OutgoingRecord,
+        batch: &[OwnedMessage],
+    ) -> Result<(), KafkaError> {
+        let (key, value) = record.key_and_value(batch);
         let mut future_record =
             FutureRecord::<[u8], [u8]>::to(&record.topic).headers(record.headers.clone());
-        if let Some(key) = &record.key {
+        if let Some(key) = key {
             future_record = future_record.key(key);
         }
-        if let Some(payload) = &record.payload {
-            future_record = future_record.payload(payload);
+        if let Some(value) = value {
+            future_record = future_record.payload(value);
         }
         self.producer.send(future_record).await
     }

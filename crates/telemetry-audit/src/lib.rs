@@ -82,6 +82,13 @@ pub struct AuditConfig {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
+    /// Most bytes of records (keys and values) per batch: a batch closes at this many bytes or
+    /// `--batch-size` records, whichever comes first. Up to `--db-writers` plus four batches
+    /// are in hand at once, so this bounds the service's memory for large records.
+    #[arg(long, env = "TELEMETRY_AUDIT_BATCH_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_bytes: u64,
+
     /// Batches written to the database at once, each on a connection of its own from the pool
     /// (`--mysql-max-connections`, shared with the DLQ index's upkeep: more writers than free
     /// connections wait for one). Rows are idempotent, so their order
@@ -125,6 +132,10 @@ pub struct AuditConfig {
     )]
     pub listen: String,
 
+    /// Header-read and idle timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub http: telemetry_ops::HttpLimits,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -146,7 +157,12 @@ pub async fn run(config: AuditConfig, shutdown: CancellationToken) -> Result<()>
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
+    let server = server.spawn(
+        telemetry_ops::router(readiness.clone()),
+        "audit",
+        &config.http,
+        shutdown.clone(),
+    );
     let result = consume(&config, validator, &readiness, &shutdown).await;
     shutdown.cancel();
     telemetry_ops::join(server).await?;
@@ -191,8 +207,9 @@ async fn consume(
     )
     .await?;
     let source =
-        telemetry_kafka::BatchConsumer::new(kafka, &config.group_id, &[kafka.raw_topic.as_str()])?;
-    let sink = OutcomeSink::new(kafka)?;
+        telemetry_kafka::BatchConsumer::new(kafka, &config.group_id, &[kafka.raw_topic.as_str()])?
+            .with_max_batch_bytes(usize::try_from(config.batch_bytes).unwrap_or(usize::MAX));
+    let sink = OutcomeSink::new(kafka, validator.contract().version)?;
     let mut sequences = SequenceTracker::new();
     tokio::spawn(prune_dead_letters(
         store.clone(),
@@ -225,7 +242,7 @@ async fn consume(
         let (source, sink, abandon) = (source.clone(), sink.clone(), abandon.clone());
         async move {
             while let Some((batch, outgoing)) = to_produce.recv().await {
-                if !sink.produce_all(outgoing, &abandon).await {
+                if !sink.produce_all(outgoing, &batch, &abandon).await {
                     return; // Abandoned: the batch's offsets stay, it is redelivered.
                 }
                 source.store_offsets(&batch);
@@ -254,6 +271,7 @@ async fn consume(
         readiness,
         abandon: &abandon,
         kafka,
+        validator: &validator,
         contract_version,
     };
     let db_writers = usize::from(config.db_writers);
@@ -330,6 +348,8 @@ struct Writer<'a> {
     readiness: &'a telemetry_ops::Readiness,
     abandon: &'a CancellationToken,
     kafka: &'a KafkaConfig,
+    /// For the device a rejected record is indexed under (its topic's, as the contract allows).
+    validator: &'a Validator,
     contract_version: u32,
 }
 
@@ -350,10 +370,18 @@ async fn write_batch(
     )
     .await?;
     let letters = dead_letters(&records, &decided, &refused, writer.contract_version);
-    if !index_dead_letters(writer.store, &letters, writer.readiness, writer.abandon).await {
+    if !index_dead_letters(
+        writer.store,
+        &letters,
+        writer.validator,
+        writer.readiness,
+        writer.abandon,
+    )
+    .await
+    {
         return None;
     }
-    let outgoing = outgoing_records(&decided, &letters, &refused, writer.kafka);
+    let outgoing = outgoing_records(&decided, &letters, &refused, writer.kafka, writer.validator);
     drop(letters);
     Some((records, outgoing))
 }
@@ -399,8 +427,7 @@ fn decide(
     };
     metrics::counter!("events_received_total", "service" => "audit").increment(batch.len() as u64);
     for (index, message) in batch.iter().enumerate() {
-        let payload = message.payload().unwrap_or_default();
-        match validator.validate(payload, telemetry_kafka::received_at(message)) {
+        match validator.validate_received(&telemetry_kafka::received(message)) {
             Outcome::Accepted(mut event) => {
                 sequences.observe(&mut event);
                 count_quality(&event);
@@ -527,6 +554,8 @@ struct Written {
 
 /// A rejected or refused record of the batch, with its reason, for the DLQ index.
 struct Letter<'a> {
+    /// Its index in the batch.
+    index: usize,
     message: &'a OwnedMessage,
     code: &'static str,
     text: String,
@@ -545,6 +574,7 @@ fn dead_letters<'a>(
     for (index, rejection) in &decided.rejected {
         letters.push((
             Letter {
+                index: *index,
                 message: &batch[*index],
                 code: rejection.code(),
                 text: rejection.to_string(),
@@ -557,6 +587,7 @@ fn dead_letters<'a>(
     for (position, reason) in refused {
         letters.push((
             Letter {
+                index: decided.accepted_index[*position],
                 message: &batch[decided.accepted_index[*position]],
                 code: DB_REJECTED,
                 text: format!("the database refused the record: {reason}"),
@@ -576,6 +607,7 @@ fn dead_letters<'a>(
 async fn index_dead_letters(
     store: &dyn TelemetryStore,
     letters: &[(Letter<'_>, u32)],
+    validator: &Validator,
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -588,11 +620,9 @@ async fn index_dead_letters(
             source_topic: letter.message.topic(),
             source_partition: letter.message.partition(),
             source_offset: letter.message.offset(),
-            device_id: letter
-                .message
-                .key()
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .filter(|key| !key.is_empty() && key.chars().count() <= MAX_DEVICE_ID_LENGTH),
+            // The topic's device as the contract allows it; a placeholder when it does not, so
+            // a made-up topic is never merged with a real device, nor one entry per topic.
+            device_id: validator.topic_device(letter.message.key()).name(),
             received_at: telemetry_kafka::received_at(letter.message),
             code: letter.code,
             message: &letter.text,
@@ -636,9 +666,6 @@ async fn index_dead_letters(
     true
 }
 
-/// The longest device id the DLQ index keeps (the column's width); a longer key is not a device id.
-const MAX_DEVICE_ID_LENGTH: usize = 128;
-
 /// How often the DLQ index is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -676,13 +703,18 @@ fn outgoing_records(
     letters: &[(Letter<'_>, u32)],
     refused: &[(usize, String)],
     kafka: &KafkaConfig,
+    validator: &Validator,
 ) -> Vec<OutgoingRecord> {
     let mut outgoing = Vec::with_capacity(decided.accepted.len() + letters.len());
+    let dlq_topic: std::sync::Arc<str> = std::sync::Arc::from(kafka.dlq_topic.as_str());
+    let cleaned_topic: std::sync::Arc<str> = std::sync::Arc::from(kafka.cleaned_topic.as_str());
     for (letter, contract_version) in letters {
         outgoing.push(OutgoingRecord::dead_letter(
-            &kafka.dlq_topic,
+            &dlq_topic,
+            letter.index,
             letter.message,
             &DeadLetter {
+                device: validator.topic_device(letter.message.key()).name(),
                 code: letter.code,
                 message: &letter.text,
                 field: letter.field,
@@ -699,7 +731,8 @@ fn outgoing_records(
         {
             continue;
         }
-        match OutgoingRecord::cleaned(&kafka.cleaned_topic, record) {
+        let source = decided.accepted_index[position];
+        match OutgoingRecord::cleaned(&cleaned_topic, source, record) {
             Ok(record) => outgoing.push(record),
             Err(error) => {
                 tracing::error!(%error, "Could not encode a cleaned event; it is in the table but not on the cleaned topic.");

@@ -87,6 +87,16 @@ pub struct BenchConfig {
     #[arg(long, default_value_t = 0.0)]
     pub malformed: f64,
 
+    /// Large payloads published during the run on a connection of their own, as fast as the
+    /// broker takes them, alongside the events (hostile input: each goes to the DLQ).
+    #[arg(long, default_value_t = 0)]
+    pub burst: u64,
+
+    /// Bytes of each `--burst` payload (not JSON, not compressible).
+    #[arg(long, default_value_t = 900_000,
+          value_parser = clap::value_parser!(u64).range(1..=268_000_000))]
+    pub burst_bytes: u64,
+
     /// MQTT connections publishing, each for a share of the devices.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub publishers: u32,
@@ -201,8 +211,12 @@ pub struct PipelineResult {
     pub published: u64,
     /// Of those, valid ones (each must become one row).
     pub valid: u64,
-    /// Of those, malformed ones (each must reach the DLQ).
+    /// Of those, malformed ones (each must reach the DLQ), the burst's included.
     pub malformed: u64,
+    /// Of the malformed ones, the large payloads of `--burst`.
+    pub burst: u64,
+    /// Bytes of each burst payload.
+    pub burst_bytes: u64,
     /// Seconds from the first publish to the last broker acknowledgement.
     pub publish_seconds: f64,
     /// Events per second the publishers achieved.
@@ -357,6 +371,13 @@ impl std::fmt::Display for Report {
             pipeline.publish_seconds,
             pipeline.publish_per_second
         )?;
+        if pipeline.burst > 0 {
+            writeln!(
+                f,
+                "  of the malformed, a burst of {} payloads of {} bytes",
+                pipeline.burst, pipeline.burst_bytes
+            )?;
+        }
         writeln!(
             f,
             "  end to end (publish -> row committed) {:>10.0} events/s",

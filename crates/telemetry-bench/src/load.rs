@@ -142,17 +142,7 @@ async fn run_publisher(
 ) -> Result<(u64, u64)> {
     let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
     let expected = messages.len();
-    let poll = async {
-        let mut acknowledged = 0;
-        while acknowledged < expected {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acknowledged += 1,
-                Ok(_) => {}
-                Err(error) => return Err(Error::Mqtt(error.to_string())),
-            }
-        }
-        Ok(())
-    };
+    let poll = acknowledgements(&mut eventloop, expected);
     let publish = async {
         let started = Instant::now();
         let (mut valid, mut malformed_count) = (0_u64, 0_u64);
@@ -193,6 +183,55 @@ async fn run_publisher(
     Ok(counts)
 }
 
+/// Publishes `count` payloads of `bytes` bytes (not JSON, not compressible) with QoS 1 on one
+/// connection, to `<topic_prefix>/burst/telemetry`, as fast as the broker acknowledges them;
+/// returns how many it published. One payload is shared by every publish, and few are queued
+/// at once, so the harness itself does not hold the burst in memory.
+pub(crate) async fn publish_burst(
+    url: &str,
+    client_id: &str,
+    topic_prefix: &str,
+    count: u64,
+    bytes: usize,
+    shutdown: &CancellationToken,
+) -> Result<u64> {
+    let mut options = client_options(url, client_id)?;
+    options
+        .set_inflight(100)
+        .set_max_packet_size(bytes + 1024, bytes + 1024);
+    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 16);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let payload: bytes::Bytes = (0..bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // The top byte of a xorshift state: the truncation is the point.
+            #[allow(clippy::cast_possible_truncation)]
+            let byte = (state >> 56) as u8;
+            byte
+        })
+        .collect();
+    let topic = format!("{topic_prefix}/burst/telemetry");
+    let expected = usize::try_from(count).unwrap_or(usize::MAX);
+    let poll = acknowledgements(&mut eventloop, expected);
+    let publish = async {
+        for _ in 0..count {
+            client
+                .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .map_err(|error| Error::Mqtt(error.to_string()))?;
+        }
+        Ok::<_, Error>(())
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => return Err(Error::Stopped),
+        outcome = async { tokio::try_join!(poll, publish) } => { outcome?; }
+    }
+    let _ = client.disconnect().await;
+    Ok(count)
+}
+
 /// Client options for the broker at `url` (any URL the services take, `mqtts://` and
 /// credentials included), as every bench client starts from.
 pub(crate) fn client_options(url: &str, client_id: &str) -> Result<MqttOptions> {
@@ -204,6 +243,19 @@ pub(crate) fn client_options(url: &str, client_id: &str) -> Result<MqttOptions> 
                 .set_max_packet_size(1 << 20, 1 << 20);
         })
         .map_err(|error| Error::Invalid(error.to_string()))
+}
+
+/// Drives a connection until the broker has acknowledged `expected` QoS 1 publishes.
+async fn acknowledgements(eventloop: &mut rumqttc::EventLoop, expected: usize) -> Result<()> {
+    let mut acknowledged = 0;
+    while acknowledged < expected {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acknowledged += 1,
+            Ok(_) => {}
+            Err(error) => return Err(Error::Mqtt(error.to_string())),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::baseline::per_second;
-use crate::load::{malformed_every, publish, Load, SentAt};
+use crate::load::{malformed_every, publish, publish_burst, Load, SentAt};
 use crate::measure::{cpu_seconds, peak_rss_mb, ticks_per_second, Percentiles};
 use crate::{BenchConfig, Error, PipelineResult, Result, ServiceUsage};
 
@@ -213,7 +213,24 @@ async fn measure(
         started,
         stop_sampler.clone(),
     ));
-    let published = publish(&load, Some(sent.clone()), shutdown).await?;
+    let burst = async {
+        if config.burst == 0 {
+            return Ok(0);
+        }
+        publish_burst(
+            &config.bench_mqtt_url,
+            &format!("{}-burst", part.name),
+            &format!("{}/devices", part.name),
+            config.burst,
+            usize::try_from(config.burst_bytes).unwrap_or(usize::MAX),
+            shutdown,
+        )
+        .await
+    };
+    let (published, burst) = tokio::join!(publish(&load, Some(sent.clone()), shutdown), burst);
+    let mut published = published?;
+    let burst = burst?;
+    published.malformed += burst;
 
     // Drain: every valid event a row, every malformed one in the DLQ index.
     let deadline = Instant::now() + Duration::from_secs(config.drain_timeout_seconds);
@@ -305,6 +322,8 @@ async fn measure(
         published: published.valid + published.malformed,
         valid: published.valid,
         malformed: published.malformed,
+        burst,
+        burst_bytes: config.burst_bytes,
         publish_seconds: published.seconds,
         publish_per_second: per_second(
             published.valid + published.malformed,

@@ -8,13 +8,18 @@
 //!
 //! # Layout
 //! - [`BridgeConfig`]: every setting, with its flag and environment variable.
-//! - `mqtt_source`: the MQTT connection, run in its own task so it is always polled.
-//! - `kafka_sink`: the raw-record producer and acknowledgement order.
+//! - [`MqttConnectionConfig`] (`mqtt_settings`): how to reach the MQTT broker, shared with the
+//!   simulator and the load harness.
+//! - `mqtt_source`: the bridge's MQTT session in a task of its own: reads messages of any size,
+//!   stops reading at the queue's byte bound, writes acknowledgements and pings.
+//! - `kafka_sink`: the raw-record producer, acknowledgement order, and what is cut when Kafka
+//!   cannot take a message whole.
 //! - `websocket`: the HTTP server: `GET /ws` live frames, plus `/healthz`, `/readyz` and
 //!   `/metrics` from `telemetry-ops`.
 //! - [`Bridge`]: binds the listener ([`Bridge::bind`]) and runs until shutdown ([`Bridge::run`]).
 
 mod kafka_sink;
+mod mqtt_settings;
 mod mqtt_source;
 mod websocket;
 
@@ -24,7 +29,8 @@ use std::time::Duration;
 use telemetry_kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-pub use mqtt_source::{device_id_from_topic, MqttConnectionConfig};
+pub use mqtt_settings::MqttConnectionConfig;
+pub use mqtt_source::{device_id_from_topic, DEFAULT_MQTT_MAX_PACKET_BYTES};
 
 /// Errors that stop the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -100,15 +106,20 @@ pub struct BridgeConfig {
     pub listen: String,
 
     /// Frames buffered per WebSocket client; a client further behind skips frames (counted)
-    /// instead of slowing the pipeline.
+    /// instead of slowing the pipeline. Each frame carries at most `--ws-max-payload-bytes` of
+    /// its payload, so this bounds a client's queue in bytes too.
     #[arg(long, env = "TELEMETRY_WS_BUFFER", default_value_t = 1024)]
     pub ws_buffer: usize,
 
-    /// Most messages produced to Kafka but not yet acknowledged to MQTT. When reached, the
-    /// bridge stops producing and queues what the broker still sends; the broker's own in-flight
-    /// window (Mosquitto's `max_inflight_messages`) bounds that queue.
+    /// Most messages produced to Kafka but not yet acknowledged to MQTT (see also
+    /// `--max-in-flight-bytes`). When reached, the bridge stops producing; what the broker sends
+    /// meanwhile waits in the queue (`--max-queued-bytes`).
     #[arg(long, env = "TELEMETRY_BRIDGE_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
+
+    /// Sizes the bridge reads, forwards and holds: each a bound in bytes.
+    #[command(flatten)]
+    pub limits: BridgeLimits,
 
     /// The payload contract the live view normalizes metrics with (the audit service's, so the
     /// live chart and the history show the same names and units): as `telemetry audit
@@ -124,9 +135,67 @@ pub struct BridgeConfig {
     #[command(flatten)]
     pub auth: telemetry_ops::auth::AuthConfig,
 
+    /// Header-read and idle timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub http: telemetry_ops::HttpLimits,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
+}
+
+/// The bridge's bounds in bytes. Reaching the queue's or the in-flight bound holds the broker
+/// back (backpressure; a QoS 1 message is never dropped) and shows in `/metrics`
+/// (`bridge_backpressure_total{bound}`, `bridge_queued_bytes`, `bridge_in_flight_bytes`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BridgeLimits {
+    /// The largest MQTT packet the bridge reads whole: the broker's own limit (Mosquitto's
+    /// `max_packet_size`; `deploy/mosquitto/mosquitto.conf` and `telemetry up`'s embedded broker
+    /// use this default). A larger packet, from a broker without a limit, is read through: its
+    /// first 64 KiB go on, to the DLQ as `payload_too_large`, and the connection stays up.
+    #[arg(long, env = "TELEMETRY_MQTT_MAX_PACKET_BYTES", default_value_t = DEFAULT_MQTT_MAX_PACKET_BYTES)]
+    pub mqtt_max_packet_bytes: usize,
+
+    /// The largest payload forwarded to the raw topic whole; the raw topic's own record limit
+    /// (`max.message.bytes`) applies too. A larger one is forwarded cut to its first 64 KiB, with
+    /// its size in the `payload.original_bytes` header, and goes to the DLQ as
+    /// `payload_too_large`.
+    #[arg(long, env = "TELEMETRY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MQTT_MAX_PACKET_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Bytes of messages read from MQTT and not yet produced to Kafka. At the bound the bridge
+    /// stops reading from the broker, which keeps the rest queued.
+    #[arg(long, env = "TELEMETRY_BRIDGE_MAX_QUEUED_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_queued_bytes: usize,
+
+    /// Payload bytes produced to Kafka and not yet acknowledged to MQTT. At the bound the bridge
+    /// stops producing until Kafka confirms what it has (librdkafka holds a copy of each).
+    #[arg(long, env = "TELEMETRY_BRIDGE_MAX_IN_FLIGHT_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_in_flight_bytes: usize,
+
+    /// Most payload bytes in one live-view frame; a longer payload is cut and the frame says so
+    /// (`payload_cut`: the full size).
+    #[arg(long, env = "TELEMETRY_WS_MAX_PAYLOAD_BYTES", default_value_t = 4096)]
+    pub ws_max_payload_bytes: usize,
+
+    /// Longest a live-view client may take to accept a write, in milliseconds; a slower one is
+    /// dropped (`websocket_clients_dropped_total{cause="write_timeout"}`).
+    #[arg(long, env = "TELEMETRY_WS_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub ws_write_timeout_ms: u64,
+}
+
+impl Default for BridgeLimits {
+    /// The flags' defaults.
+    fn default() -> Self {
+        BridgeLimits {
+            mqtt_max_packet_bytes: DEFAULT_MQTT_MAX_PACKET_BYTES,
+            max_message_bytes: DEFAULT_MQTT_MAX_PACKET_BYTES,
+            max_queued_bytes: 32 * 1024 * 1024,
+            max_in_flight_bytes: 32 * 1024 * 1024,
+            ws_max_payload_bytes: 4096,
+            ws_write_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// The readiness check the bridge reports on `/readyz`: passing while the broker holds our
@@ -148,6 +217,7 @@ impl Bridge {
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
         // Reads the TLS files too, so a bad one fails here rather than at each connection.
         config.mqtt.options(&config.mqtt_client_id, |_| {})?;
+        mqtt_source::check(&config)?;
         let contract = telemetry_core::Contract::load_or_builtin(config.contract.as_deref())?;
         let validator = std::sync::Arc::new(telemetry_core::Validator::new(contract)?);
         let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
@@ -181,14 +251,27 @@ impl Bridge {
         } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
         let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
-        let frames = websocket::Frames::new(config.ws_buffer.max(1), validator);
+        let limits = &config.limits;
+        let frames = websocket::Frames::new(
+            config.ws_buffer.max(1),
+            validator,
+            limits.ws_max_payload_bytes,
+            Duration::from_millis(limits.ws_write_timeout_ms.max(1)),
+        );
 
         let server = server.spawn(
             websocket::router(frames.clone(), readiness.clone(), auth),
+            "bridge",
+            &config.http,
             shutdown.clone(),
         );
-        let (mqtt, messages) = mqtt_source::start(&config, readiness)?;
         let sink = kafka_sink::KafkaSink::new(&config)?;
+        sink.prepare().await;
+        let queue = mqtt_source::ByteBound::new(
+            limits.max_queued_bytes,
+            metrics::gauge!("bridge_queued_bytes", "service" => "bridge"),
+        );
+        let (mqtt, messages) = mqtt_source::start(&config, readiness, queue)?;
         tracing::info!(
             mqtt_url = %config.mqtt.redacted_url(),
             mqtt_topic = %config.mqtt_topic,
@@ -202,7 +285,10 @@ impl Bridge {
             messages,
             &mqtt,
             &frames,
-            config.max_in_flight,
+            kafka_sink::InFlightBound {
+                records: config.max_in_flight.max(1),
+                bytes: limits.max_in_flight_bytes,
+            },
             grace,
             shutdown.clone(),
         )

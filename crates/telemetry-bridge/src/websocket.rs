@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, State};
@@ -14,7 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use telemetry_core::{DeviceScope, Metrics, Outcome, Validator};
+use telemetry_core::{Cut, DeviceScope, Metrics, Outcome, Received, Validator};
 use telemetry_ops::auth::{Access, Auth};
 use telemetry_ops::Readiness;
 
@@ -26,6 +27,11 @@ use crate::mqtt_source::Message;
 pub(crate) struct Frames {
     sender: broadcast::Sender<LiveFrame>,
     validator: Arc<Validator>,
+    /// Most payload bytes a frame carries; beyond them the payload is cut and marked, so a
+    /// client's queue of frames is bounded in bytes, not only in frames.
+    max_payload_bytes: usize,
+    /// Longest a write to a client may take before the client is dropped.
+    write_timeout: Duration,
 }
 
 /// One encoded frame and the device it is about, so each client's device allow-list can be
@@ -37,10 +43,21 @@ struct LiveFrame {
 }
 
 impl Frames {
-    /// A channel keeping `capacity` frames per client.
-    pub(crate) fn new(capacity: usize, validator: Arc<Validator>) -> Self {
+    /// A channel keeping `capacity` frames per client, each with at most `max_payload_bytes` of
+    /// its payload; a client whose write takes longer than `write_timeout` is dropped.
+    pub(crate) fn new(
+        capacity: usize,
+        validator: Arc<Validator>,
+        max_payload_bytes: usize,
+        write_timeout: Duration,
+    ) -> Self {
         let (sender, _) = broadcast::channel(capacity);
-        Frames { sender, validator }
+        Frames {
+            sender,
+            validator,
+            max_payload_bytes,
+            write_timeout,
+        }
     }
 }
 
@@ -51,6 +68,9 @@ struct Frame<'a> {
     device_id: Option<&'a str>,
     received_at: i64,
     payload: Payload<'a>,
+    /// Set when `payload` holds only the first bytes of the payload: its full size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_cut: Option<u64>,
     /// The payload's metrics under their canonical names and units, when it passes the contract
     /// (so the live chart matches the history); the audit service still decides what is stored.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -73,26 +93,44 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
     if frames.sender.receiver_count() == 0 {
         return;
     }
-    let bytes = &message.publish.payload[..];
-    let payload = match serde_json::from_slice::<&RawValue>(bytes) {
-        Ok(json) => Payload::Json(json),
-        Err(_) => Payload::Text(String::from_utf8_lossy(bytes)),
+    let bytes = &message.payload[..];
+    let received = Received {
+        payload: bytes,
+        received_at: message.received_at,
+        topic_device: message.device_id.as_deref().map(str::as_bytes),
+        cut: message.original_bytes.map(|original_bytes| Cut {
+            original_bytes,
+            reason: None,
+            detail: None,
+        }),
     };
-    let outcome = frames.validator.validate(bytes, message.received_at);
+    let outcome = frames.validator.validate_received(&received);
     let (metrics, rejected) = match &outcome {
         Outcome::Accepted(event) => (Some(&event.metrics), None),
         Outcome::Rejected(rejection) => (None, Some(rejection.code())),
     };
-    // The device as the audit service will store it when the payload passes; else the topic's.
+    // The device as the audit service will store it when the payload passes; else the topic's,
+    // as the contract allows it (a placeholder when it does not).
     let device_id = match &outcome {
         Outcome::Accepted(event) => Some(event.device_id.as_str()),
-        Outcome::Rejected(_) => message.device_id.as_deref(),
+        Outcome::Rejected(_) => frames.validator.topic_device(received.topic_device).name(),
+    };
+    let original = message.original_bytes.unwrap_or(bytes.len() as u64);
+    let shown = &bytes[..bytes.len().min(frames.max_payload_bytes)];
+    let payload_cut = (shown.len() as u64) < original;
+    if payload_cut {
+        metrics::counter!("websocket_frames_cut_total", "service" => "bridge").increment(1);
+    }
+    let payload = match serde_json::from_slice::<&RawValue>(shown) {
+        Ok(json) if !payload_cut => Payload::Json(json),
+        _ => Payload::Text(String::from_utf8_lossy(shown)),
     };
     let frame = Frame {
-        topic: &message.publish.topic,
+        topic: &message.topic,
         device_id,
         received_at: message.received_at,
         payload,
+        payload_cut: payload_cut.then_some(original),
         metrics,
         rejected,
     };
@@ -140,6 +178,7 @@ async fn upgrade(
     State(frames): State<Frames>,
     Extension(access): Extension<Access>,
 ) -> impl IntoResponse {
+    let write_timeout = frames.write_timeout;
     let frames = frames.sender.subscribe();
     socket
         .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
@@ -149,15 +188,18 @@ async fn upgrade(
         // MAX_CLIENT_MESSAGE_BYTES, and frames are flushed in small batches.
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .write_buffer_size(CLIENT_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| forward(socket, frames, access.scope))
+        .on_upgrade(move |socket| forward(socket, frames, access.scope, write_timeout))
 }
 
 /// Forwards the frames of the devices in `scope` to one client until it goes away. A client that
 /// falls behind by more than the buffer skips the oldest frames; the pipeline never waits for it.
+/// A client whose socket takes longer than `write_timeout` to take a batch of frames is dropped:
+/// it would hold its frames, and a connection, for as long as it likes.
 async fn forward(
     socket: WebSocket,
     mut frames: broadcast::Receiver<LiveFrame>,
     scope: DeviceScope,
+    write_timeout: Duration,
 ) {
     let clients = metrics::gauge!("websocket_clients", "service" => "bridge");
     let skipped = metrics::counter!("websocket_frames_missed_total", "service" => "bridge");
@@ -173,22 +215,28 @@ async fn forward(
                 Ok(frame) => {
                     // This frame and those already waiting, written together.
                     let mut next = Some(frame);
-                    let mut fed = 0;
-                    let mut gone = false;
-                    while let Some(frame) = next.take() {
-                        if visible(&frame) {
-                            if sender.feed(WsMessage::Text(frame.text)).await.is_err() {
-                                gone = true;
-                                break;
+                    let write = async {
+                        let mut fed = 0;
+                        while let Some(frame) = next.take() {
+                            if visible(&frame) {
+                                sender.feed(WsMessage::Text(frame.text)).await?;
+                                fed += 1;
                             }
-                            fed += 1;
+                            if fed < MAX_FRAMES_PER_WRITE {
+                                next = waiting(&mut frames, &skipped);
+                            }
                         }
-                        if fed < MAX_FRAMES_PER_WRITE {
-                            next = waiting(&mut frames, &skipped);
+                        sender.flush().await
+                    };
+                    match tokio::time::timeout(write_timeout, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            metrics::counter!("websocket_clients_dropped_total", "service" => "bridge", "cause" => "write_timeout")
+                                .increment(1);
+                            tracing::info!(?write_timeout, "A live-view client did not take its frames in time; dropped it.");
+                            break;
                         }
-                    }
-                    if gone || sender.flush().await.is_err() {
-                        break;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => lagged(missed, &skipped),

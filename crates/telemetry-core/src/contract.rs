@@ -131,8 +131,14 @@ pub struct DeviceIdRule {
     /// Longest id in bytes; the table's column holds 128.
     pub max_length: usize,
     /// The characters allowed, as a regular-expression character class without brackets
-    /// (`A-Za-z0-9._:-`); ASCII only.
+    /// (`A-Za-z0-9._:-`); ASCII only, and never `/`, `+` or `#` (a device id is an MQTT topic
+    /// segment).
     pub allowed_characters: String,
+    /// Whether the payload's device id must be the one the MQTT topic names (the segment under
+    /// the bridge's `+`): a device publishing on `devices/a/telemetry` cannot write as `b`
+    /// (`device_id_mismatch`). Turn off for gateways that publish for many devices on one topic.
+    #[serde(default = "yes")]
+    pub bind_to_topic: bool,
 }
 
 impl Default for DeviceIdRule {
@@ -141,6 +147,7 @@ impl Default for DeviceIdRule {
             aliases: Vec::new(),
             max_length: MAX_DEVICE_ID_LENGTH,
             allowed_characters: String::from("A-Za-z0-9._:-"),
+            bind_to_topic: true,
         }
     }
 }
@@ -431,6 +438,7 @@ impl Contract {
                 "maxLength": self.device_id.max_length,
                 "pattern": format!("^[{}]+$", self.device_id.allowed_characters),
                 "x-telemetry-aliases": self.device_id.aliases,
+                "x-telemetry-bind-to-topic": self.device_id.bind_to_topic,
             }),
         );
         let ts = &self.device_ts;
@@ -584,6 +592,10 @@ impl Contract {
             match name.as_str() {
                 fields::DEVICE_ID => {
                     contract.device_id.aliases = aliases;
+                    if let Some(bind) = schema.get("x-telemetry-bind-to-topic") {
+                        contract.device_id.bind_to_topic =
+                            from_value(bind, "x-telemetry-bind-to-topic")?;
+                    }
                     if let Some(length) = schema.get("maxLength") {
                         contract.device_id.max_length = from_value(length, "maxLength")?;
                     }
@@ -711,6 +723,18 @@ impl AllowedCharacters {
         }
         if allowed.iter().take(32).any(|control| *control) || allowed[127] {
             return Err("must not allow control characters".into());
+        }
+        // A device id is an MQTT topic segment: `/` separates segments and `+`, `#` are
+        // wildcards, none of which a topic segment can be. Keeping them out also keeps
+        // `UNUSABLE_TOPIC_DEVICE` (which starts with `#`) apart from every real device id.
+        if let Some(special) = [b'/', b'+', b'#']
+            .iter()
+            .find(|byte| allowed[usize::from(**byte)])
+        {
+            return Err(format!(
+                "must not allow `{}`: a device id is an MQTT topic segment",
+                *special as char
+            ));
         }
         Ok(AllowedCharacters(allowed))
     }

@@ -9,6 +9,8 @@
 //! - [`names`]: Kafka topic names and record header keys, the one place they are spelled.
 //! - [`contract`]: the [`Contract`], loaded from TOML or JSON Schema and exported as JSON Schema.
 //! - [`validate`]: the [`Validator`] compiled from a contract, [`Outcome`], [`Rejection`], [`Code`].
+//! - [`received`]: [`Received`], a raw record with what the bridge knows of it (the topic's
+//!   device, whether it was cut), and [`TopicDevice`].
 //! - [`sequence`]: per-device `seq` gap and regression flags.
 //! - [`event`]: the normalized [`Event`] and its place in Kafka, [`SourcePosition`].
 //! - [`scope`]: [`DeviceScope`], the devices an API token may see.
@@ -17,12 +19,14 @@ pub mod contract;
 pub mod event;
 mod json_reader;
 pub mod names;
+pub mod received;
 pub mod scope;
 pub mod sequence;
 pub mod validate;
 
 pub use contract::{Contract, ContractError};
 pub use event::{Event, MetricName, Metrics, Quality, SequenceCheck, SourcePosition};
+pub use received::{Cut, Received, TopicDevice, KEPT_PAYLOAD_BYTES, UNUSABLE_TOPIC_DEVICE};
 pub use scope::{DevicePattern, DeviceScope};
 pub use sequence::SequenceTracker;
 pub use validate::{Code, Outcome, Rejection, Validator};

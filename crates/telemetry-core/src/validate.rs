@@ -29,6 +29,7 @@ use serde_json::Value;
 use crate::contract::{fields, AllowedCharacters, Contract, Conversion, UnknownFields};
 use crate::event::{Event, MetricName, Metrics, Quality};
 use crate::json_reader::{self, ReadError, Scalar};
+use crate::received::{Cut, Received, TopicDevice};
 
 /// The result of validating one raw record. A rejection is a value, not an error.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +61,8 @@ pub enum Code {
     MissingDeviceId,
     /// `device_id` is not a string of allowed characters within the length limit.
     InvalidDeviceId,
+    /// `device_id` is not the device the MQTT topic names (`device_id.bind_to_topic`).
+    DeviceIdMismatch,
     /// No `device_ts` (or null).
     MissingDeviceTs,
     /// `device_ts` is not a usable timestamp.
@@ -82,11 +85,14 @@ pub enum Code {
     MetricOutOfRange,
     /// The contract rejects fields it does not declare, and there is one.
     UnknownField,
+    /// Kafka refused the record for good for a reason other than its size; the bridge forwarded
+    /// what it could keep of it.
+    KafkaRejected,
 }
 
 impl Code {
     /// Every code, in documentation order.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 22] = [
         Code::EmptyPayload,
         Code::PayloadTooLarge,
         Code::PayloadTooDeep,
@@ -96,6 +102,7 @@ impl Code {
         Code::DuplicateField,
         Code::MissingDeviceId,
         Code::InvalidDeviceId,
+        Code::DeviceIdMismatch,
         Code::MissingDeviceTs,
         Code::InvalidDeviceTs,
         Code::DeviceTsInFuture,
@@ -107,6 +114,7 @@ impl Code {
         Code::MetricNotFinite,
         Code::MetricOutOfRange,
         Code::UnknownField,
+        Code::KafkaRejected,
     ];
 
     /// The short, stable, snake_case code: the DLQ `error.code` header and the metric label.
@@ -121,6 +129,7 @@ impl Code {
             Code::DuplicateField => "duplicate_field",
             Code::MissingDeviceId => "missing_device_id",
             Code::InvalidDeviceId => "invalid_device_id",
+            Code::DeviceIdMismatch => "device_id_mismatch",
             Code::MissingDeviceTs => "missing_device_ts",
             Code::InvalidDeviceTs => "invalid_device_ts",
             Code::DeviceTsInFuture => "device_ts_in_future",
@@ -132,6 +141,7 @@ impl Code {
             Code::MetricNotFinite => "metric_not_finite",
             Code::MetricOutOfRange => "metric_out_of_range",
             Code::UnknownField => "unknown_field",
+            Code::KafkaRejected => "kafka_rejected",
         }
     }
 }
@@ -425,16 +435,47 @@ impl Validator {
         &self.contract
     }
 
-    /// Validates and normalizes one raw payload received at `received_at` (UTC milliseconds).
+    /// Validates and normalizes one payload received at `received_at` (UTC milliseconds), with
+    /// no MQTT topic to bind it to: for trying payloads out. Records from the raw topic go
+    /// through [`Validator::validate_received`].
     pub fn validate(&self, payload: &[u8], received_at: i64) -> Outcome {
-        match self.validate_inner(payload, received_at) {
+        self.validate_received(&Received::payload(payload, received_at))
+    }
+
+    /// Validates and normalizes one raw record: a payload the bridge cut is `payload_too_large`
+    /// (or `kafka_rejected`) whatever its bytes, and with `device_id.bind_to_topic` the payload
+    /// must name the device its topic names.
+    pub fn validate_received(&self, received: &Received<'_>) -> Outcome {
+        match self.validate_inner(received) {
             Ok(event) => Outcome::Accepted(event),
             Err(rejection) => Outcome::Rejected(rejection),
         }
     }
 
+    /// The device a record's topic names (its raw-topic key), checked against the contract's
+    /// `device_id` rules.
+    pub fn topic_device<'a>(&self, key: Option<&'a [u8]>) -> TopicDevice<'a> {
+        let Some(key) = key else {
+            return TopicDevice::Absent;
+        };
+        match std::str::from_utf8(key) {
+            Ok(id)
+                if !id.is_empty()
+                    && id.len() <= self.contract.device_id.max_length
+                    && self.allowed.allows(id) =>
+            {
+                TopicDevice::Usable(id)
+            }
+            _ => TopicDevice::Unusable,
+        }
+    }
+
     #[inline(always)]
-    fn validate_inner(&self, payload: &[u8], received_at: i64) -> Result<Event, Rejection> {
+    fn validate_inner(&self, received: &Received<'_>) -> Result<Event, Rejection> {
+        let (payload, received_at) = (received.payload, received.received_at);
+        if let Some(cut) = &received.cut {
+            return Err(cut_rejection(cut, payload.len()));
+        }
         let limits = &self.contract.limits;
         if payload.is_empty() {
             return Err(Rejection::new(Code::EmptyPayload, "json", "is empty"));
@@ -448,10 +489,19 @@ impl Validator {
         }
         let mut reader = Reader::new(self);
         parse(payload, &mut reader)?;
-        reader.finish(received_at)
+        let topic_device = if self.contract.device_id.bind_to_topic {
+            self.topic_device(received.topic_device)
+        } else {
+            TopicDevice::Absent
+        };
+        reader.finish(received_at, topic_device)
     }
 
-    fn device_id(&self, field: Option<Field<'_>>) -> Result<String, Rejection> {
+    fn device_id(
+        &self,
+        field: Option<Field<'_>>,
+        topic_device: TopicDevice<'_>,
+    ) -> Result<String, Rejection> {
         let rule = &self.contract.device_id;
         let field = match field {
             Some(field) if !matches!(field.value, Scalar::Null) => field,
@@ -488,7 +538,30 @@ impl Validator {
                 "contains characters that are not allowed",
             );
         }
+        self.bound_to_topic(id, &field, topic_device)?;
         Ok(id.to_string())
+    }
+
+    /// With `device_id.bind_to_topic`: the payload's device must be the topic's.
+    fn bound_to_topic(
+        &self,
+        device_id: &str,
+        field: &Field<'_>,
+        topic_device: TopicDevice<'_>,
+    ) -> Result<(), Rejection> {
+        let topic = match topic_device {
+            TopicDevice::Absent => return Ok(()),
+            TopicDevice::Usable(topic) if topic == device_id => return Ok(()),
+            TopicDevice::Usable(topic) => format!("`{topic}`"),
+            TopicDevice::Unusable => String::from("no usable device id"),
+        };
+        Err(Rejection::new(
+            Code::DeviceIdMismatch,
+            "device_id.bind_to_topic = true",
+            format!("is not the device the MQTT topic names ({topic})"),
+        )
+        .on(&field.name)
+        .quoting(&field.value))
     }
 
     fn device_ts(
@@ -859,7 +932,7 @@ impl<'v, 'de> Reader<'v, 'de> {
 
     /// Checks the identity fields, then reports held-back faults and missing metrics.
     #[inline(always)]
-    fn finish(self, received_at: i64) -> Result<Event, Rejection> {
+    fn finish(self, received_at: i64, topic_device: TopicDevice<'_>) -> Result<Event, Rejection> {
         let validator = self.validator;
         let metrics =
             Metrics::from_unsorted(self.metrics).map_err(|name| duplicate(&name, &name))?;
@@ -871,7 +944,7 @@ impl<'v, 'de> Reader<'v, 'de> {
             return Err(duplicate(name, name));
         }
         let mut quality = self.quality;
-        let device_id = validator.device_id(self.device_id)?;
+        let device_id = validator.device_id(self.device_id, topic_device)?;
         let device_ts = validator.device_ts(self.device_ts, received_at, &mut quality)?;
         let seq = validator.seq(self.seq, &mut quality)?;
         if let Some(rejection) = self.deferred {
@@ -901,6 +974,25 @@ impl<'v, 'de> Reader<'v, 'de> {
             quality,
         })
     }
+}
+
+/// The rejection of a payload the bridge could not forward whole: its reason code
+/// (`payload_too_large` unless the bridge said `kafka_rejected`), the original size and the
+/// bridge's detail.
+fn cut_rejection(cut: &Cut<'_>, kept: usize) -> Rejection {
+    let (code, rule) = match cut.reason {
+        Some(reason) if reason == Code::KafkaRejected.as_str() => (Code::KafkaRejected, "kafka"),
+        _ => (Code::PayloadTooLarge, "bridge max_message_bytes"),
+    };
+    let mut problem = format!(
+        "is {} bytes, more than the bridge could forward whole; {kept} bytes are kept",
+        cut.original_bytes
+    );
+    if let Some(detail) = cut.detail {
+        problem.push_str(": ");
+        problem.extend(detail.chars().take(MAX_QUOTED_CHARS * 4));
+    }
+    Rejection::new(code, rule, problem)
 }
 
 fn seconds_to_millis(seconds: u64) -> i64 {
@@ -1071,6 +1163,111 @@ mod tests {
             }
             Outcome::Rejected(rejection) => rejection,
         }
+    }
+
+    fn rejected_received(
+        validator: &Validator,
+        payload: &[u8],
+        topic_device: Option<&[u8]>,
+        cut: Option<Cut<'_>>,
+    ) -> Rejection {
+        let received = Received {
+            payload,
+            received_at: RECEIVED_AT,
+            topic_device,
+            cut,
+        };
+        match validator.validate_received(&received) {
+            Outcome::Accepted(event) => panic!("accepted {event:?}"),
+            Outcome::Rejected(rejection) => rejection,
+        }
+    }
+
+    #[test]
+    fn the_topic_names_the_device() {
+        let validator = validator();
+        let payload = format!(r#"{{"deviceId":"pico-2","device_ts":{TS},"temp":20}}"#);
+        let own = Received {
+            topic_device: Some(b"pico-2"),
+            ..Received::payload(payload.as_bytes(), RECEIVED_AT)
+        };
+        assert!(matches!(
+            validator.validate_received(&own),
+            Outcome::Accepted(event) if event.device_id == "pico-2"
+        ));
+        // Another device's topic, a topic id that differs only by a trailing space, and one
+        // the contract does not allow: all refused, naming the payload's field.
+        for topic in [&b"pico-1"[..], b"pico-2 ", b"pico\x1b[2J", b"\xff\xfe"] {
+            let rejection = rejected_received(&validator, payload.as_bytes(), Some(topic), None);
+            assert_eq!(rejection.code(), "device_id_mismatch", "{topic:?}");
+            assert_eq!(rejection.field(), Some("deviceId"));
+            assert_eq!(rejection.rule(), "device_id.bind_to_topic = true");
+        }
+        // An invalid device id is reported as such, before any comparison.
+        let invalid = format!(r#"{{"device_id":"pico 2","device_ts":{TS}}}"#);
+        assert_eq!(
+            rejected_received(&validator, invalid.as_bytes(), Some(b"pico-1"), None).code(),
+            "invalid_device_id"
+        );
+        // Gateways publish for many devices on one topic.
+        let gateway = with(|contract| contract.device_id.bind_to_topic = false);
+        let relayed = Received {
+            topic_device: Some(b"gateway-1"),
+            ..Received::payload(payload.as_bytes(), RECEIVED_AT)
+        };
+        assert!(matches!(
+            gateway.validate_received(&relayed),
+            Outcome::Accepted(event) if event.device_id == "pico-2"
+        ));
+        // A record whose topic names no device has nothing to be bound to.
+        assert!(matches!(
+            validator.validate_received(&Received::payload(payload.as_bytes(), RECEIVED_AT)),
+            Outcome::Accepted(_)
+        ));
+    }
+
+    #[test]
+    fn topic_device_ids_obey_the_contract() {
+        let validator = validator();
+        assert_eq!(validator.topic_device(None), TopicDevice::Absent);
+        assert_eq!(
+            validator.topic_device(Some(b"pico-7")),
+            TopicDevice::Usable("pico-7")
+        );
+        for unusable in [&b"pico-7 "[..], b"", b"a\x1b", b"\xff", &[b'a'; 129]] {
+            assert_eq!(
+                validator.topic_device(Some(unusable)),
+                TopicDevice::Unusable
+            );
+        }
+        assert_eq!(
+            TopicDevice::Unusable.name(),
+            Some(crate::received::UNUSABLE_TOPIC_DEVICE)
+        );
+        // The placeholder can never be a device id a payload names.
+        let placeholder = format!(
+            r#"{{"device_id":"{}","device_ts":{TS}}}"#,
+            crate::received::UNUSABLE_TOPIC_DEVICE
+        );
+        assert_eq!(
+            rejected_by(&validator, placeholder.as_bytes()).code(),
+            "invalid_device_id"
+        );
+    }
+
+    #[test]
+    fn a_payload_the_bridge_cut_is_too_large_whatever_its_bytes() {
+        let cut = Cut {
+            original_bytes: 2_000_000,
+            reason: Some("payload_too_large"),
+            detail: Some("more than max_message_bytes = 1000000"),
+        };
+        let payload = format!(r#"{{"device_id":"d","device_ts":{TS}}}"#);
+        let rejection = rejected_received(&validator(), payload.as_bytes(), Some(b"d"), Some(cut));
+        assert_eq!(rejection.code(), "payload_too_large");
+        let message = rejection.to_string();
+        assert!(message.contains("2000000 bytes"), "{message}");
+        assert!(message.contains("max_message_bytes = 1000000"), "{message}");
     }
 
     #[test]
@@ -1365,6 +1562,20 @@ mod tests {
             format!(r#"{{"device_id":"d","device_ts":{TS},"temp":"NaN"}}"#).as_bytes(),
         );
         assert_eq!(rejection.code(), "metric_not_finite");
+        seen.insert(rejection.code());
+        // The codes about where a record came from need a topic, or a bridge that cut it.
+        let spoofed = format!(r#"{{"device_id":"b","device_ts":{TS}}}"#);
+        let rejection = rejected_received(&validator(), spoofed.as_bytes(), Some(b"a"), None);
+        assert_eq!(rejection.code(), "device_id_mismatch");
+        assert_eq!(rejection.field(), Some("device_id"));
+        seen.insert(rejection.code());
+        let refused = Cut {
+            original_bytes: 10,
+            reason: Some("kafka_rejected"),
+            detail: Some("Broker: Invalid record"),
+        };
+        let rejection = rejected_received(&validator(), b"{}", None, Some(refused));
+        assert_eq!(rejection.code(), "kafka_rejected");
         seen.insert(rejection.code());
         let all: std::collections::BTreeSet<&str> =
             Code::ALL.iter().map(|code| code.as_str()).collect();

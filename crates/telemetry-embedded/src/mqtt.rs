@@ -13,10 +13,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Largest MQTT payload the embedded broker accepts: the bridge's own limit is lower, so oversized
-/// payloads reach the bridge and its DLQ rather than being cut off by the broker.
-const MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
-
 /// Errors of the embedded MQTT broker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,10 +25,13 @@ pub enum Error {
 }
 
 /// Starts rumqttd listening on `address` (MQTT 3.1.1) and waits until it accepts connections.
-pub async fn start(address: SocketAddr) -> Result<(), Error> {
+/// It takes packets of up to `max_packet_bytes` (the bridge's `TELEMETRY_MQTT_MAX_PACKET_BYTES`,
+/// as Mosquitto's `max_packet_size` in the shipped configuration): the broker's limit and the
+/// size the bridge reads whole are one setting.
+pub async fn start(address: SocketAddr, max_packet_bytes: usize) -> Result<(), Error> {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
-        max_payload_size: MAX_PAYLOAD_BYTES,
+        max_payload_size: max_packet_bytes,
         // QoS 1 messages sent to a subscriber before it acknowledges: the same window as the
         // Mosquitto configuration we ship.
         max_inflight_count: 1_000,

@@ -23,7 +23,20 @@ const ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// A consumer-group member reading in batches; see the module documentation.
 pub struct BatchConsumer {
     consumer: StreamConsumer<RebalanceLogger>,
+    /// A batch closes once its keys and values reach this many bytes (one record more at most).
+    max_batch_bytes: usize,
 }
+
+/// Bytes of keys and values after which a batch closes, unless the caller sets its own: records
+/// can be up to a megabyte each (DLQ records of large payloads), so a count alone does not bound
+/// a batch's memory.
+pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// What librdkafka may prefetch for a consumer, in KiB (`queued.max.messages.kbytes`; its default
+/// is 64 MiB), and the most one fetch response may carry (`fetch.max.bytes`; default 50 MiB):
+/// a consumer's read-ahead is bounded in bytes, not only in records.
+const PREFETCH_KIB: &str = "16384";
+const FETCH_MAX_BYTES: &str = "8388608";
 
 /// Commits stored offsets before partitions move to another instance, logs assignments, and
 /// keeps the lag of each fetched partition from librdkafka's statistics (every 5 s unless the
@@ -118,6 +131,8 @@ impl BatchConsumer {
             ("heartbeat.interval.ms", "2000"),
             // Lag per partition (the `kafka_consumer_lag` gauge, `is_caught_up`).
             ("statistics.interval.ms", "5000"),
+            ("queued.max.messages.kbytes", PREFETCH_KIB),
+            ("fetch.max.bytes", FETCH_MAX_BYTES),
         ];
         settings.extend_from_slice(options);
         let consumer: StreamConsumer<RebalanceLogger> = kafka
@@ -127,10 +142,21 @@ impl BatchConsumer {
                 lag: std::sync::Mutex::default(),
             })?;
         consumer.subscribe(topics)?;
-        Ok(BatchConsumer { consumer })
+        Ok(BatchConsumer {
+            consumer,
+            max_batch_bytes: DEFAULT_BATCH_BYTES,
+        })
     }
 
-    /// Waits for a first record, then collects up to `size` records or until `linger` passed.
+    /// Closes batches once their keys and values reach `bytes` (at least one record each).
+    #[must_use]
+    pub fn with_max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = bytes.max(1);
+        self
+    }
+
+    /// Waits for a first record, then collects up to `size` records (and up to the batch byte
+    /// bound, [`BatchConsumer::with_max_batch_bytes`]) or until `linger` passed.
     /// `None` once `shutdown` is cancelled.
     pub async fn next_batch(
         &self,
@@ -150,7 +176,11 @@ impl BatchConsumer {
         wait: Option<Duration>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<OwnedMessage>> {
-        let mut batch = Vec::with_capacity(size);
+        let mut batch = Vec::with_capacity(size.min(4096));
+        let mut bytes = 0;
+        let size_of = |message: &OwnedMessage| {
+            message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len)
+        };
         let give_up = async {
             match wait {
                 Some(wait) => tokio::time::sleep(wait).await,
@@ -167,7 +197,9 @@ impl BatchConsumer {
             };
             match received {
                 Ok(message) => {
-                    batch.push(message.detach());
+                    let message = message.detach();
+                    bytes += size_of(&message);
+                    batch.push(message);
                     break;
                 }
                 Err(error) => {
@@ -177,11 +209,15 @@ impl BatchConsumer {
             }
         }
         let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < size {
+        while batch.len() < size && bytes < self.max_batch_bytes {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => break,
                 received = self.consumer.recv() => match received {
-                    Ok(message) => batch.push(message.detach()),
+                    Ok(message) => {
+                        let message = message.detach();
+                        bytes += size_of(&message);
+                        batch.push(message);
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "Reading from Kafka failed; handling the batch so far.");
                         break;

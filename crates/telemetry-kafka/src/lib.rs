@@ -13,11 +13,16 @@
 //!   delivering.
 //! - [`BatchConsumer`]: a consumer-group member reading in batches, committing only what its
 //!   caller declared durable.
-//! - [`received_at`]: when the bridge received a record.
+//! - [`received_at`]: when the bridge received a record; [`received`]: a raw record as the
+//!   validator judges it (its topic's device, the bridge's cut headers).
+//! - [`delivery`]: which produce failures are final for a record ([`refusal`]), and how large
+//!   a record each topic takes ([`TopicLimits`]).
 
 mod consumer;
+pub mod delivery;
 
 pub use consumer::BatchConsumer;
+pub use delivery::{refusal, Refusal, TopicLimits};
 
 use rdkafka::message::{Headers, Message};
 use telemetry_core::names::headers;
@@ -46,6 +51,35 @@ pub fn received_at(message: &impl Message) -> i64 {
                     i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
                 })
         })
+}
+
+/// The value of the first header named `key`.
+pub fn header<'a, M: Message>(message: &'a M, key: &str) -> Option<&'a [u8]> {
+    message
+        .headers()?
+        .iter()
+        .find(|header| header.key == key)
+        .and_then(|header| header.value)
+}
+
+/// A raw record as the validator judges it: its payload, when the bridge received it, the
+/// device its MQTT topic names (the record's key) and, when the bridge could not forward the
+/// payload whole, what it said about that (`payload.*` headers).
+pub fn received<M: Message>(message: &M) -> telemetry_core::Received<'_> {
+    let text = |key| header(message, key).and_then(|value| std::str::from_utf8(value).ok());
+    let cut = text(headers::PAYLOAD_ORIGINAL_BYTES)
+        .and_then(|size| size.parse::<u64>().ok())
+        .map(|original_bytes| telemetry_core::Cut {
+            original_bytes,
+            reason: text(headers::PAYLOAD_CUT_REASON),
+            detail: text(headers::PAYLOAD_CUT_DETAIL),
+        });
+    telemetry_core::Received {
+        payload: message.payload().unwrap_or_default(),
+        received_at: received_at(message),
+        topic_device: message.key(),
+        cut,
+    }
 }
 
 use std::sync::{Arc, Mutex};
@@ -276,6 +310,15 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("message.max.bytes", "1048576"),
     ("message.timeout.ms", "30000"),
 ];
+
+/// The `message.max.bytes` a producer configuration ends up with (ours, or a pass-through
+/// option's): librdkafka refuses larger records before sending them.
+pub fn producer_max_message_bytes(config: &ClientConfig) -> usize {
+    config
+        .get("message.max.bytes")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1_000_000)
+}
 
 impl KafkaConfig {
     /// A producer configuration: [`PRODUCER_DEFAULTS`], then `extra`, then the pass-through

@@ -8,105 +8,27 @@
 //! - [`install_metrics`]: the recorder, installed on first call.
 //! - [`Readiness`]: named checks a service flips as its dependencies come and go.
 //! - [`router`]: the three routes, to serve alone or merge into a service's router.
-//! - [`HttpServer`]: bind an address, then serve a router until shutdown.
+//! - [`HttpServer`]: bind an address, then serve a router until shutdown, within [`HttpLimits`]
+//!   (header-read and idle timeouts, a connection cap); `http_server`.
 //! - [`retry`]: retry an operation with capped backoff until it succeeds or shutdown.
 //! - [`auth`]: bearer tokens with a device allow-list each, and the refusal of an unauthenticated
 //!   service on a public address.
 
 pub mod auth;
+mod http_server;
+
+pub use http_server::{join, HttpLimits, HttpServer, ListenError};
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// A service's HTTP address could not be bound, or serving on it failed.
-#[derive(Debug, thiserror::Error)]
-#[error("HTTP listener on {address}: {source}")]
-pub struct ListenError {
-    /// The address as configured.
-    pub address: String,
-    /// The I/O error.
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// A bound HTTP listener, not serving yet. Binding first lets a service fail fast on a taken
-/// port, and tests ask for port 0 and read the port back.
-#[derive(Debug)]
-pub struct HttpServer {
-    listener: TcpListener,
-    address: String,
-}
-
-impl HttpServer {
-    /// Binds `address` (`host:port`).
-    pub async fn bind(address: &str) -> Result<Self, ListenError> {
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| ListenError {
-                address: address.to_string(),
-                source,
-            })?;
-        Ok(HttpServer {
-            listener,
-            address: address.to_string(),
-        })
-    }
-
-    /// The address actually bound.
-    pub fn local_addr(&self) -> Result<SocketAddr, ListenError> {
-        self.listener.local_addr().map_err(|source| ListenError {
-            address: self.address.clone(),
-            source,
-        })
-    }
-
-    /// Serves `router` in a task until `shutdown`, then lets open requests finish.
-    pub fn spawn(
-        self,
-        router: Router,
-        shutdown: CancellationToken,
-    ) -> JoinHandle<Result<(), ListenError>> {
-        tokio::spawn(async move {
-            // Live-view frames and API answers go out at once, not after the client's delayed
-            // TCP acknowledgement of the previous segment (up to 40 ms).
-            let listener = self.listener.tap_io(|stream| {
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(%error, "Could not set TCP_NODELAY on a connection.");
-                }
-            });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-                .map_err(|source| ListenError {
-                    address: self.address,
-                    source,
-                })
-        })
-    }
-}
-
-/// Waits for a server task from [`HttpServer::spawn`]; a panicked task is logged, not returned.
-pub async fn join(server: JoinHandle<Result<(), ListenError>>) -> Result<(), ListenError> {
-    match server.await {
-        Ok(result) => result,
-        Err(error) => {
-            tracing::error!(%error, "The HTTP server task failed.");
-            Ok(())
-        }
-    }
-}
 
 /// The process-wide Prometheus recorder, installed on the first call. Services running in one
 /// process (as in tests) share it and tell themselves apart by their `service` label.

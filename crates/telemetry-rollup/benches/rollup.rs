@@ -140,6 +140,7 @@ fn main() {
             batch_linger_ms: 500,
             late_window_seconds: 600,
             listen: "127.0.0.1:0".into(),
+            http: Default::default(),
             kafka,
         };
         let batch_size = config.batch_size;

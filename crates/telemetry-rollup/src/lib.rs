@@ -95,6 +95,10 @@ pub struct RollupConfig {
     )]
     pub listen: String,
 
+    /// Header-read and idle timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub http: telemetry_ops::HttpLimits,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -108,7 +112,12 @@ const DATABASE: &str = "database";
 pub async fn run(config: RollupConfig, shutdown: CancellationToken) -> Result<()> {
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(telemetry_ops::router(readiness.clone()), shutdown.clone());
+    let server = server.spawn(
+        telemetry_ops::router(readiness.clone()),
+        "rollup",
+        &config.http,
+        shutdown.clone(),
+    );
     let result = consume(&config, &readiness, &shutdown).await;
     shutdown.cancel();
     telemetry_ops::join(server).await?;

@@ -8,13 +8,14 @@
 //! only: they use [`Store`] directly.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use telemetry_core::event::CleanedRecord;
 
 use crate::{
-    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, NewDeadLetter,
-    Resolution, Result, RollupCoverage, SeriesQuery, SqliteStore, Store, Table,
+    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary,
+    NewDeadLetter, Resolution, Result, RollupCoverage, SeriesQuery, SqliteStore, Store, Table,
 };
 
 /// What the audit service writes and the API reads, whatever the database.
@@ -41,8 +42,13 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
     /// Deletes per-minute device counts from before `older_than`.
     async fn prune_device_minutes(&self, older_than: DateTime<Utc>) -> Result<u64>;
 
-    /// Every device seen, sorted by id, with its counts for the hour and day before `now`.
-    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>>;
+    /// One page of the devices seen, sorted by id (as the database orders ids), with their
+    /// counts for the hour and day before `now`.
+    async fn devices(
+        &self,
+        now: DateTime<Utc>,
+        page: &DevicePage<'_>,
+    ) -> Result<Vec<DeviceSummary>>;
 
     /// Whether the device has been seen.
     async fn device_exists(&self, device_id: &str) -> Result<bool>;
@@ -54,7 +60,7 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
     /// time order.
     async fn series(&self, query: &SeriesQuery<'_>) -> Result<Vec<Bucket>>;
 
-    /// The newest indexed rejected records matching `filter`.
+    /// The newest indexed rejected records matching `filter`, payloads cut by the query.
     async fn dead_letters(&self, filter: &DeadLetterFilter<'_>) -> Result<Vec<DeadLetterEntry>>;
 
     /// Rows in the live table.
@@ -115,10 +121,30 @@ pub async fn open_migrated(
 /// For readers: opens the store `url` names without changing its schema (MySQL connects lazily;
 /// SQLite creates the schema when the file is new, so a reader started first finds empty tables).
 pub async fn open_reader(url: &str, max_connections: u32) -> Result<DynStore> {
+    open_bounded_reader(url, max_connections, None).await
+}
+
+/// [`open_reader`] with a statement timeout on every query (none when `None` or zero): MySQL and
+/// MariaDB stop a statement running longer on the server (see [`Store::connect_reader`]); the
+/// SQLite store interrupts it (see [`SqliteStore::with_statement_timeout`]). Either way the
+/// query fails with an error for which [`crate::Error::is_statement_timeout`] holds.
+pub async fn open_bounded_reader(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: Option<Duration>,
+) -> Result<DynStore> {
     if is_sqlite_url(url) {
-        return Ok(Arc::new(SqliteStore::open(url).await?));
+        let store = SqliteStore::open(url).await?;
+        return Ok(Arc::new(match statement_timeout {
+            Some(timeout) => store.with_statement_timeout(timeout)?,
+            None => store,
+        }));
     }
-    Ok(Arc::new(Store::connect_lazy(url, max_connections)?))
+    Ok(Arc::new(Store::connect_reader(
+        url,
+        max_connections,
+        statement_timeout,
+    )?))
 }
 
 #[async_trait::async_trait]
@@ -147,8 +173,12 @@ impl TelemetryStore for Store {
         Store::prune_device_minutes(self, older_than).await
     }
 
-    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
-        Store::devices(self, now).await
+    async fn devices(
+        &self,
+        now: DateTime<Utc>,
+        page: &DevicePage<'_>,
+    ) -> Result<Vec<DeviceSummary>> {
+        Store::devices(self, now, page).await
     }
 
     async fn device_exists(&self, device_id: &str) -> Result<bool> {

@@ -17,9 +17,13 @@ mod rollups;
 mod sqlite;
 
 pub use alerts::{AlertEntry, AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
-pub use backend::{is_sqlite_url, open_migrated, open_reader, DynStore, TelemetryStore};
-pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter};
-pub use queries::{Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, SeriesQuery};
+pub use backend::{
+    is_sqlite_url, open_bounded_reader, open_migrated, open_reader, DynStore, TelemetryStore,
+};
+pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter, MAX_INDEXED_PAYLOAD_BYTES};
+pub use queries::{
+    Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary, SeriesQuery,
+};
 pub use rollups::{
     Aggregate, Resolution, RollupCoverage, RollupOutcome, RollupRow, MAX_METRIC_NAME_CHARS,
 };
@@ -71,6 +75,11 @@ pub enum Error {
     /// SQLite refused the data itself (a constraint).
     #[error("SQLite refused the data: {0}")]
     SqliteData(String),
+    /// A query ran longer than the store's statement timeout and was stopped (the SQLite store's
+    /// own bound; MySQL/MariaDB report theirs as a [`Error::Database`] error, see
+    /// [`Error::is_statement_timeout`]).
+    #[error("the query ran longer than the statement timeout of {} ms and was stopped", .0.as_millis())]
+    StatementTimeout(Duration),
 }
 
 impl Error {
@@ -90,7 +99,34 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether the query was stopped by the statement timeout of a reader (see
+    /// [`Store::connect_reader`], [`SqliteStore::with_statement_timeout`]): MariaDB's
+    /// `max_statement_time` (error 1969), MySQL's `max_execution_time` (error 3024), or the SQLite
+    /// store's own bound.
+    pub fn is_statement_timeout(&self) -> bool {
+        match self {
+            Error::StatementTimeout(_) => true,
+            Error::Database(error) => error
+                .as_database_error()
+                .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+                .is_some_and(|error| {
+                    matches!(
+                        error.number(),
+                        MARIADB_STATEMENT_TIMEOUT | MYSQL_QUERY_TIMEOUT
+                    )
+                }),
+            _ => false,
+        }
+    }
 }
+
+/// MariaDB's ER_STATEMENT_TIMEOUT: "Query execution was interrupted (max_statement_time exceeded)".
+const MARIADB_STATEMENT_TIMEOUT: u16 = 1969;
+/// MySQL's ER_QUERY_TIMEOUT: "maximum statement execution time exceeded".
+const MYSQL_QUERY_TIMEOUT: u16 = 3024;
+/// MySQL/MariaDB's ER_UNKNOWN_SYSTEM_VARIABLE.
+const UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -160,11 +196,29 @@ impl Store {
     /// which never change the schema. The pool connects lazily, so a database that is down at
     /// start-up is an error per query, not at start.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
+        Store::connect_reader(url, max_connections, None)
+    }
+
+    /// [`Store::connect_lazy`] with a statement timeout on every connection of the pool: the
+    /// server stops any statement still running after `statement_timeout` (MariaDB's
+    /// `max_statement_time`, or MySQL's `max_execution_time`, which bounds SELECTs only: readers
+    /// run nothing else), and the query fails with an error for which
+    /// [`Error::is_statement_timeout`] holds. `None` or zero: no timeout.
+    pub fn connect_reader(
+        url: &str,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> Result<Self> {
         let options: MySqlConnectOptions = url.parse().map_err(Error::InvalidUrl)?;
-        let pool = MySqlPoolOptions::new()
+        let mut pool = MySqlPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.timezone(Some(String::from("+00:00"))));
+            .acquire_timeout(Duration::from_secs(5));
+        if let Some(timeout) = statement_timeout.filter(|timeout| !timeout.is_zero()) {
+            pool = pool.after_connect(move |connection, _| {
+                Box::pin(async move { limit_statement_time(connection, timeout).await })
+            });
+        }
+        let pool = pool.connect_lazy_with(options.timezone(Some(String::from("+00:00"))));
         Ok(Store { pool })
     }
 
@@ -305,6 +359,52 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+/// Sets the session's statement timeout: MariaDB's `max_statement_time` (seconds, fractional),
+/// else MySQL's `max_execution_time` (milliseconds). A server with neither is refused with a
+/// message naming the API's setting (the pool logs it and the query fails as unavailable).
+async fn limit_statement_time(
+    connection: &mut sqlx::MySqlConnection,
+    timeout: Duration,
+) -> std::result::Result<(), sqlx::Error> {
+    let millis = timeout.as_millis().max(1);
+    let mariadb = format!(
+        "SET SESSION max_statement_time = {}.{:03}",
+        millis / 1_000,
+        millis % 1_000
+    );
+    let unknown_variable = |error: &sqlx::Error| {
+        error
+            .as_database_error()
+            .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .is_some_and(|error| error.number() == UNKNOWN_SYSTEM_VARIABLE)
+    };
+    match sqlx::query(&mariadb)
+        .persistent(false)
+        .execute(&mut *connection)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(error) if unknown_variable(&error) => {
+            let mysql = format!("SET SESSION max_execution_time = {millis}");
+            match sqlx::query(&mysql)
+                .persistent(false)
+                .execute(&mut *connection)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(error) if unknown_variable(&error) => Err(sqlx::Error::Configuration(
+                    "the server has neither max_statement_time (MariaDB 10.1+) nor \
+                     max_execution_time (MySQL 5.7.8+), so the API cannot bound its queries; \
+                     set TELEMETRY_API_STATEMENT_TIMEOUT_MS=0 to run without a statement timeout"
+                        .into(),
+                )),
+                Err(error) => Err(error),
+            }
+        }
+        Err(error) => Err(error),
     }
 }
 

@@ -32,6 +32,19 @@ pub struct DeviceSummary {
     pub metrics: Vec<String>,
 }
 
+/// Which devices to list: one page of them in device-id order, as the database orders ids (the
+/// column's collation). Paging and the scope are applied in the query, so a token that sees few
+/// devices still gets full pages.
+#[derive(Debug, Clone)]
+pub struct DevicePage<'a> {
+    /// Only devices after this id (the last one of the previous page); `None`: from the first.
+    pub after: Option<&'a str>,
+    /// Only devices in this scope.
+    pub scope: &'a telemetry_core::DeviceScope,
+    /// At most this many.
+    pub limit: u32,
+}
+
 /// One device's metric over a time range, cut into equal buckets.
 #[derive(Debug, Clone)]
 pub struct SeriesQuery<'a> {
@@ -73,6 +86,9 @@ pub struct DeadLetterFilter<'a> {
     pub scope: &'a telemetry_core::DeviceScope,
     /// At most this many, newest first.
     pub limit: u32,
+    /// Each payload cut (by the query, so no more is read) to its first this many bytes; the
+    /// entry's `payload_bytes` still says how long the original was.
+    pub max_payload_bytes: u32,
 }
 
 /// One indexed rejected record.
@@ -100,42 +116,64 @@ pub struct DeadLetterEntry {
     pub source_partition: i32,
     /// Its offset there.
     pub source_offset: i64,
-    /// The original bytes (at most 64 KiB of them).
+    /// The original bytes: at most the filter's `max_payload_bytes` of them (and the index keeps at
+    /// most 64 KiB).
     pub payload: Vec<u8>,
     /// The original payload's full length.
     pub payload_bytes: u32,
 }
 
 impl Store {
-    /// Every device seen, sorted by id, with its counts for the hour and day before `now`.
-    pub async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
+    /// One page of the devices seen (see [`DevicePage`]), sorted by id, with their counts for
+    /// the hour and day before `now`.
+    pub async fn devices(
+        &self,
+        now: DateTime<Utc>,
+        page: &DevicePage<'_>,
+    ) -> Result<Vec<DeviceSummary>> {
         let hour_ago = minute_of(now - Duration::hours(1));
         let day_ago = minute_of(now - Duration::days(1));
-        // Counts come from `device_minutes` (one row per device and minute), whole minutes: the
-        // hour is the 60 minutes up to the current one. (Binary-collated ids are read as text
-        // through CAST.)
-        let rows = sqlx::query(
+        // The page is cut from `devices` first (its primary key, in order, from the cursor on);
+        // only its devices' minutes are read. Counts come from `device_minutes` (one row per
+        // device and minute), whole minutes: the hour is the 60 minutes up to the current one.
+        // (Binary-collated ids are read as text through CAST.)
+        let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
             "SELECT CAST(d.device_id AS CHAR) AS device_id, d.first_seen, d.last_seen, \
                     d.last_accepted, d.last_rejected, \
-                    CAST(COALESCE(m.accepted_hour, 0) AS UNSIGNED) AS events_last_hour, \
-                    CAST(COALESCE(m.accepted_day, 0) AS UNSIGNED) AS events_last_day, \
-                    CAST(COALESCE(m.rejected_hour, 0) AS UNSIGNED) AS dlq_last_hour, \
-                    CAST(COALESCE(m.rejected_day, 0) AS UNSIGNED) AS dlq_last_day \
-             FROM devices d \
-             LEFT JOIN (SELECT device_id, \
-                               SUM(IF(minute > ?, accepted, 0)) AS accepted_hour, \
-                               SUM(accepted) AS accepted_day, \
-                               SUM(IF(minute > ?, rejected, 0)) AS rejected_hour, \
-                               SUM(rejected) AS rejected_day \
-                        FROM device_minutes WHERE minute > ? GROUP BY device_id) m \
-                    ON m.device_id = d.device_id \
-             ORDER BY d.device_id",
-        )
-        .bind(hour_ago)
-        .bind(hour_ago)
-        .bind(day_ago)
-        .fetch_all(&self.pool)
-        .await?;
+                    CAST(COALESCE(SUM(IF(m.minute > ",
+        );
+        query
+            .push_bind(hour_ago)
+            .push(
+                ", m.accepted, 0)), 0) AS UNSIGNED) AS events_last_hour, \
+                 CAST(COALESCE(SUM(m.accepted), 0) AS UNSIGNED) AS events_last_day, \
+                 CAST(COALESCE(SUM(IF(m.minute > ",
+            )
+            .push_bind(hour_ago)
+            .push(
+                ", m.rejected, 0)), 0) AS UNSIGNED) AS dlq_last_hour, \
+                 CAST(COALESCE(SUM(m.rejected), 0) AS UNSIGNED) AS dlq_last_day \
+                 FROM (SELECT device_id, first_seen, last_seen, last_accepted, last_rejected \
+                       FROM devices WHERE 1 = 1",
+            );
+        if let Some(after) = page.after {
+            query.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        push_scope(&mut query, "device_id", page.scope);
+        query
+            .push(" ORDER BY device_id LIMIT ")
+            .push_bind(page.limit)
+            .push(
+                ") d \
+                 LEFT JOIN device_minutes m ON m.device_id = d.device_id AND m.minute > ",
+            )
+            .push_bind(day_ago)
+            .push(
+                " GROUP BY d.device_id, d.first_seen, d.last_seen, d.last_accepted, \
+                 d.last_rejected \
+                 ORDER BY d.device_id",
+            );
+        let rows = query.build().fetch_all(&self.pool).await?;
         let mut devices = Vec::with_capacity(rows.len());
         for row in rows {
             devices.push(DeviceSummary {
@@ -155,24 +193,37 @@ impl Store {
                 metrics: Vec::new(),
             });
         }
-        // Each device's latest row by device time: the newest end of its primary-key range.
-        let latest = sqlx::query(
-            "SELECT CAST(t.device_id AS CHAR) AS device_id, CAST(JSON_KEYS(t.metrics) AS CHAR) AS names \
+        if devices.is_empty() {
+            return Ok(devices);
+        }
+        // Each listed device's latest row by device time: the newest end of its primary-key
+        // range.
+        let mut latest = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "SELECT CAST(t.device_id AS CHAR) AS device_id, \
+                    CAST(JSON_KEYS(t.metrics) AS CHAR) AS names \
              FROM telemetry t \
              JOIN (SELECT device_id, MAX(device_ts) AS device_ts FROM telemetry \
-                   GROUP BY device_id) latest \
-               ON latest.device_id = t.device_id AND latest.device_ts = t.device_ts",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        for row in latest {
-            let device_id: String = row.try_get("device_id")?;
-            let names: Option<String> = row.try_get("names")?;
-            let names: Vec<String> = names
-                .and_then(|names| serde_json::from_str(&names).ok())
-                .unwrap_or_default();
-            add_metric_names(&mut devices, &device_id, names);
+                   WHERE device_id IN (",
+        );
+        let mut ids = latest.separated(", ");
+        for device in &devices {
+            ids.push_bind(device.device_id.clone());
         }
+        latest.push(
+            ") GROUP BY device_id) latest \
+             ON latest.device_id = t.device_id AND latest.device_ts = t.device_ts",
+        );
+        let rows = latest.build().fetch_all(&self.pool).await?;
+        let mut names = Vec::with_capacity(rows.len());
+        for row in rows {
+            let device_id: String = row.try_get("device_id")?;
+            let listed: Option<String> = row.try_get("names")?;
+            let listed: Vec<String> = listed
+                .and_then(|listed| serde_json::from_str(&listed).ok())
+                .unwrap_or_default();
+            names.push((device_id, listed));
+        }
+        add_metric_names(&mut devices, names);
         Ok(devices)
     }
 
@@ -275,15 +326,20 @@ impl Store {
         Ok(buckets)
     }
 
-    /// The newest indexed rejected records matching `filter`.
+    /// The newest indexed rejected records matching `filter`, each payload cut to the filter's
+    /// `max_payload_bytes` by the database.
     pub async fn dead_letters(
         &self,
         filter: &DeadLetterFilter<'_>,
     ) -> Result<Vec<DeadLetterEntry>> {
+        // `payload` is a BLOB: SUBSTRING counts bytes.
         let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
             "SELECT id, received_at, CAST(device_id AS CHAR) AS device_id, code, message, field, \
                     rule, contract_version, source_topic, source_partition, source_offset, \
-                    payload, payload_bytes \
+                    SUBSTRING(payload, 1, ",
+        );
+        query.push_bind(filter.max_payload_bytes).push(
+            ") AS payload, payload_bytes \
              FROM dlq_events WHERE 1 = 1",
         );
         if let Some(device_id) = filter.device_id {
@@ -320,14 +376,25 @@ impl Store {
     }
 }
 
-/// Adds the metric names of a device's latest event to its summary (`devices` sorted by id), sorted
-/// and once each: two events may share the latest device time.
-pub(crate) fn add_metric_names(devices: &mut [DeviceSummary], device_id: &str, names: Vec<String>) {
-    if let Ok(index) = devices.binary_search_by(|device| device.device_id.as_str().cmp(device_id)) {
-        let metrics = &mut devices[index].metrics;
-        metrics.extend(names);
-        metrics.sort_unstable();
-        metrics.dedup();
+/// Adds the metric names of each device's latest event (`(device id, names)`) to its summary,
+/// sorted and once each: two events may share the latest device time. Ids match exactly (the
+/// database may have matched `pico-7 ` to `pico-7`).
+pub(crate) fn add_metric_names(
+    devices: &mut [DeviceSummary],
+    names: impl IntoIterator<Item = (String, Vec<String>)>,
+) {
+    let index: std::collections::HashMap<String, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(position, device)| (device.device_id.clone(), position))
+        .collect();
+    for (device_id, listed) in names {
+        if let Some(&position) = index.get(&device_id) {
+            let metrics = &mut devices[position].metrics;
+            metrics.extend(listed);
+            metrics.sort_unstable();
+            metrics.dedup();
+        }
     }
 }
 

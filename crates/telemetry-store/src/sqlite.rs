@@ -12,10 +12,14 @@
 //! - one transaction per batch, WAL journal with `synchronous = FULL`: a batch the audit service
 //!   was told is stored survives a crash of the process or of the machine;
 //! - one writer connection (SQLite has one writer at a time) and one reader connection, which
-//!   WAL lets read while the writer writes.
+//!   WAL lets read while the writer writes;
+//! - a reader opened with a statement timeout ([`SqliteStore::with_statement_timeout`], the API's)
+//!   has it enforced by a watchdog thread that interrupts the statement, as MariaDB's
+//!   `max_statement_time` would.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use libsql::Value;
@@ -26,8 +30,9 @@ use crate::dead_letters::{
     cut, MAX_INDEXED_PAYLOAD_BYTES, MAX_MESSAGE_CHARS, MAX_TEXT_COLUMN_CHARS,
 };
 use crate::{
-    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DeviceSummary, Error, NewDeadLetter,
-    Resolution, Result, RollupCoverage, Seen, SeriesQuery, Sightings, Table, TelemetryStore,
+    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary, Error,
+    NewDeadLetter, Resolution, Result, RollupCoverage, Seen, SeriesQuery, Sightings, Table,
+    TelemetryStore,
 };
 
 /// The schema, applied at every open (each statement is idempotent); `user_version` records it,
@@ -94,6 +99,10 @@ const PRUNE_BATCH: i64 = 10_000;
 /// How long a statement waits for another connection's lock (a second process on the same file).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// With a statement timeout, how long a query waits for the reader connection (busy with another
+/// query) before it is refused as unavailable: the MySQL store's pool waits as long.
+const READER_WAIT: Duration = Duration::from_secs(5);
+
 /// A telemetry database in one SQLite file.
 pub struct SqliteStore {
     path: PathBuf,
@@ -101,6 +110,8 @@ pub struct SqliteStore {
     _database: libsql::Database,
     writer: Mutex<libsql::Connection>,
     reader: Mutex<libsql::Connection>,
+    /// The reader's statement timeout and what enforces it; `None`: no timeout.
+    statement_timeout: Option<(Duration, Watchdog)>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -155,24 +166,48 @@ impl SqliteStore {
             _database: database,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            statement_timeout: None,
         })
     }
 
-    /// Every row of the query, as values. (A libsql row reads its statement's current row, so
-    /// each is copied out before the next step.)
-    async fn query_rows(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>> {
-        let connection = self.reader.lock().await;
-        let mut rows = connection.query(sql, params).await?;
-        let columns = rows.column_count();
-        let mut all = Vec::new();
-        while let Some(row) = rows.next().await? {
-            all.push(
-                (0..columns)
-                    .map(|index| row.get_value(index))
-                    .collect::<Result<Row, _>>()?,
-            );
+    /// Bounds every read: a statement of the reader connection still running after `timeout` is
+    /// interrupted and fails with [`Error::StatementTimeout`]; a query that waits longer than
+    /// five seconds for the reader (busy with others) fails with [`Error::Busy`]. Zero: no
+    /// timeout. (Writes are not bounded: the audit service's batches must finish.)
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Result<Self> {
+        if timeout.is_zero() {
+            self.statement_timeout = None;
+            return Ok(self);
         }
-        Ok(all)
+        let reader = self.reader.get_mut().clone();
+        let watchdog = Watchdog::spawn(reader).map_err(|error| {
+            Error::Sqlite(format!(
+                "cannot start the statement-timeout thread: {error}"
+            ))
+        })?;
+        self.statement_timeout = Some((timeout, watchdog));
+        Ok(self)
+    }
+
+    /// Every row of the query on the reader, as values; within the statement timeout, if the
+    /// store has one.
+    async fn query_rows(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>> {
+        let Some((timeout, watchdog)) = &self.statement_timeout else {
+            let connection = self.reader.lock().await;
+            return read_all(&connection, sql, params).await;
+        };
+        let connection = tokio::time::timeout(READER_WAIT, self.reader.lock())
+            .await
+            .map_err(|_| {
+                Error::Busy("the SQLite reader connection stayed busy with other queries")
+            })?;
+        let statement = watchdog.start(*timeout);
+        let read = read_all(&connection, sql, params).await;
+        let interrupted = watchdog.finish(statement);
+        match read {
+            Err(_) if interrupted => Err(Error::StatementTimeout(*timeout)),
+            read => read,
+        }
     }
 
     /// Runs `delete` (bound to `bound` and a batch size) until it deletes less than a batch, each
@@ -204,6 +239,141 @@ impl SqliteStore {
             .transpose()?
             .flatten()
             .map_or(0, |count| u64::try_from(count).unwrap_or(0)))
+    }
+}
+
+/// Every row of the query on `connection`, as values. (A libsql row reads its statement's current
+/// row, so each is copied out before the next step.)
+async fn read_all(
+    connection: &libsql::Connection,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<Vec<Row>> {
+    let mut rows = connection.query(sql, params).await?;
+    let columns = rows.column_count();
+    let mut all = Vec::new();
+    while let Some(row) = rows.next().await? {
+        all.push(
+            (0..columns)
+                .map(|index| row.get_value(index))
+                .collect::<Result<Row, _>>()?,
+        );
+    }
+    Ok(all)
+}
+
+/// Interrupts the reader's statement once it has run for the statement timeout. A thread of its
+/// own: libsql runs a local statement on the calling thread to its end, so nothing on the async
+/// runtime could stop it; `sqlite3_interrupt` may be called from any thread.
+struct Watchdog {
+    shared: Arc<Watched>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Watched {
+    state: std::sync::Mutex<Watch>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// The statement running now: its number and deadline.
+    running: Option<(u64, Instant)>,
+    /// The number of the last statement interrupted.
+    interrupted: Option<u64>,
+    /// The number of the last statement started.
+    last: u64,
+    /// Set when the store is dropped: the thread ends.
+    stop: bool,
+}
+
+impl Watched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watch> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Watchdog {
+    fn spawn(connection: libsql::Connection) -> std::io::Result<Self> {
+        let shared = Arc::new(Watched {
+            state: std::sync::Mutex::new(Watch::default()),
+            wake: Condvar::new(),
+        });
+        let thread = std::thread::Builder::new()
+            .name(String::from("sqlite-statement-timeout"))
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || watch(&shared, &connection)
+            })?;
+        Ok(Watchdog {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts timing a statement of the reader; returns its number for [`Watchdog::finish`].
+    fn start(&self, timeout: Duration) -> u64 {
+        let mut watch = self.shared.lock();
+        watch.last += 1;
+        let number = watch.last;
+        watch.running = Some((number, Instant::now() + timeout));
+        self.shared.wake.notify_one();
+        number
+    }
+
+    /// Stops timing statement `number`; whether it was interrupted. Once this returns, the
+    /// watchdog cannot interrupt the reader on its behalf any more (it interrupts holding the lock).
+    fn finish(&self, number: u64) -> bool {
+        let mut watch = self.shared.lock();
+        if watch.running.is_some_and(|(running, _)| running == number) {
+            watch.running = None;
+        }
+        watch.interrupted == Some(number)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // The thread only waits on the condition variable: it ends at once.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The watchdog thread: waits for a statement's deadline, and interrupts the connection if the
+/// statement is still running then. (An interrupt when no statement runs is a no-op.)
+fn watch(shared: &Watched, connection: &libsql::Connection) {
+    let mut watch = shared.lock();
+    loop {
+        if watch.stop {
+            return;
+        }
+        match watch.running {
+            None => {
+                watch = shared
+                    .wake
+                    .wait(watch)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            Some((number, deadline)) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    if let Err(error) = connection.interrupt() {
+                        tracing::warn!(%error, "Could not interrupt a SQLite statement.");
+                    }
+                    watch.interrupted = Some(number);
+                    watch.running = None;
+                } else {
+                    watch = shared
+                        .wake
+                        .wait_timeout(watch, deadline - now)
+                        .map_or_else(|error| error.into_inner().0, |(guard, _)| guard);
+                }
+            }
+        }
     }
 }
 
@@ -563,26 +733,39 @@ impl TelemetryStore for SqliteStore {
         .await
     }
 
-    async fn devices(&self, now: DateTime<Utc>) -> Result<Vec<DeviceSummary>> {
+    async fn devices(
+        &self,
+        now: DateTime<Utc>,
+        page: &DevicePage<'_>,
+    ) -> Result<Vec<DeviceSummary>> {
         let hour_ago = millis(crate::queries::minute_of(now - chrono::Duration::hours(1)));
         let day_ago = millis(crate::queries::minute_of(now - chrono::Duration::days(1)));
-        let rows = self
-            .query_rows(
-                "SELECT d.device_id, d.first_seen, d.last_seen, d.last_accepted, d.last_rejected, \
-                        COALESCE(m.accepted_hour, 0), COALESCE(m.accepted_day, 0), \
-                        COALESCE(m.rejected_hour, 0), COALESCE(m.rejected_day, 0) \
-                 FROM devices d \
-                 LEFT JOIN (SELECT device_id, \
-                                   SUM(CASE WHEN minute > ?1 THEN accepted ELSE 0 END) AS accepted_hour, \
-                                   SUM(accepted) AS accepted_day, \
-                                   SUM(CASE WHEN minute > ?1 THEN rejected ELSE 0 END) AS rejected_hour, \
-                                   SUM(rejected) AS rejected_day \
-                            FROM device_minutes WHERE minute > ?2 GROUP BY device_id) m \
-                        ON m.device_id = d.device_id \
-                 ORDER BY d.device_id",
-                vec![Value::Integer(hour_ago), Value::Integer(day_ago)],
-            )
-            .await?;
+        // The page is cut from `devices` first (its primary key, in order, from the cursor on);
+        // only its devices' minutes are read.
+        let mut sql = String::from(
+            "SELECT d.device_id, d.first_seen, d.last_seen, d.last_accepted, d.last_rejected, \
+                    COALESCE(SUM(CASE WHEN m.minute > ?1 THEN m.accepted ELSE 0 END), 0), \
+                    COALESCE(SUM(m.accepted), 0), \
+                    COALESCE(SUM(CASE WHEN m.minute > ?1 THEN m.rejected ELSE 0 END), 0), \
+                    COALESCE(SUM(m.rejected), 0) \
+             FROM (SELECT device_id, first_seen, last_seen, last_accepted, last_rejected \
+                   FROM devices WHERE 1 = 1",
+        );
+        let mut params = vec![Value::Integer(hour_ago), Value::Integer(day_ago)];
+        if let Some(after) = page.after {
+            params.push(text(after));
+            sql.push_str(&format!(" AND device_id > ?{}", params.len()));
+        }
+        push_scope(&mut sql, &mut params, "device_id", page.scope);
+        params.push(Value::Integer(i64::from(page.limit)));
+        sql.push_str(&format!(
+            " ORDER BY device_id LIMIT ?{}) d \
+             LEFT JOIN device_minutes m ON m.device_id = d.device_id AND m.minute > ?2 \
+             GROUP BY d.device_id, d.first_seen, d.last_seen, d.last_accepted, d.last_rejected \
+             ORDER BY d.device_id",
+            params.len()
+        ));
+        let rows = self.query_rows(&sql, params).await?;
         let mut devices = Vec::with_capacity(rows.len());
         for row in &rows {
             devices.push(DeviceSummary {
@@ -598,25 +781,44 @@ impl TelemetryStore for SqliteStore {
                 metrics: Vec::new(),
             });
         }
-        // Each device's latest row by device time: the newest end of its primary-key range.
+        if devices.is_empty() {
+            return Ok(devices);
+        }
+        // Each listed device's latest row by device time: the newest end of its primary-key
+        // range, one index step per device (SQLite finds MAX alone that way; with GROUP BY it
+        // would read every row of the device).
+        let placeholders = (1..=devices.len())
+            .map(|index| format!("?{index}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let latest = self
             .query_rows(
-                "SELECT t.device_id, t.metrics FROM telemetry t \
-                 JOIN (SELECT device_id, MAX(device_ts) AS device_ts FROM telemetry \
-                       GROUP BY device_id) latest \
-                   ON latest.device_id = t.device_id AND latest.device_ts = t.device_ts",
-                Vec::new(),
+                &format!(
+                    "SELECT t.device_id, t.metrics \
+                     FROM (SELECT d.device_id, \
+                                  (SELECT MAX(x.device_ts) FROM telemetry x \
+                                   WHERE x.device_id = d.device_id) AS device_ts \
+                           FROM devices d WHERE d.device_id IN ({placeholders})) latest \
+                     JOIN telemetry t \
+                       ON t.device_id = latest.device_id AND t.device_ts = latest.device_ts"
+                ),
+                devices
+                    .iter()
+                    .map(|device| text(&device.device_id))
+                    .collect(),
             )
             .await?;
+        let mut names = Vec::with_capacity(latest.len());
         for row in &latest {
             let device_id = string(row, 0)?;
             let metrics = string(row, 1)?;
-            let names: Vec<String> =
+            let listed: Vec<String> =
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&metrics)
                     .map(|metrics| metrics.into_iter().map(|(name, _)| name).collect())
                     .unwrap_or_default();
-            crate::queries::add_metric_names(&mut devices, &device_id, names);
+            names.push((device_id, listed));
         }
+        crate::queries::add_metric_names(&mut devices, names);
         Ok(devices)
     }
 
@@ -679,12 +881,14 @@ impl TelemetryStore for SqliteStore {
     }
 
     async fn dead_letters(&self, filter: &DeadLetterFilter<'_>) -> Result<Vec<DeadLetterEntry>> {
+        // substr of a BLOB counts bytes (the CAST in case a row holds TEXT).
         let mut sql = String::from(
             "SELECT id, received_at, device_id, code, message, field, rule, contract_version, \
-                    source_topic, source_partition, source_offset, payload, payload_bytes \
+                    source_topic, source_partition, source_offset, \
+                    substr(CAST(payload AS BLOB), 1, ?1), payload_bytes \
              FROM dlq_events WHERE 1 = 1",
         );
-        let mut params = Vec::new();
+        let mut params = vec![Value::Integer(i64::from(filter.max_payload_bytes))];
         if let Some(device_id) = filter.device_id {
             params.push(text(device_id));
             sql.push_str(&format!(" AND device_id = ?{}", params.len()));

@@ -7,7 +7,17 @@ use chrono::{DateTime, Duration, Utc};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::{Contract, DevicePattern, DeviceScope, Outcome, SourcePosition, Validator};
 use telemetry_store::{
-    DeadLetterFilter, DynStore, NewDeadLetter, SeriesQuery, Store, Table, TelemetryStore,
+    DeadLetterFilter, DevicePage, DynStore, NewDeadLetter, SeriesQuery, Store, Table,
+    TelemetryStore,
+};
+
+static ALL: DeviceScope = DeviceScope::All;
+
+/// The first 1,000 devices: all of them, in these tests.
+const EVERY_DEVICE: DevicePage<'static> = DevicePage {
+    after: None,
+    scope: &ALL,
+    limit: 1_000,
 };
 
 async fn mysql() -> DynStore {
@@ -118,7 +128,7 @@ async fn idempotent_rows(store: &dyn TelemetryStore) {
         .unwrap();
     assert_eq!(store.count_dead_letters().await.unwrap(), 2);
 
-    let devices = store.devices(Utc::now()).await.unwrap();
+    let devices = store.devices(Utc::now(), &EVERY_DEVICE).await.unwrap();
     assert_eq!(devices.len(), 1);
     let device = &devices[0];
     assert_eq!(device.device_id, "d1");
@@ -211,6 +221,7 @@ async fn api_queries(store: &dyn TelemetryStore) {
         code,
         scope,
         limit: 10,
+        max_payload_bytes: 65_536,
     };
     let all = store.dead_letters(&list(None, None, &every)).await.unwrap();
     assert_eq!(
@@ -253,6 +264,24 @@ async fn api_queries(store: &dyn TelemetryStore) {
         .await
         .unwrap();
     assert_eq!(limited.len(), 2);
+    // Payloads cut by the query, the full length kept.
+    let cut = store
+        .dead_letters(&DeadLetterFilter {
+            max_payload_bytes: 3,
+            ..list(Some("pico-1"), None, &every)
+        })
+        .await
+        .unwrap();
+    assert_eq!(cut[0].payload, b"\xffoo");
+    assert_eq!(cut[0].payload_bytes, 5);
+    let none = store
+        .dead_letters(&DeadLetterFilter {
+            max_payload_bytes: 0,
+            ..list(Some("pico-1"), None, &every)
+        })
+        .await
+        .unwrap();
+    assert!(none[0].payload.is_empty());
 
     // Two hours ago: in the day's counts, not the hour's.
     let earlier = (t0 - Duration::hours(2)).timestamp_millis();
@@ -265,7 +294,7 @@ async fn api_queries(store: &dyn TelemetryStore) {
         .await
         .unwrap();
 
-    let devices = store.devices(Utc::now()).await.unwrap();
+    let devices = store.devices(Utc::now(), &EVERY_DEVICE).await.unwrap();
     let ids: Vec<_> = devices
         .iter()
         .map(|device| device.device_id.as_str())
@@ -310,7 +339,7 @@ async fn api_queries(store: &dyn TelemetryStore) {
         .prune_device_minutes(Utc::now() + Duration::minutes(1))
         .await
         .unwrap();
-    let devices = store.devices(Utc::now()).await.unwrap();
+    let devices = store.devices(Utc::now(), &EVERY_DEVICE).await.unwrap();
     assert_eq!(devices[1].events_last_hour, 0, "counts pruned");
     assert_eq!(devices.len(), 3, "devices stay");
     assert!(store.rollup_coverage("pico-1").await.unwrap().is_none());
@@ -386,4 +415,194 @@ async fn a_bad_sqlite_url_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("give a file"), "{error}");
+}
+
+/// Every page of `limit` devices in `scope`, following each page's last id, until a short page.
+async fn pages(store: &dyn TelemetryStore, scope: &DeviceScope, limit: u32) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .devices(
+                Utc::now(),
+                &DevicePage {
+                    after: after.as_deref(),
+                    scope,
+                    limit,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(page.len() <= limit as usize);
+        for device in &page {
+            assert!(scope.allows(&device.device_id), "{}", device.device_id);
+            assert_eq!(
+                device.metrics,
+                ["humidity_pct", "temperature_c"],
+                "the metrics of {}, found on its page",
+                device.device_id
+            );
+            assert_eq!(device.events_last_day, 1);
+        }
+        let ids: Vec<String> = page.iter().map(|device| device.device_id.clone()).collect();
+        after = ids.last().cloned();
+        let full = ids.len() == limit as usize;
+        pages.push(ids);
+        if !full {
+            return pages;
+        }
+    }
+}
+
+async fn devices_are_paged_in_the_query(store: &dyn TelemetryStore) {
+    let t0 = base_time().timestamp_millis();
+    // Greenhouses between the picos, so a scope of picos skips rows in the middle of pages.
+    let mut ids: Vec<String> = (0..25)
+        .map(|index| {
+            if index % 3 == 0 {
+                format!("pico-{index:02}-greenhouse")
+            } else {
+                format!("pico-{index:02}")
+            }
+        })
+        .collect();
+    let records: Vec<_> = ids
+        .iter()
+        .zip(0..)
+        .map(|(id, offset)| record(id, t0 + offset, Some(0), 20.0))
+        .collect();
+    store
+        .insert_events_into(&Table::live(), &records)
+        .await
+        .unwrap();
+    ids.sort();
+
+    for limit in [1, 4, 25, 100] {
+        let pages = pages(store, &ALL, limit).await;
+        let walked: Vec<String> = pages.iter().flatten().cloned().collect();
+        assert_eq!(walked, ids, "pages of {limit}: every device once, in order");
+    }
+    // A scope: its devices only, and every page but the last full.
+    let greenhouses = DeviceScope::Only(vec![
+        DevicePattern::parse("pico-0*").unwrap(),
+        DevicePattern::parse("pico-21-greenhouse").unwrap(),
+    ]);
+    let expected: Vec<String> = ids
+        .iter()
+        .filter(|id| greenhouses.allows(id))
+        .cloned()
+        .collect();
+    assert_eq!(expected.len(), 11);
+    let pages = pages(store, &greenhouses, 4).await;
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        [4, 4, 3],
+        "full pages: the scope is applied in the query, before the limit"
+    );
+    assert_eq!(pages.concat(), expected);
+    // After the last device: nothing.
+    let last = ids.last().unwrap();
+    let past = store
+        .devices(
+            Utc::now(),
+            &DevicePage {
+                after: Some(last),
+                scope: &ALL,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(past.is_empty());
+}
+
+#[tokio::test]
+async fn mysql_pages_devices() {
+    devices_are_paged_in_the_query(mysql().await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_pages_devices() {
+    let (store, _dir) = sqlite().await;
+    devices_are_paged_in_the_query(store.as_ref()).await;
+}
+
+/// Rows for a series query that takes well over [`TIMEOUT`]: `rows` readings a second apart.
+async fn fill(store: &dyn TelemetryStore, rows: i64) -> DateTime<Utc> {
+    let start = base_time() - Duration::seconds(rows);
+    let t0 = start.timestamp_millis();
+    // One record validated, copied to each second (validating each would take longer).
+    let template = record("slow-1", t0, Some(0), 20.0);
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(10_000) {
+        let records: Vec<_> = chunk
+            .iter()
+            .map(|second| {
+                let mut record = template.clone();
+                record.event.device_ts = t0 + second * 1_000;
+                record.source.offset = *second;
+                record
+            })
+            .collect();
+        store
+            .insert_events_into(&Table::live(), &records)
+            .await
+            .unwrap();
+    }
+    start
+}
+
+/// A statement timeout far below what the series query over [`fill`]'s rows takes (hundreds of
+/// milliseconds), far above what an index lookup takes.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
+
+async fn long_queries_are_stopped(writer: &dyn TelemetryStore, reader: &dyn TelemetryStore) {
+    let rows = 100_000;
+    let from = fill(writer, rows).await;
+    let query = SeriesQuery {
+        device_id: "slow-1",
+        metric: "temperature_c",
+        from,
+        to: from + Duration::seconds(rows),
+        bucket: Duration::minutes(10),
+    };
+    let started = std::time::Instant::now();
+    let error = reader.series(&query).await.unwrap_err();
+    assert!(error.is_statement_timeout(), "{error}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "stopped soon after the timeout, not run to the end: {:?}",
+        started.elapsed()
+    );
+    // The reader goes on answering quick queries.
+    assert!(reader.device_exists("slow-1").await.unwrap());
+    // Without a timeout, the same query runs to the end.
+    let buckets = writer.series(&query).await.unwrap();
+    assert_eq!(
+        buckets.iter().map(|bucket| bucket.count).sum::<u64>(),
+        rows as u64
+    );
+}
+
+#[tokio::test]
+async fn mysql_stops_long_queries_at_the_statement_timeout() {
+    let url = telemetry_testkit::database_url(&telemetry_testkit::unique("timeout"));
+    let writer = Store::connect(&url, 2).await.unwrap();
+    writer.migrate().await.unwrap();
+    let reader = telemetry_store::open_bounded_reader(&url, 2, Some(TIMEOUT))
+        .await
+        .unwrap();
+    long_queries_are_stopped(&writer, reader.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_stops_long_queries_at_the_statement_timeout() {
+    let (writer, dir) = sqlite().await;
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("nested/telemetry.db").display()
+    );
+    let reader = telemetry_store::open_bounded_reader(&url, 1, Some(TIMEOUT))
+        .await
+        .unwrap();
+    long_queries_are_stopped(writer.as_ref(), reader.as_ref()).await;
 }

@@ -41,6 +41,18 @@ fn rejected(offset: i64, device_id: Option<&str>, received_at: i64) -> NewDeadLe
     }
 }
 
+/// A store on a database of the test's own, migrated.
+async fn fresh_store(name: &str) -> Store {
+    let store = Store::connect(
+        &telemetry_testkit::database_url(&telemetry_testkit::unique(name)),
+        2,
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
 async fn rows(store: &Store) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
         .fetch_one(store.pool())
@@ -50,13 +62,7 @@ async fn rows(store: &Store) -> i64 {
 
 #[tokio::test]
 async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
-    let store = Store::connect(
-        &telemetry_testkit::database_url(&telemetry_testkit::unique("store")),
-        2,
-    )
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
+    let store = fresh_store("store").await;
     let now = chrono::Utc::now().timestamp_millis();
     let (a, b, c) = (
         record("d1", now, 1),
@@ -79,7 +85,17 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
         .await
         .unwrap();
 
-    let devices = store.devices(chrono::Utc::now()).await.unwrap();
+    let devices = store
+        .devices(
+            chrono::Utc::now(),
+            &telemetry_store::DevicePage {
+                after: None,
+                scope: &telemetry_core::DeviceScope::All,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(devices.len(), 1);
     let device = &devices[0];
     assert_eq!(device.device_id, "d1");
@@ -92,7 +108,8 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
                 device_id: Some("d1"),
                 code: None,
                 scope: &telemetry_core::DeviceScope::All,
-                limit: 10
+                limit: 10,
+                max_payload_bytes: 65_536,
             })
             .await
             .unwrap()
@@ -104,13 +121,7 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
 #[tokio::test]
 async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
     use telemetry_core::{DevicePattern, DeviceScope};
-    let store = Store::connect(
-        &telemetry_testkit::database_url(&telemetry_testkit::unique("scope")),
-        2,
-    )
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
+    let store = fresh_store("scope").await;
     let now = chrono::Utc::now().timestamp_millis();
     let devices = ["a_b-1", "axb-1", "a%b-2", "pico-7", "pico-70", "pico-7 "];
     let letters: Vec<NewDeadLetter<'_>> = devices
@@ -129,6 +140,7 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
                     code: None,
                     scope: &scope,
                     limit: 100,
+                    max_payload_bytes: 65_536,
                 })
                 .await
                 .unwrap()
@@ -162,10 +174,127 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
             code: None,
             scope: &DeviceScope::All,
             limit: 100,
+            max_payload_bytes: 65_536,
         })
         .await
         .unwrap();
     assert_eq!(only_pico_7.len(), 1);
     // Every device, and the record without one.
     assert_eq!(listed(DeviceScope::All).await.len(), 7);
+}
+
+#[tokio::test]
+async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
+    let store = fresh_store("pad").await;
+    let now = chrono::Utc::now().timestamp_millis();
+    // `pico-7 ` (from an MQTT topic) and `pico-7`: rejected records of both, and an event of
+    // `pico-7` (a validated id has no space).
+    store
+        .insert_dead_letters(&[
+            rejected(1, Some("pico-7 "), now),
+            rejected(2, Some("pico-7"), now),
+            rejected(3, Some("pico-7  "), now),
+        ])
+        .await
+        .unwrap();
+    store
+        .insert_events(&[record("pico-7", now, 1)])
+        .await
+        .unwrap();
+    let texts = |sql: &'static str| {
+        let store = store.clone();
+        async move {
+            // Binary-collated text decodes as bytes: read through CAST, as the store does. Sorted
+            // here: `[pico-7  ]` < `[pico-7 ]` < `[pico-7]`.
+            let mut rows: Vec<String> =
+                sqlx::query_scalar(&format!("SELECT CAST(text AS CHAR) FROM ({sql}) AS t"))
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            rows.sort();
+            rows
+        }
+    };
+    assert_eq!(
+        texts("SELECT CONCAT('[', device_id, ']') AS text FROM devices").await,
+        ["[pico-7  ]", "[pico-7 ]", "[pico-7]"],
+        "three devices"
+    );
+    assert_eq!(
+        texts(
+            "SELECT CONCAT('[', device_id, ']', accepted, '/', rejected) AS text \
+             FROM device_minutes"
+        )
+        .await,
+        ["[pico-7  ]0/1", "[pico-7 ]0/1", "[pico-7]1/1"],
+        "each counted for itself"
+    );
+    let last_rejected: Vec<(String, Option<chrono::NaiveDateTime>)> = sqlx::query_as(
+        "SELECT CAST(device_id AS CHAR), last_accepted FROM devices WHERE device_id = 'pico-7 '",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        last_rejected,
+        [("pico-7 ".to_string(), None)],
+        "`=` is exact: only the one with the space, which never had an event"
+    );
+    assert_eq!(
+        texts(
+            "SELECT CONCAT('[', device_id, ']') AS text FROM dlq_events WHERE device_id = 'pico-7'"
+        )
+        .await,
+        ["[pico-7]"]
+    );
+
+    // The alerter's tables too: two states, and alerts under each device.
+    let alert = |alert_id, device_id| telemetry_store::NewAlert {
+        alert_id,
+        status: "firing",
+        device_id,
+        payload: "{}",
+    };
+    store
+        .save_alerts(
+            "group",
+            &[],
+            &[
+                ("quiet", "pico-7 ", Some("{\"phase\": \"ok\"}")),
+                ("quiet", "pico-7", Some("{\"phase\": \"ok\"}")),
+            ],
+            &[
+                alert("quiet:pico-7 :1", "pico-7 "),
+                alert("quiet:pico-7:1", "pico-7"),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    let mut states: Vec<String> = store
+        .alert_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| format!("[{}]", row.device_id))
+        .collect();
+    states.sort();
+    assert_eq!(states, ["[pico-7 ]", "[pico-7]"]);
+    assert_eq!(
+        texts("SELECT alert_id AS text FROM alert_outbox WHERE device_id = 'pico-7'").await,
+        ["quiet:pico-7:1"]
+    );
+    // Deleting one state leaves the other.
+    store
+        .save_alerts("group", &[], &[("quiet", "pico-7", None)], &[], false)
+        .await
+        .unwrap();
+    let left: Vec<String> = store
+        .alert_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| format!("[{}]", row.device_id))
+        .collect();
+    assert_eq!(left, ["[pico-7 ]"]);
 }

@@ -227,7 +227,7 @@ pub async fn publish_qos1_with(
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(100)
-        .set_max_packet_size(2_000_000, 2_000_000);
+        .set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let expected = messages.len();
     let poll = async {
@@ -339,4 +339,71 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
         .expect("binding 127.0.0.1:0")
+}
+
+/// A Mosquitto of the calling test's own, with a configuration of its own (the shared one runs
+/// `deploy/mosquitto/mosquitto.conf`): for what only another configuration shows, such as a
+/// broker without a packet size limit. Stopped when dropped.
+pub struct PrivateMosquitto {
+    child: std::process::Child,
+    port: u16,
+    directory: std::path::PathBuf,
+}
+
+impl PrivateMosquitto {
+    /// Starts the real Mosquitto binary on a free port of 127.0.0.1 with `settings` (lines of
+    /// `mosquitto.conf`) after a listener, anonymous access, no persistence and a QoS 1 window as
+    /// ours; waits until it accepts connections.
+    pub async fn start(settings: &str) -> Self {
+        let port = free_port();
+        let directory = std::env::temp_dir().join(unique("mosquitto"));
+        std::fs::create_dir_all(&directory).expect("a directory for the test's Mosquitto");
+        let config = directory.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages 1000\nset_tcp_nodelay true\n\
+                 log_dest none\n{settings}\n"
+            ),
+        )
+        .expect("the test's Mosquitto configuration");
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .unwrap_or("mosquitto");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting Mosquitto (scripts/services.sh installs it)");
+        let broker = PrivateMosquitto {
+            child,
+            port,
+            directory,
+        };
+        let up = eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(up, "the test's Mosquitto did not listen on {port}");
+        broker
+    }
+
+    /// Its URL, `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
 }

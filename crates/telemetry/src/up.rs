@@ -91,7 +91,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         Some(url) => (url.clone(), "given"),
         None => {
             let address = std::net::SocketAddr::from(([127, 0, 0, 1], ports.mqtt));
-            telemetry_embedded::mqtt::start(address).await?;
+            // The broker takes packets as large as the bridge reads whole: one setting.
+            let limits: telemetry_bridge::BridgeLimits = parse(&[])?;
+            telemetry_embedded::mqtt::start(address, limits.mqtt_max_packet_bytes).await?;
             (format!("mqtt://{address}"), "embedded rumqttd")
         }
     };

@@ -3,7 +3,9 @@
 //! alert resolves once after the alerter restarted in between with its Kafka offsets lost (its
 //! state and offsets are in the database), a
 //! silent device and a burst of rejections fire and resolve, and the webhook gets every alert the
-//! topic has, although its first answer is a 500.
+//! topic has, although its first answer is a 500. A device silent past the forget window is
+//! forgotten (its firing alert resolved, saying why; its states gone from `alert_states`), while
+//! devices that keep sending events or rejected records keep theirs.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -139,8 +141,10 @@ fn config(id: &str, rules: &std::path::Path, kafka: &KafkaConfig) -> AlertConfig
         group_id: format!("{id}-alert"),
         alerts_topic: format!("{id}.alerts"),
         tick_ms: 200,
+        forget_after_seconds: 604_800,
         batch_size: 100,
         listen: format!("127.0.0.1:{}", telemetry_testkit::free_port()),
+        http: Default::default(),
         kafka: kafka.clone(),
     }
 }
@@ -383,4 +387,164 @@ async fn alerts_fire_once_resolve_once_survive_a_restart_and_reach_the_webhook()
         requests[1].1, requests[0].1,
         "the failed one is retried first"
     );
+}
+
+/// A rejected record from `device_id`, arrived now.
+fn rejected(device_id: &str) -> TestRecord {
+    TestRecord {
+        key: Some(device_id.as_bytes().to_vec()),
+        payload: b"{oops".to_vec(),
+        headers: vec![
+            (
+                headers::RECEIVED_AT.to_string(),
+                chrono::Utc::now()
+                    .timestamp_millis()
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (headers::ERROR_CODE.to_string(), b"invalid_json".to_vec()),
+        ],
+    }
+}
+
+/// The devices with a row in `alert_states`, by rule.
+async fn stored_states(database: &str) -> Vec<(String, String)> {
+    let pool = sqlx::MySqlPool::connect(database).await.unwrap();
+    let mut rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT CAST(rule AS CHAR), CAST(device_id AS CHAR) FROM alert_states")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_past_the_forget_window_is_forgotten_and_active_ones_are_kept() {
+    let id = unique("forget");
+    let kafka = kafka_config(&id);
+    let alerts_topic = format!("{id}.alerts");
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.cleaned_topic, &kafka.dlq_topic])
+        .await
+        .unwrap();
+    let directory = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&directory).unwrap();
+    let rules = directory.join("alerts.toml");
+    std::fs::write(
+        &rules,
+        r#"
+        [[rules]]
+        name = "quiet"
+        severity = "critical"
+        silent_for = "2s"
+
+        [[rules]]
+        name = "bad"
+        dlq_above = 1000
+        window = "3s"
+        "#,
+    )
+    .unwrap();
+    let mut settings = config(&id, &rules, &kafka);
+    settings.forget_after_seconds = 6;
+    let metrics_address: std::net::SocketAddr = settings.listen.parse().unwrap();
+    let alerter = start(settings);
+
+    // Throughout: `kept-1` sends an event and `rejecting-1` a rejected record twice a second.
+    let active = CancellationToken::new();
+    let traffic = tokio::spawn({
+        let (active, kafka) = (active.clone(), kafka.clone());
+        async move {
+            while !active.is_cancelled() {
+                produce(&kafka.cleaned_topic, &[cleaned("kept-1", 0, 20.0)]).await;
+                produce(&kafka.dlq_topic, &[rejected("rejecting-1")]).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    // `gone-1` sends until the alerter has read one of its events (its silence fires 2 s
+    // later), then nothing.
+    let joined = eventually(WAIT, || async {
+        produce(&kafka.cleaned_topic, &[cleaned("gone-1", 0, 20.0)]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        !of(&alerts(&alerts_topic).await, "quiet", "gone-1").is_empty()
+    })
+    .await;
+    assert!(joined, "gone-1's silence fires");
+    let database = database_url(&id);
+    assert!(
+        stored_states(&database)
+            .await
+            .contains(&("quiet".to_string(), "gone-1".to_string())),
+        "while it is silent, but not for long, its state is kept"
+    );
+
+    // Six seconds after its last event, it is forgotten: its firing alert resolves, saying why.
+    let alerts = wait_for(
+        &alerts_topic,
+        "the forgotten device's alert resolves",
+        |alerts| {
+            alerts.iter().any(|alert| {
+                alert["device_id"] == "gone-1"
+                    && alert["status"] == "resolved"
+                    && alert["condition"]
+                        .as_str()
+                        .is_some_and(|condition| condition.contains("forgotten"))
+            })
+        },
+    )
+    .await;
+    let resolved = alerts
+        .iter()
+        .find(|alert| alert["device_id"] == "gone-1" && alert["status"] == "resolved")
+        .unwrap();
+    assert_eq!(
+        resolved["condition"],
+        "(the device sent nothing for 6s: its alert state was forgotten)"
+    );
+    assert_eq!(resolved["severity"], "critical", "the rule's, as it fired");
+    assert!(
+        alerts
+            .iter()
+            .any(|alert| alert["alert_id"] == resolved["alert_id"] && alert["status"] == "firing"),
+        "the alert that fired resolves: {alerts:#?}"
+    );
+    // Its state has left the table (in the transaction that wrote the alert) and the alerter's
+    // memory; the devices that keep sending keep theirs.
+    let states = stored_states(&database).await;
+    assert!(
+        states.iter().all(|(_, device)| device != "gone-1"),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&("quiet".to_string(), "kept-1".to_string())),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&("bad".to_string(), "rejecting-1".to_string())),
+        "rejected records keep a device: {states:?}"
+    );
+    let (_, metrics) = telemetry_testkit::http_get(metrics_address, "/metrics")
+        .await
+        .unwrap();
+    for forgotten in [
+        "alert_devices_forgotten_total",
+        "alert_states_forgotten_total",
+    ] {
+        assert!(
+            telemetry_ops::metric_sum(&metrics, forgotten, &["service=\"alert\""])
+                .is_some_and(|count| count >= 1.0),
+            "{forgotten} in {metrics}"
+        );
+    }
+    for held in ["alert_devices_tracked", "alert_states_held"] {
+        assert!(
+            telemetry_ops::metric_sum(&metrics, held, &["service=\"alert\""]).is_some(),
+            "{held} in {metrics}"
+        );
+    }
+    active.cancel();
+    traffic.await.unwrap();
+    alerter.stop().await;
 }

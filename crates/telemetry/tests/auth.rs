@@ -40,12 +40,15 @@ fn api_config(id: &str, listen: &str, auth: AuthConfig) -> ApiConfig {
     ApiConfig {
         mysql_url: database_url(id),
         mysql_max_connections: 2,
+        statement_timeout_ms: 5_000,
+        dlq_payload_bytes: 4_096,
         listen: listen.to_string(),
         live_url: None,
         stale_after_seconds: 300,
         failing_dlq_ratio: 0.5,
         failing_min_rejections: 3,
         auth,
+        http: Default::default(),
     }
 }
 

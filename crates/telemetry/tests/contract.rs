@@ -33,6 +33,22 @@ fn record(device: &str, payload: Vec<u8>) -> TestRecord {
     }
 }
 
+/// The headers the bridge puts on the raw record of a case: for `kafka_rejected`, that it kept
+/// only the first bytes of a payload Kafka refused.
+fn bridge_headers(code: &str) -> Vec<(String, Vec<u8>)> {
+    if code != "kafka_rejected" {
+        return Vec::new();
+    }
+    vec![
+        (headers::PAYLOAD_ORIGINAL_BYTES.into(), b"2000000".to_vec()),
+        (headers::PAYLOAD_CUT_REASON.into(), code.as_bytes().to_vec()),
+        (
+            headers::PAYLOAD_CUT_DETAIL.into(),
+            b"Broker: Message size too large".to_vec(),
+        ),
+    ]
+}
+
 /// A payload with the code and `error.field` it must get.
 type Case = (&'static str, Option<&'static str>, Vec<u8>);
 
@@ -127,6 +143,18 @@ fn one_payload_per_code() -> Vec<Case> {
             Some("colour"),
             format!(r#"{{{ok},"colour":"red"}}"#),
         ),
+        // Published on `devices/d/telemetry` (the record's key) in the name of another device.
+        (
+            "device_id_mismatch",
+            Some("device_id"),
+            format!(r#"{{"device_id":"e","device_ts":{ts},"seq":1,"battery_v":3.7}}"#),
+        ),
+        // The first bytes of a payload Kafka refused whole; the bridge's headers say why.
+        (
+            "kafka_rejected",
+            None,
+            format!(r#"{{"device_id":"d","device_ts":{ts},"#),
+        ),
     ];
     cases
         .into_iter()
@@ -161,7 +189,10 @@ async fn every_rejection_code_ends_in_the_dlq_with_that_code_and_the_original_by
     );
     let mut records: Vec<TestRecord> = cases
         .iter()
-        .map(|(_, _, bytes)| record("d", bytes.clone()))
+        .map(|(code, _, bytes)| TestRecord {
+            headers: bridge_headers(code),
+            ..record("d", bytes.clone())
+        })
         .collect();
     records.push(record("d", valid.into_bytes()));
     produce(&kafka.raw_topic, &records).await;

@@ -4,7 +4,9 @@
 //! dashboard and checks that the device appears, the live chart receives points, the history
 //! chart has data, a malformed event shows in the DLQ panel and the alert the rejections raise
 //! (the alerter runs too) in the alerts panel, after signing in with a bearer token (auth is on
-//! for the API and the live view); then the bridge is stopped and
+//! for the API and the live view); 120 other devices come first in id order, so the device is on
+//! the second page of `/api/devices`, which the page loads with its "More devices" control; then
+//! the bridge is stopped and
 //! started again, and the page must show the live view disconnected and reconnect by itself. `scripts/test.sh` installs
 //! Chromium and the script's npm packages.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -25,6 +27,32 @@ use tokio_util::sync::CancellationToken;
 
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// One accepted event, two hours old, from each of `count` devices `pico--filler-NNN`.
+fn filler_devices(count: u32) -> Vec<telemetry_core::event::CleanedRecord> {
+    let validator = telemetry_core::Validator::new(telemetry_core::Contract::default()).unwrap();
+    let at = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
+    (0..count)
+        .map(|index| {
+            let payload = format!(
+                r#"{{"device_id":"pico--filler-{index:03}","device_ts":{at},"temperature_c":20.5}}"#
+            );
+            let telemetry_core::Outcome::Accepted(event) =
+                validator.validate(payload.as_bytes(), at)
+            else {
+                panic!("{payload} is valid");
+            };
+            telemetry_core::event::CleanedRecord {
+                event,
+                source: telemetry_core::SourcePosition {
+                    topic: "filler".into(),
+                    partition: 0,
+                    offset: i64::from(index),
+                },
+            }
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,17 +95,36 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     let api = Api::bind(ApiConfig {
         mysql_url: database_url(&id),
         mysql_max_connections: 2,
+        statement_timeout_ms: 5_000,
+        dlq_payload_bytes: 4_096,
         listen: "127.0.0.1:0".to_string(),
         live_url: Some(format!("ws://{bridge_address}/ws")),
         stale_after_seconds: 300,
         failing_dlq_ratio: 0.5,
         failing_min_rejections: 3,
         auth: auth.clone(),
+        http: Default::default(),
     })
     .await
     .unwrap();
     let api_address = api.local_addr().unwrap();
     let api_task = tokio::spawn(api.run(shutdown.clone()));
+    // 120 devices whose ids sort before the test's device (`pico--` < `pico-0`): the API lists
+    // 100 per page, so the page must follow the cursor to show it. Written once the audit service
+    // has made the tables (two migrating at once would trip over each other).
+    let store = telemetry_store::Store::connect(&database_url(&id), 1)
+        .await
+        .unwrap();
+    let fillers = filler_devices(120);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Err(error) = store.insert_events(&fillers).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the audit service made no tables: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(store);
     // The alerter, with one rule the malformed payloads below break.
     let rules = std::env::temp_dir().join(format!("{id}-alerts.toml"));
     std::fs::write(
@@ -93,8 +140,10 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
             group_id: format!("{id}-alert"),
             alerts_topic: format!("{id}.alerts"),
             tick_ms: 500,
+            forget_after_seconds: 604_800,
             batch_size: 100,
             listen: format!("127.0.0.1:{}", telemetry_testkit::free_port()),
+            http: Default::default(),
             kafka: kafka.clone(),
         },
         shutdown.clone(),
@@ -160,6 +209,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         .args(["--timeout-seconds", "150", "--expect-reconnect"])
         .args(["--expect-alert", "rejections"])
         .args(["--token", &token])
+        .arg("--expect-more-devices")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -39,6 +39,7 @@ fn rollup_config(
         batch_linger_ms: 20,
         late_window_seconds,
         listen: format!("127.0.0.1:{}", telemetry_testkit::free_port()),
+        http: Default::default(),
         kafka: kafka.clone(),
     }
 }

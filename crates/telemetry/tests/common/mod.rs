@@ -36,9 +36,11 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
         listen: "127.0.0.1:0".to_string(),
         ws_buffer: 8192,
         max_in_flight: 10_000,
+        limits: Default::default(),
         contract: None,
         shutdown_grace_seconds: 10,
         auth: Default::default(),
+        http: Default::default(),
         kafka: kafka.clone(),
     }
 }
@@ -49,6 +51,7 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         mysql_max_connections: 4,
         group_id: group.to_string(),
         batch_size: 500,
+        batch_bytes: 8 * 1024 * 1024,
         db_writers: 2,
         batch_linger_ms: 20,
         contract: None,
@@ -56,6 +59,7 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         dlq_index_max_rows: 100_000,
         listen: "127.0.0.1:0".to_string(),
         shutdown_grace_seconds: 10,
+        http: Default::default(),
         kafka: kafka.clone(),
     }
 }
