@@ -97,6 +97,22 @@ for check in "telemetry-bridge $bridge_http TELEMETRY_BRIDGE_LISTEN" \
     die "$address is taken by another process, so $app could not listen there; stop it or set $variable"
   fi
 done
+# The bridge logs in to the development Mosquitto as telemetry-bridge (scripts/services.sh makes
+# it; it may only read devices/+/telemetry). For another broker set TELEMETRY_MQTT_USERNAME and
+# TELEMETRY_MQTT_PASSWORD, or put the credentials in TELEMETRY_MQTT_URL.
+if [ -z "${TELEMETRY_MQTT_USERNAME:-}" ] && [[ "${TELEMETRY_MQTT_URL:-}" != *@* ]]; then
+  export TELEMETRY_MQTT_USERNAME=telemetry-bridge TELEMETRY_MQTT_PASSWORD=telemetry-bridge
+fi
+
+# The live view lets in the dashboard's page, which comes from the API's address.
+if [ -z "${TELEMETRY_WS_ALLOWED_ORIGINS:-}" ]; then
+  export TELEMETRY_WS_ALLOWED_ORIGINS="http://$api_http,http://localhost:${api_http##*:}"
+fi
+
+# The schema is made and migrated with the owner's account (TELEMETRY_MYSQL_OWNER_URL; default the
+# development owner of scripts/services.sh); the services then need only their own roles.
+say "migrating the database (telemetry migrate)"
+"$binary" migrate || die "telemetry migrate failed (TELEMETRY_MYSQL_OWNER_URL: the owner's account)"
 say "starting the services with PM2 (pm2 startOrReload ecosystem.config.js)"
 # startOrReload starts the apps that are missing and reloads those already running (a fork-mode
 # reload is a graceful restart), so running this script twice keeps one process per app.

@@ -6,6 +6,8 @@
 #                                            wait until ready
 #   scripts/services.sh stop [SERVICE...]    stop what this script started (SIGTERM, then wait)
 #   scripts/services.sh status               one line per service
+#   scripts/services.sh add-device ID        an MQTT user for device ID (may publish on
+#                                            devices/ID/telemetry only); prints its password
 # SERVICE is kafka, mariadb or mosquitto; without any, all three.
 #
 # Idempotent: running `start` twice starts nothing twice. Downloads are cached outside the clone.
@@ -36,11 +38,25 @@ kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$repo
 kafka_libs="$cache_dir/kafka-$kafka_version/libs"
 tls_dir="$state_dir/tls"
 
-# The credentials of the development database; tests create one database each (and the TLS test a
-# user that must use TLS), so the user may create databases and grant on them. Production deployments use their own server and credentials.
-mysql_user=telemetry
-mysql_password=telemetry
+# The accounts of the development database, one per role (docs/operations.md, "Database
+# accounts", has the production recipe). None holds a global privilege, FILE or GRANT OPTION:
+#   telemetry_owner   migrations (`telemetry migrate`): every privilege on the telemetry database only
+#   telemetry         the writer: the audit service, rollup, alert, replay of DLQ records (DML only)
+#   telemetry_reader  the API (SELECT only)
+# The tests have accounts of their own, on the databases they make (test_...; the benchmarks
+# bench_...): telemetry_test (owner), telemetry_test_writer, telemetry_test_reader, and
+# telemetry_test_tls, which the server refuses without TLS. Production deployments use their own
+# server and credentials.
 mysql_database=telemetry
+mysql_accounts=(
+  "telemetry_owner:telemetry-owner:ALL PRIVILEGES:telemetry"
+  "telemetry:telemetry:SELECT, INSERT, UPDATE, DELETE:telemetry"
+  "telemetry_reader:telemetry-reader:SELECT:telemetry"
+  "telemetry_test:telemetry-test:ALL PRIVILEGES:test\\_% bench\\_%"
+  "telemetry_test_writer:telemetry-test:SELECT, INSERT, UPDATE, DELETE:test\\_%"
+  "telemetry_test_reader:telemetry-test:SELECT:test\\_%"
+  "telemetry_test_tls:telemetry-test:ALL PRIVILEGES:test\\_%"
+)
 
 # The credentials of the development Kafka's SASL_SSL listener: one user, accepted with PLAIN,
 # SCRAM-SHA-256 and SCRAM-SHA-512. Production deployments use their own brokers and credentials.
@@ -186,40 +202,88 @@ mysql_has_tls() {
   [ "$(mysql_root -N -B -e "SHOW VARIABLES LIKE 'have_ssl'" 2>/dev/null | cut -f 2)" = YES ]
 }
 
+# The server runs as the `mysql` system user (when this script runs as root) with LOAD DATA and
+# SELECT ... INTO OUTFILE confined to a directory of its own: no account can read or write other
+# files through it (and none holds FILE anyway).
+mysql_files="$mysql_dir/files"
+mysql_system_user() { if [ "$(id -u)" = 0 ] && id mysql >/dev/null 2>&1; then echo mysql; else id -un; fi; }
+
+# Whether the running server is as this script now starts it: as the system user above, with
+# secure_file_priv set. One started by an older configuration (as root, secure_file_priv empty)
+# is restarted.
+mysql_confined() {
+  local user priv
+  user=$(ps -o user= -p "$(cat "$mysql_pid")" 2>/dev/null | tr -d ' ')
+  priv=$(mysql_root -N -B -e 'SELECT @@secure_file_priv' 2>/dev/null)
+  [ "$user" = "$(mysql_system_user)" ] && [ -n "$priv" ] && [ "$priv" != NULL ]
+}
+
 start_mysql() {
   if pid_alive "$mysql_pid" && mysql_ready; then
-    say "MariaDB already running on 127.0.0.1:$mysql_port"
-    mysql_has_tls || say "note: this MariaDB offers no TLS; it was started by an older" \
-      "configuration of this script. Restart it:" \
-      "scripts/services.sh stop mariadb && scripts/services.sh start mariadb"
-    return
+    if mysql_has_tls && mysql_confined; then
+      say "MariaDB already running on 127.0.0.1:$mysql_port"
+      mysql_grant_accounts
+      return
+    fi
+    say "MariaDB was started by an older configuration of this script (as root, or without TLS" \
+      "or secure_file_priv); restarting it"
+    stop_mysql
   fi
   port_open "$mysql_port" && die "port $mysql_port is taken by another process; set TELEMETRY_MYSQL_PORT"
-  mkdir -p "$mysql_dir"
+  local user
+  user=$(mysql_system_user)
+  mkdir -p "$mysql_dir" "$mysql_files"
   if [ ! -d "$mysql_dir/data/mysql" ]; then
     say "initialising MariaDB data directory"
-    mariadb-install-db --no-defaults --user=root --datadir="$mysql_dir/data" \
+    mariadb-install-db --no-defaults --user="$user" --datadir="$mysql_dir/data" \
       --auth-root-authentication-method=socket >"$mysql_dir/install.log" 2>&1 ||
       die "mariadb-install-db failed; see $mysql_dir/install.log"
   fi
   ensure_tls
-  say "starting MariaDB on 127.0.0.1:$mysql_port (TLS available)"
-  nohup mariadbd --no-defaults --user=root --datadir="$mysql_dir/data" \
+  # The server's own copy of the TLS key, readable by its user only.
+  install -m 600 "$tls_dir/server.key" "$mysql_dir/server.key"
+  if [ "$user" != "$(id -un)" ]; then
+    chown -R "$user:" "$mysql_dir"
+  fi
+  chmod 750 "$mysql_dir"
+  chmod 700 "$mysql_files"
+  say "starting MariaDB on 127.0.0.1:$mysql_port as user $user (TLS available)"
+  nohup mariadbd --no-defaults --user="$user" --datadir="$mysql_dir/data" \
     --bind-address=127.0.0.1 --port="$mysql_port" --socket="$mysql_socket" --pid-file="$mysql_pid" \
-    --ssl-ca="$tls_dir/ca.pem" --ssl-cert="$tls_dir/server.pem" --ssl-key="$tls_dir/server.key" \
+    --secure-file-priv="$mysql_files" \
+    --ssl-ca="$tls_dir/ca.pem" --ssl-cert="$tls_dir/server.pem" --ssl-key="$mysql_dir/server.key" \
     --log-error="$mysql_dir/error.log" --default-time-zone=+00:00 \
     --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
     --innodb-buffer-pool-size=512M --innodb-log-file-size=256M --innodb-flush-log-at-trx-commit=1 \
     --max-connections=500 --skip-name-resolve >/dev/null 2>&1 &
   wait_for MariaDB 60 mysql_ready || die "MariaDB did not start; see $mysql_dir/error.log"
   mysql_has_tls || die "MariaDB started without TLS; see $mysql_dir/error.log"
-  mysql_root <<SQL
-CREATE DATABASE IF NOT EXISTS \`$mysql_database\`;
-CREATE USER IF NOT EXISTS '$mysql_user'@'127.0.0.1' IDENTIFIED BY '$mysql_password';
-CREATE USER IF NOT EXISTS '$mysql_user'@'localhost' IDENTIFIED BY '$mysql_password';
-GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'127.0.0.1' WITH GRANT OPTION;
-GRANT ALL PRIVILEGES ON *.* TO '$mysql_user'@'localhost' WITH GRANT OPTION;
-SQL
+  mysql_grant_accounts
+}
+
+# Creates the accounts above, or brings existing ones back to exactly their role: every privilege
+# they hold beyond it (an older version of this script granted ALL ON *.*) is revoked.
+mysql_grant_accounts() {
+  local sql="CREATE DATABASE IF NOT EXISTS \`$mysql_database\`;" account name password privileges databases database
+  # Accounts of older versions of this script; mariadb-install-db's anonymous accounts and its
+  # grants to every account (PUBLIC) on the test and test_ databases, as mysql_secure_installation
+  # removes them: else every account, the readers too, could write the tests' databases.
+  sql+="DROP USER IF EXISTS 'telemetry'@'localhost';"
+  sql+="DELETE FROM mysql.global_priv WHERE User = '';"
+  sql+="DELETE FROM mysql.db WHERE User IN ('', 'PUBLIC');FLUSH PRIVILEGES;"
+  for account in "${mysql_accounts[@]}"; do
+    IFS=: read -r name password privileges databases <<<"$account"
+    sql+="CREATE USER IF NOT EXISTS '$name'@'127.0.0.1' IDENTIFIED BY '$password';"
+    sql+="ALTER USER '$name'@'127.0.0.1' IDENTIFIED BY '$password'"
+    if [ "$name" = telemetry_test_tls ]; then sql+=" REQUIRE SSL;"; else sql+=" REQUIRE NONE;"; fi
+    sql+="REVOKE ALL PRIVILEGES, GRANT OPTION FROM '$name'@'127.0.0.1';"
+    for database in $databases; do
+      sql+="GRANT $privileges ON \`$database\`.* TO '$name'@'127.0.0.1';"
+    done
+  done
+  # Through standard input: the passwords stay off every command line.
+  mysql_root <<<"$sql" || die "creating the database accounts failed"
+  say "MariaDB accounts by role are in place (telemetry_owner, telemetry, telemetry_reader; tests' own)"
 }
 
 stop_mysql() { stop_pid MariaDB "$mysql_pid" 60; }
@@ -228,24 +292,96 @@ stop_mysql() { stop_pid MariaDB "$mysql_pid" 60; }
 mqtt_dir="$state_dir/mosquitto"
 mqtt_pid="$mqtt_dir/mosquitto.pid"
 
-start_mqtt() {
-  if pid_alive "$mqtt_pid" && port_open "$mqtt_port"; then
-    say "Mosquitto already running on 127.0.0.1:$mqtt_port"
-    return
-  fi
-  port_open "$mqtt_port" && die "port $mqtt_port is taken by another process; set TELEMETRY_MQTT_PORT"
+# The development MQTT users (user:password), on top of deploy/mosquitto/acl: the bridge, the
+# simulator, and the tests' own (telemetry-test, on the topics of their own prefixes; two devices
+# for the ACL's test). Production: a user per device (docs/operations.md, "Device identity").
+mqtt_users=(
+  "telemetry-bridge:telemetry-bridge"
+  "telemetry-simulator:telemetry-simulator"
+  "telemetry-test:telemetry-test"
+  "telemetry-test-device-a:telemetry-test"
+  "telemetry-test-device-b:telemetry-test"
+)
+
+# The password file (hashed by mosquitto_passwd from a file: the passwords stay off command
+# lines), the ACL, and the configuration, all readable by the broker's user only.
+mqtt_write_files() {
+  local previous_umask user_password
+  previous_umask=$(umask)
+  umask 077
   mkdir -p "$mqtt_dir"
+  : >"$mqtt_dir/passwords.partial"
+  for user_password in "${mqtt_users[@]}"; do
+    printf '%s\n' "$user_password" >>"$mqtt_dir/passwords.partial"
+  done
+  mosquitto_passwd -U "$mqtt_dir/passwords.partial" >/dev/null ||
+    die "mosquitto_passwd could not hash the development MQTT passwords"
+  # The devices added with `add-device`, already hashed.
+  if [ -f "$mqtt_dir/devices" ]; then
+    cat "$mqtt_dir/devices" >>"$mqtt_dir/passwords.partial"
+  fi
+  mv "$mqtt_dir/passwords.partial" "$mqtt_dir/passwords"
+  {
+    cat "$repo/deploy/mosquitto/acl"
+    printf '\n%s\n' "# Development only (scripts/services.sh): the tests' own user, on the topics of" \
+      "# their own prefixes (<test id>/devices/+/telemetry)." "user telemetry-test" "topic readwrite #"
+  } >"$mqtt_dir/acl"
   sed -e "s:@STATE_DIR@:$state_dir:g" -e "s:@MQTT_PORT@:$mqtt_port:g" \
-    "$repo/deploy/mosquitto/mosquitto.conf" >"$mqtt_dir/mosquitto.conf"
-  # Started as root, Mosquitto drops to its own user, which must be able to write its state.
+    "$repo/deploy/mosquitto/mosquitto.conf" >"$mqtt_dir/mosquitto.conf.new"
+  umask "$previous_umask"
+  # Started as root, Mosquitto drops to its own user, which must be able to read these and write
+  # its state.
   if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
     chown -R mosquitto "$mqtt_dir"
   fi
-  say "starting Mosquitto on 127.0.0.1:$mqtt_port"
+  chmod 700 "$mqtt_dir"
+}
+
+start_mqtt() {
+  command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd not found (package mosquitto)"
+  if pid_alive "$mqtt_pid" && port_open "$mqtt_port"; then
+    mqtt_write_files
+    if cmp -s "$mqtt_dir/mosquitto.conf.new" "$mqtt_dir/mosquitto.conf"; then
+      rm -f "$mqtt_dir/mosquitto.conf.new"
+      # Mosquitto reads the password file and the ACL again on SIGHUP.
+      kill -HUP "$(cat "$mqtt_pid")"
+      say "Mosquitto already running on 127.0.0.1:$mqtt_port (users and ACL reloaded)"
+      return
+    fi
+    say "Mosquitto was started with an older configuration (anonymous access); restarting it"
+    stop_mqtt
+  fi
+  port_open "$mqtt_port" && die "port $mqtt_port is taken by another process; set TELEMETRY_MQTT_PORT"
+  mqtt_write_files
+  mv "$mqtt_dir/mosquitto.conf.new" "$mqtt_dir/mosquitto.conf"
+  say "starting Mosquitto on 127.0.0.1:$mqtt_port (logins and ACL required)"
   local binary
   binary=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   "$binary" -c "$mqtt_dir/mosquitto.conf" -d
   wait_for Mosquitto 30 port_open "$mqtt_port" || die "Mosquitto did not start; see $mqtt_dir/mosquitto.log"
+}
+
+# add-device NAME: a device's MQTT user (named as the device: the ACL lets it publish on
+# devices/NAME/telemetry only) with a new random password, printed once; Mosquitto reloads.
+add_device() {
+  local name=${1:-}
+  [[ "$name" =~ ^[A-Za-z0-9._-]{1,128}$ ]] ||
+    die "add-device takes a device id: 1 to 128 of A-Z a-z 0-9 . _ - (the contract's characters)"
+  mkdir -p "$mqtt_dir"
+  local password previous_umask
+  password=$(openssl rand -hex 16)
+  previous_umask=$(umask)
+  umask 077
+  printf '%s:%s\n' "$name" "$password" >"$mqtt_dir/device.partial"
+  mosquitto_passwd -U "$mqtt_dir/device.partial" >/dev/null || die "mosquitto_passwd failed"
+  { grep -v "^$name:" "$mqtt_dir/devices" 2>/dev/null || true; cat "$mqtt_dir/device.partial"; } \
+    >"$mqtt_dir/devices.partial"
+  mv "$mqtt_dir/devices.partial" "$mqtt_dir/devices"
+  rm -f "$mqtt_dir/device.partial"
+  umask "$previous_umask"
+  start_mqtt
+  printf 'MQTT user %s, password %s (shown once; publish on devices/%s/telemetry)\n' \
+    "$name" "$password" "$name"
 }
 
 stop_mqtt() { stop_pid Mosquitto "$mqtt_pid" 30; }
@@ -259,9 +395,32 @@ kafka_java_options=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
 
 kafka_java() { java "${kafka_java_options[@]}" "$@"; }
 
+# private_file FILE TEXT: writes TEXT to FILE readable by its owner only (0600, also when FILE
+# existed with another mode), in bash alone: the text is on no command line.
+private_file() {
+  (umask 077 && printf '%s\n' "$2" >"$1.partial") && mv -f "$1.partial" "$1"
+}
+
+# The broker's configuration from deploy/kafka/server.properties. It holds the SASL PLAIN password
+# (the listener's JAAS configuration), so it is written 0600, the placeholders filled in by bash
+# (a quoted replacement is taken literally) rather than on sed's command line.
+write_kafka_properties() {
+  local text
+  text=$(<"$repo/deploy/kafka/server.properties")
+  text=${text//@STATE_DIR@/"$state_dir"}
+  text=${text//@KAFKA_PORT@/"$kafka_port"}
+  text=${text//@KAFKA_CONTROLLER_PORT@/"$kafka_controller_port"}
+  text=${text//@KAFKA_SECURE_PORT@/"$kafka_secure_port"}
+  text=${text//@KAFKA_SASL_USER@/"$kafka_sasl_user"}
+  text=${text//@KAFKA_SASL_PASSWORD@/"$kafka_sasl_password"}
+  private_file "$kafka_dir/server.properties" "$text"
+}
+
 start_kafka() {
   if pid_alive "$kafka_pid" && port_open "$kafka_port"; then
     say "Kafka already running on 127.0.0.1:$kafka_port"
+    # Written world-readable by older versions of this script.
+    [ ! -f "$kafka_dir/server.properties" ] || chmod 600 "$kafka_dir/server.properties"
     port_open "$kafka_secure_port" || say "note: this Kafka has no SASL_SSL listener on" \
       "127.0.0.1:$kafka_secure_port; it was started by an older configuration of this script." \
       "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
@@ -272,11 +431,7 @@ start_kafka() {
     die "port $kafka_secure_port is taken by another process; set TELEMETRY_KAFKA_SECURE_PORT"
   ensure_tls
   mkdir -p "$kafka_dir"
-  sed -e "s:@STATE_DIR@:$state_dir:g" -e "s:@KAFKA_PORT@:$kafka_port:g" \
-    -e "s:@KAFKA_CONTROLLER_PORT@:$kafka_controller_port:g" \
-    -e "s:@KAFKA_SECURE_PORT@:$kafka_secure_port:g" \
-    -e "s:@KAFKA_SASL_USER@:$kafka_sasl_user:g" -e "s:@KAFKA_SASL_PASSWORD@:$kafka_sasl_password:g" \
-    "$repo/deploy/kafka/server.properties" >"$kafka_dir/server.properties"
+  write_kafka_properties
   if [ ! -f "$kafka_dir/data/meta.properties" ]; then
     say "formatting Kafka storage"
     local cluster_id
@@ -292,14 +447,21 @@ start_kafka() {
   # The SCRAM credentials live in the cluster metadata, not in server.properties; upserting them
   # on every start (through the plaintext listener) keeps them in step with the variables above.
   # One mechanism per call: KRaft refuses to alter one user's credentials twice in one request.
-  local mechanism
-  : >"$kafka_dir/scram.log"
+  # The password goes in a 0600 file (--add-config-file, a properties file: no brackets around the
+  # value, and a `,` or `\` in the password would need escaping), not on java's command line, which
+  # every user of the machine can read in the process list. The log is 0600 too: ConfigCommand
+  # quotes a setting it refuses.
+  local mechanism scram_file="$kafka_dir/scram.properties"
+  rm -f "$kafka_dir/scram.log"
+  (umask 077 && : >"$kafka_dir/scram.log")
   for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+    private_file "$scram_file" "$mechanism=password=$kafka_sasl_password"
     kafka_java org.apache.kafka.tools.ConfigCommand --bootstrap-server "127.0.0.1:$kafka_port" \
       --alter --entity-type users --entity-name "$kafka_sasl_user" \
-      --add-config "$mechanism=[password=$kafka_sasl_password]" >>"$kafka_dir/scram.log" 2>&1 ||
-      die "creating the $mechanism credentials failed; see $kafka_dir/scram.log"
+      --add-config-file "$scram_file" >>"$kafka_dir/scram.log" 2>&1 ||
+      { rm -f "$scram_file"; die "creating the $mechanism credentials failed; see $kafka_dir/scram.log"; }
   done
+  rm -f "$scram_file"
   say "Kafka SCRAM-SHA-256 and SCRAM-SHA-512 credentials of user $kafka_sasl_user are in place"
 }
 
@@ -350,6 +512,7 @@ if [ ${#services[@]} -eq 0 ]; then
   services=(mariadb mosquitto kafka)
 fi
 for service in "${services[@]}"; do
+  [ "$command" = add-device ] && break
   case "$service" in
   kafka | mariadb | mosquitto) ;;
   *) die "unknown service '$service' (kafka, mariadb or mosquitto)" ;;
@@ -357,6 +520,10 @@ for service in "${services[@]}"; do
 done
 
 case "$command" in
+add-device)
+  mkdir -p "$state_dir"
+  add_device "${services[0]:-}"
+  ;;
 start)
   mkdir -p "$cache_dir" "$state_dir"
   install_missing
@@ -389,7 +556,7 @@ status)
   status_line "Kafka SASL_SSL" "$kafka_pid" "$kafka_secure_port"
   ;;
 *)
-  echo "usage: $0 start|stop|status [kafka|mariadb|mosquitto ...]" >&2
+  echo "usage: $0 start|stop|status [kafka|mariadb|mosquitto ...] | add-device DEVICE_ID" >&2
   exit 2
   ;;
 esac

@@ -29,12 +29,13 @@ if [ ! -d tests/browser/node_modules/playwright-core ] ||
   npm ci --prefix tests/browser --no-fund --no-audit --loglevel=error
 fi
 
-# Each integration test makes a database of its own (named test_...); drop those of earlier runs.
+# Each integration test makes a database of its own (named test_...); drop those of earlier runs
+# (with the tests' own account, which may do so on test_ databases only).
 mysql_port=${TELEMETRY_MYSQL_PORT:-3306}
-stale=$(mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry -ptelemetry -N -e \
+stale=$(MYSQL_PWD=telemetry-test mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry_test -N -e \
   "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'test\\_%'" || true)
 for database in $stale; do
-  mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry -ptelemetry -e "DROP DATABASE \`$database\`"
+  MYSQL_PWD=telemetry-test mariadb --no-defaults -h127.0.0.1 -P"$mysql_port" -utelemetry_test -e "DROP DATABASE \`$database\`"
 done
 
 # cargo prints one result line per test binary; the last line sums them up for people and CI.

@@ -51,7 +51,7 @@ def connect_mqtt():
         DEVICE_ID,
         config.MQTT_HOST,
         port=config.MQTT_PORT,
-        user=config.MQTT_USER,
+        user=config.MQTT_USER or DEVICE_ID,
         password=config.MQTT_PASSWORD,
         keepalive=60,
     )
@@ -64,6 +64,7 @@ def now_ms():
 
 
 def main():
+    print("device id (its MQTT user):", DEVICE_ID)
     seq = 0
     client = None
     while True:

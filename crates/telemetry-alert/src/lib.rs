@@ -100,7 +100,8 @@ pub struct AlertConfig {
         long,
         env = "TELEMETRY_MYSQL_URL",
         hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
+        default_value = telemetry_store::DEFAULT_MYSQL_URL,
+        hide_default_value = true
     )]
     pub mysql_url: String,
 
@@ -159,22 +160,30 @@ pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()>
     // Rules that do not load stop the service before it touches anything.
     let rules = Rules::load(&config.rules)?;
     check_forget_window(&rules.rules, config.forget_after_seconds)?;
-    // The webhook's host only: its URL often carries a secret (a Slack or PagerDuty key).
-    let webhook_host = rules.webhook.as_ref().map_or_else(
+    // The webhook's origin only: its URL often carries a secret (a Slack or PagerDuty key).
+    let webhook = rules.webhook.as_ref().map_or_else(
         || String::from("none"),
-        |webhook| {
-            reqwest::Url::parse(&webhook.url)
-                .ok()
-                .and_then(|url| url.host_str().map(str::to_string))
-                .unwrap_or_else(|| String::from("(not a URL)"))
-        },
+        |webhook| telemetry_ops::secrets::redact_url(&webhook.url),
     );
     tracing::info!(
         path = %config.rules.display(),
         rules = rules.rules.len(),
-        webhook_host = %webhook_host,
+        %webhook,
         "Loaded the alert rules."
     );
+    if let Some(mode) = rules
+        .webhook
+        .as_ref()
+        .and_then(|_| telemetry_ops::secrets::open_to_others(&config.rules))
+    {
+        tracing::warn!(
+            file = %config.rules.display(),
+            mode = %format!("{mode:04o}"),
+            settings = "webhook.url",
+            "The alert rules file holds the webhook's URL, which may carry the receiver's key, and \
+             users other than its owner can read it: run `chmod 600` on it."
+        );
+    }
     let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
     let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
     let server = server.spawn(

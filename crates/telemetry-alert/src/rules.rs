@@ -155,8 +155,8 @@ impl Rule {
     }
 }
 
-/// Where alerts are also POSTed.
-#[derive(Debug, Clone, PartialEq)]
+/// Where alerts are also POSTed. Its `Debug` shows the URL's origin only.
+#[derive(Clone, PartialEq)]
 pub struct Webhook {
     /// `http://` or `https://` URL.
     pub url: String,
@@ -164,6 +164,16 @@ pub struct Webhook {
     pub max_attempts: u32,
     /// Longest wait for one answer.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &telemetry_ops::secrets::redact_url(&self.url))
+            .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// A loaded rules file.
@@ -229,9 +239,10 @@ impl Rules {
 
     /// Parses and checks rules from TOML text.
     pub fn parse(text: &str) -> Result<Self, RulesError> {
+        // Without the quoted line, which may be the webhook's URL.
         let file: File = toml::from_str(text).map_err(|error| RulesError::Parse {
             path: String::new(),
-            message: error.to_string(),
+            message: telemetry_ops::secrets::describe_toml_error(&error, text),
         })?;
         let invalid = |message: String| RulesError::Invalid {
             path: String::new(),
@@ -369,9 +380,10 @@ fn webhook(spec: WebhookSpec) -> Result<Webhook, String> {
     if !(spec.url.starts_with("http://") || spec.url.starts_with("https://"))
         || reqwest::Url::parse(&spec.url).is_err()
     {
+        // Shown by its origin only: the rest may be the receiver's secret.
         return Err(format!(
             "webhook url `{}` is not an http:// or https:// URL",
-            spec.url
+            telemetry_ops::secrets::redact_url(&spec.url)
         ));
     }
     let timeout = match spec.timeout {
@@ -477,5 +489,25 @@ mod tests {
             error("[[rules]]\nname = \"a\"\nsilent_for = \"5m\"\ncolour = 1\n").contains("colour")
         );
         assert!(error("[webhook]\nurl = \"ftp://x\"\n").contains("not an http"));
+    }
+
+    #[test]
+    fn errors_and_debug_never_show_the_webhook_secret() {
+        let error = |text: &str| Rules::parse(text).unwrap_err().to_string();
+        for text in [
+            "[webhook]\nurl = \"ftp://u:SECRET@hooks.example/SECRET?k=SECRET\"\n",
+            "[webhook]\nurl = \"hooks.example/SECRET\"\n",
+            "[webhook]\nurl = \"https://hooks.example/SECRET\n",
+            "[webhook]\nurl = \"https://hooks.example/SECRET\"\nretries = 3\n",
+        ] {
+            let shown = error(text);
+            assert!(!shown.contains("SECRET"), "{text:?}: {shown}");
+        }
+        let rules =
+            Rules::parse("[webhook]\nurl = \"https://hooks.example:8443/SECRET?k=SECRET\"\n")
+                .unwrap();
+        let shown = format!("{rules:?}");
+        assert!(shown.contains("https://hooks.example:8443"), "{shown}");
+        assert!(!shown.contains("SECRET"), "{shown}");
     }
 }

@@ -28,13 +28,17 @@ pub(crate) async fn deliver(
     let client = match reqwest::Client::builder().timeout(hook.timeout).build() {
         Ok(client) => client,
         Err(error) => {
+            let error = describe(error);
             tracing::error!(%error, "Cannot create the webhook client; alerts go to Kafka only.");
             return;
         }
     };
+    // The URL's path, query and credentials often hold the receiver's secret (a Slack or
+    // PagerDuty key): logs name its origin only.
+    let shown = telemetry_ops::secrets::redact_url(&hook.url);
     loop {
         let wait = match store.webhook_queue(100).await {
-            Ok(queue) => deliver_due(&store, &client, &hook, &queue).await,
+            Ok(queue) => deliver_due(&store, &client, &hook, &shown, &queue).await,
             Err(error) => {
                 tracing::warn!(%error, "Reading the alert outbox for the webhook failed; retrying.");
                 IDLE
@@ -49,10 +53,12 @@ pub(crate) async fn deliver(
 }
 
 /// Delivers the due alerts at the head of `queue`; returns how long to wait before looking again.
+/// `shown` is the webhook as logs show it.
 async fn deliver_due(
     store: &Store,
     client: &reqwest::Client,
     hook: &Webhook,
+    shown: &str,
     queue: &[OutboxEntry],
 ) -> Duration {
     for entry in queue {
@@ -71,7 +77,7 @@ async fn deliver_due(
         let failure = match answer {
             Ok(response) if response.status().is_success() => None,
             Ok(response) => Some(format!("the receiver answered {}", response.status())),
-            Err(error) => Some(error.to_string()),
+            Err(error) => Some(describe(error)),
         };
         let attempts = entry.attempts.saturating_add(1);
         let (delivered, retry_at) = match &failure {
@@ -100,13 +106,28 @@ async fn deliver_due(
             .increment(1);
         if let Some(failure) = failure {
             if retry_at.is_some() {
-                tracing::warn!(alert_id = %entry.alert_id, status = %entry.status, attempts, %failure,
-                    "Webhook delivery failed; retrying with backoff.");
+                tracing::warn!(webhook = %shown, alert_id = %entry.alert_id, status = %entry.status,
+                    attempts, %failure, "Webhook delivery failed; retrying with backoff.");
                 return IDLE;
             }
-            tracing::error!(alert_id = %entry.alert_id, status = %entry.status, attempts, %failure,
+            tracing::error!(webhook = %shown, alert_id = %entry.alert_id, status = %entry.status,
+                attempts, %failure,
                 "Webhook delivery failed for the last time; the alert is on the alerts topic only.");
         }
     }
     IDLE
+}
+
+/// A reqwest error and its causes, without the URL reqwest's own text carries (see
+/// [`deliver`]'s `shown`).
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }

@@ -170,8 +170,9 @@ async fn get(state: &AppState, uri: &str) -> usize {
 
 fn bench_queries(criterion: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let url = std::env::var("TELEMETRY_BENCH_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://telemetry:telemetry@127.0.0.1:3306/bench_api".into());
+    let url = std::env::var("TELEMETRY_BENCH_MYSQL_URL").unwrap_or_else(|_| {
+        "mysql://telemetry_test:telemetry-test@127.0.0.1:3306/bench_api".into()
+    });
     let (state, newest) = runtime.block_on(async {
         let store = Store::connect(&url, 4).await.unwrap();
         store.migrate().await.unwrap();

@@ -57,15 +57,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// API settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiConfig {
-    /// MySQL/MariaDB URL of the telemetry database (the audit service creates it; the API only
-    /// reads); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
-    #[arg(
-        long,
-        env = "TELEMETRY_MYSQL_URL",
-        hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
-    )]
-    pub mysql_url: String,
+    /// MySQL/MariaDB URL of the telemetry database with a read-only account (the API only
+    /// reads: give it an account with SELECT alone); `sqlite://<file>` for the embedded SQLite
+    /// store of `telemetry up`. Default: the development reader account of
+    /// `scripts/services.sh`; where only TELEMETRY_MYSQL_URL (the writers' account) is set, that,
+    /// with a warning.
+    #[arg(long, env = "TELEMETRY_API_MYSQL_URL", hide_env_values = true)]
+    pub mysql_url: Option<String>,
 
     /// Database connections in the API's pool.
     #[arg(long, env = "TELEMETRY_API_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
@@ -154,6 +152,26 @@ impl ApiConfig {
             failing_dlq_ratio: self.failing_dlq_ratio,
             failing_min_rejections: self.failing_min_rejections,
         })
+    }
+
+    /// The database URL the API reads with: `--mysql-url` (`TELEMETRY_API_MYSQL_URL`); else the
+    /// writers' `TELEMETRY_MYSQL_URL`, with a warning that the API then holds more privilege than
+    /// it needs; else the development reader account.
+    pub fn database_url(&self) -> String {
+        if let Some(url) = &self.mysql_url {
+            return url.clone();
+        }
+        match std::env::var("TELEMETRY_MYSQL_URL") {
+            Ok(url) if !url.is_empty() => {
+                tracing::warn!(
+                    "TELEMETRY_API_MYSQL_URL is not set: the API reads with TELEMETRY_MYSQL_URL, \
+                     the writers' account, which may change the data. Give the API an account \
+                     that may only SELECT (docs/operations.md, \"Database accounts\")."
+                );
+                url
+            }
+            _ => telemetry_store::DEFAULT_READER_URL.to_string(),
+        }
     }
 
     /// The statement timeout, checked; `None` for no limit.
@@ -248,7 +266,7 @@ impl Api {
         let statement_timeout = config.statement_timeout()?;
         let dlq_payload_bytes = config.dlq_payload_bytes()?;
         let store = telemetry_store::open_bounded_reader(
-            &config.mysql_url,
+            &config.database_url(),
             config.mysql_max_connections,
             statement_timeout,
         )

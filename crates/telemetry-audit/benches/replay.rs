@@ -94,7 +94,7 @@ fn main() {
         let table = format!("replay_{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
         let config = ReplayConfig {
             mysql_url: std::env::var("TELEMETRY_BENCH_MYSQL_URL").unwrap_or_else(|_| {
-                "mysql://telemetry:telemetry@127.0.0.1:3306/bench_replay".into()
+                "mysql://telemetry_test:telemetry-test@127.0.0.1:3306/bench_replay".into()
             }),
             from: Position::Earliest,
             to: Position::Latest,

@@ -59,15 +59,24 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Audit service settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditConfig {
-    /// MySQL/MariaDB URL of the telemetry database (created if missing); `sqlite://<file>` for
-    /// the embedded SQLite store of `telemetry up`.
+    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
+    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
+    /// Default: the development writer account of `scripts/services.sh`.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
         hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
+        default_value = telemetry_store::DEFAULT_MYSQL_URL,
+        hide_default_value = true
     )]
     pub mysql_url: String,
+
+    /// MySQL/MariaDB URL of the telemetry database with the owner's account (DDL on that
+    /// database): the schema is migrated with it at start-up, then the service works with
+    /// `--mysql-url`'s account (DML alone). Without it, a schema that is behind is migrated with
+    /// `--mysql-url`'s account if that may, or the service stops and asks for `telemetry migrate`.
+    #[arg(long, env = "TELEMETRY_MYSQL_OWNER_URL", hide_env_values = true)]
+    pub mysql_owner_url: Option<String>,
 
     /// Database connections in the pool.
     #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
@@ -193,6 +202,15 @@ async fn consume(
     });
     let _abandon_on_return = abandon.clone().drop_guard();
     let shutdown = shutdown.clone();
+    if let Some(owner_url) = config
+        .mysql_owner_url
+        .as_deref()
+        .filter(|url| !url.is_empty() && !telemetry_store::is_sqlite_url(url))
+    {
+        if !telemetry_store::Store::migrate_as_owner(owner_url, &shutdown).await? {
+            return Ok(());
+        }
+    }
     let Some(store) =
         telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, &shutdown)
             .await?

@@ -91,7 +91,8 @@ pub struct ReplayConfig {
         long,
         env = "TELEMETRY_MYSQL_URL",
         hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
+        default_value = telemetry_store::DEFAULT_MYSQL_URL,
+        hide_default_value = true
     )]
     pub mysql_url: String,
 
@@ -515,7 +516,8 @@ pub struct SwapConfig {
         long,
         env = "TELEMETRY_MYSQL_URL",
         hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
+        default_value = telemetry_store::DEFAULT_MYSQL_URL,
+        hide_default_value = true
     )]
     pub mysql_url: String,
 

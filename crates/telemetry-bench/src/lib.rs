@@ -118,8 +118,14 @@ pub struct BenchConfig {
     #[arg(long)]
     pub binary: Option<PathBuf>,
 
-    /// The MQTT broker, as the services take it (`mqtt://host:port`).
-    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    /// The MQTT broker, as the services take it (`mqtt://[user:password@]host:port`). Default:
+    /// the development broker with the tests' user of `scripts/services.sh`, which may use the
+    /// bench's own topics.
+    #[arg(
+        long,
+        default_value = "mqtt://telemetry-test:telemetry-test@127.0.0.1:1883",
+        hide_default_value = true
+    )]
     pub bench_mqtt_url: String,
 
     /// Kafka bootstrap servers.
@@ -127,10 +133,11 @@ pub struct BenchConfig {
     pub bench_kafka_brokers: String,
 
     /// The MySQL/MariaDB server, without a database: the bench makes `bench_<id>` and drops it at
-    /// the end.
+    /// the end. Default: the tests' account of `scripts/services.sh`, which may do so on
+    /// `bench_` and `test_` databases only.
     #[arg(
         long,
-        default_value = "mysql://telemetry:telemetry@127.0.0.1:3306",
+        default_value = "mysql://telemetry_test:telemetry-test@127.0.0.1:3306",
         hide_default_value = true
     )]
     pub bench_mysql_server: String,

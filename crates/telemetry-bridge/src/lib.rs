@@ -105,6 +105,19 @@ pub struct BridgeConfig {
     )]
     pub listen: String,
 
+    /// Web pages allowed to open the live view: origins (`scheme://host[:port]`), comma-separated,
+    /// or `*` for any. A browser sends its page's origin with every WebSocket; one not listed is
+    /// answered 403, so a page on another site cannot read the frames through a browser on the
+    /// same machine or network. Clients that send no `Origin` (not browsers) are not affected.
+    /// Default: the dashboard's own origin at the API's default address.
+    #[arg(
+        long,
+        env = "TELEMETRY_WS_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8082,http://localhost:8082"
+    )]
+    pub ws_allowed_origins: Vec<String>,
+
     /// Frames buffered per WebSocket client; a client further behind skips frames (counted)
     /// instead of slowing the pipeline. Each frame carries at most `--ws-max-payload-bytes` of
     /// its payload, so this bounds a client's queue in bytes too.
@@ -260,7 +273,12 @@ impl Bridge {
         );
 
         let server = server.spawn(
-            websocket::router(frames.clone(), readiness.clone(), auth),
+            websocket::router(
+                frames.clone(),
+                readiness.clone(),
+                auth,
+                websocket::AllowedOrigins::new(&config.ws_allowed_origins),
+            ),
             "bridge",
             &config.http,
             shutdown.clone(),

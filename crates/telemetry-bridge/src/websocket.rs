@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use telemetry_core::{Cut, DeviceScope, Metrics, Outcome, Received, Validator};
+use telemetry_core::{Cut, Metrics, Outcome, Received, Validator};
 use telemetry_ops::auth::{Access, Auth};
 use telemetry_ops::Readiness;
 
@@ -144,8 +144,61 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
     }
 }
 
+/// The origins of the web pages allowed to open the live view (`--ws-allowed-origins`).
+#[derive(Debug, Clone)]
+pub(crate) struct AllowedOrigins {
+    /// `None`: any (`*`).
+    origins: Option<Arc<[String]>>,
+}
+
+impl AllowedOrigins {
+    pub(crate) fn new(origins: &[String]) -> Self {
+        let origins: Vec<String> = origins
+            .iter()
+            .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|origin| !origin.is_empty())
+            .collect();
+        AllowedOrigins {
+            origins: (!origins.iter().any(|origin| origin == "*")).then(|| origins.into()),
+        }
+    }
+
+    /// Whether a request with this `Origin` header (none: not a browser) may upgrade.
+    fn allows(&self, origin: Option<&axum::http::HeaderValue>) -> bool {
+        let (Some(origins), Some(origin)) = (&self.origins, origin) else {
+            return true;
+        };
+        origin.to_str().is_ok_and(|origin| {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            origins.contains(&origin)
+        })
+    }
+}
+
+/// Middleware: a browser page from an origin not allowed gets 403 before anything else.
+async fn check_origin(
+    State(allowed): State<AllowedOrigins>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if allowed.allows(request.headers().get(axum::http::header::ORIGIN)) {
+        return next.run(request).await;
+    }
+    metrics::counter!("websocket_origins_refused_total", "service" => "bridge").increment(1);
+    (
+        axum::http::StatusCode::FORBIDDEN,
+        axum::Json(serde_json::json!({ "error": { "parameter": "Origin", "message": "this page's origin may not open the live view (TELEMETRY_WS_ALLOWED_ORIGINS)" } })),
+    )
+        .into_response()
+}
+
 /// The router, separate from the listener so handlers can be tested without a socket.
-pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>, auth: Auth) -> Router {
+pub(crate) fn router(
+    frames: Frames,
+    readiness: Arc<Readiness>,
+    auth: Auth,
+    origins: AllowedOrigins,
+) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -153,6 +206,8 @@ pub(crate) fn router(frames: Frames, readiness: Arc<Readiness>, auth: Auth) -> R
             auth.with_query_tokens(),
             telemetry_ops::auth::require_token,
         ))
+        // Outermost, so it runs first: a foreign page learns nothing, not even about tokens.
+        .route_layer(axum::middleware::from_fn_with_state(origins, check_origin))
         .with_state(frames)
         .merge(telemetry_ops::router(readiness))
 }
@@ -188,19 +243,24 @@ async fn upgrade(
         // MAX_CLIENT_MESSAGE_BYTES, and frames are flushed in small batches.
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .write_buffer_size(CLIENT_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| forward(socket, frames, access.scope, write_timeout))
+        .on_upgrade(move |socket| forward(socket, frames, access, write_timeout))
 }
 
 /// Forwards the frames of the devices in `scope` to one client until it goes away. A client that
 /// falls behind by more than the buffer skips the oldest frames; the pipeline never waits for it.
 /// A client whose socket takes longer than `write_timeout` to take a batch of frames is dropped:
-/// it would hold its frames, and a connection, for as long as it likes.
+/// it would hold its frames, and a connection, for as long as it likes. When the client's token
+/// is removed from the tokens file (or its devices change), the connection is closed with 1008
+/// (policy violation): a new connection gets the new access.
 async fn forward(
     socket: WebSocket,
     mut frames: broadcast::Receiver<LiveFrame>,
-    scope: DeviceScope,
+    access: Access,
     write_timeout: Duration,
 ) {
+    let scope = &access.scope;
+    let revoked = access.revoked();
+    tokio::pin!(revoked);
     let clients = metrics::gauge!("websocket_clients", "service" => "bridge");
     let skipped = metrics::counter!("websocket_frames_missed_total", "service" => "bridge");
     clients.increment(1);
@@ -246,6 +306,17 @@ async fn forward(
                 Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
+            () = &mut revoked => {
+                metrics::counter!("websocket_clients_dropped_total", "service" => "bridge", "cause" => "token_revoked")
+                    .increment(1);
+                tracing::info!(token = access.token.as_deref().unwrap_or(""), "A live-view client's token was revoked; closed its connection.");
+                let close = WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::POLICY,
+                    reason: Utf8Bytes::from_static("token revoked"),
+                }));
+                let _ = tokio::time::timeout(write_timeout, sender.send(close)).await;
+                break;
+            }
         }
     }
     clients.decrement(1);

@@ -201,11 +201,12 @@ pub struct KafkaConfig {
 
     /// Raw librdkafka option for every client, as key=value (repeatable; env: comma-separated),
     /// e.g. `socket.keepalive.enable=true`. Applied last, so it overrides our defaults and the
-    /// settings above.
+    /// settings above. May hold secrets (`sasl.password`, `ssl.key.password`): never shown.
     #[arg(
         long = "kafka-option",
         env = "TELEMETRY_KAFKA_OPTIONS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub options: Vec<String>,
 }
@@ -267,14 +268,14 @@ impl std::fmt::Debug for KafkaConfig {
 /// `ssl.key.password`, `sasl.oauthbearer.client.secret`, ...).
 fn redact_option(option: &str) -> String {
     match option.split_once('=') {
-        Some((key, _)) if is_secret(key) => format!("{key}=<redacted>"),
+        Some((key, _)) if is_secret_option(key) => format!("{key}=<redacted>"),
         _ => option.to_string(),
     }
 }
 
 /// Whether a librdkafka setting's value is a secret: passwords, secrets, JAAS configurations
 /// (Java clients' habit, which carry passwords) and inline PEM keys.
-fn is_secret(key: &str) -> bool {
+pub fn is_secret_option(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["password", "secret", "jaas", "pem"]
         .iter()
@@ -285,7 +286,7 @@ fn is_secret(key: &str) -> bool {
 /// left out when the setting is a secret (rdkafka's text quotes the value).
 fn describe(error: &KafkaError) -> String {
     match error {
-        KafkaError::ClientConfig(_, _, key, _) if is_secret(key) => {
+        KafkaError::ClientConfig(_, _, key, _) if is_secret_option(key) => {
             format!("the value of client setting `{key}` is not valid (not shown: it is a secret)")
         }
         KafkaError::ClientConfig(_, description, key, _) => {

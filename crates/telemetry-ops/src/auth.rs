@@ -13,11 +13,17 @@
 //!
 //! A request carries the token as `Authorization: Bearer <token>`, or, where a browser cannot set
 //! headers (WebSocket), as the `access_token` query parameter.
+//!
+//! The file is read again when it changes (checked every [`RELOAD_CHECK`]): a new token works at
+//! once, a removed one is refused at once, and a connection that outlives its request (the live
+//! view's WebSocket) watches [`Access::revoked`] and closes when its token is removed or its
+//! devices change. A file that no longer parses keeps the tokens in force, with an error logged.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -114,6 +120,17 @@ pub struct Access {
     pub token: Option<Arc<str>>,
     /// The devices it may see.
     pub scope: DeviceScope,
+    /// Where the grant came from, to notice its revocation; `None` when authentication is off.
+    grant: Option<Grant>,
+}
+
+/// A token's entry in the tokens in force, watched for changes.
+#[derive(Debug, Clone)]
+struct Grant {
+    tokens: Arc<Tokens>,
+    digest: [u8; 32],
+    fingerprint: Arc<str>,
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Access {
@@ -122,6 +139,114 @@ impl Access {
         Access {
             token: None,
             scope: DeviceScope::All,
+            grant: None,
+        }
+    }
+
+    /// Resolves when this access ends: its token was removed from the tokens file, or its
+    /// devices changed (the holder should then close what it serves; a new request gets the new
+    /// access). Never, when authentication is off.
+    pub async fn revoked(&self) {
+        let Some(grant) = &self.grant else {
+            return std::future::pending().await;
+        };
+        let mut changes = grant.changes.clone();
+        loop {
+            if !grant.tokens.grants(&grant.digest, &grant.fingerprint) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                // The tokens are gone with their service: nothing changes any more.
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// How often the tokens file is checked for changes.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// The tokens in force, by digest, and the file they come from.
+#[derive(Debug)]
+struct Tokens {
+    path: PathBuf,
+    table: RwLock<Arc<TokenTable>>,
+    /// The file's modification time and length when last read.
+    version: RwLock<Option<(SystemTime, u64)>>,
+    /// Bumped on every reload.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// Each token's access, and a fingerprint of its entry (name and devices) to tell a change.
+type TokenTable = HashMap<[u8; 32], (Access, Arc<str>)>;
+
+impl Tokens {
+    fn current(&self) -> Arc<TokenTable> {
+        match self.table.read() {
+            Ok(table) => Arc::clone(&table),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Whether `digest` is still in force with the entry `fingerprint` names.
+    fn grants(&self, digest: &[u8; 32], fingerprint: &str) -> bool {
+        self.current()
+            .get(digest)
+            .is_some_and(|(_, current)| &**current == fingerprint)
+    }
+
+    /// Reads the file again if it changed since the last read; `Ok(true)` when the tokens in
+    /// force changed.
+    fn reload_if_changed(&self) -> Result<bool, AuthError> {
+        let version = file_version(&self.path);
+        let previous = match self.version.read() {
+            Ok(version) => *version,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
+        if version == previous {
+            return Ok(false);
+        }
+        let table = load_tokens(&self.path)?;
+        let count = table.len();
+        match self.table.write() {
+            Ok(mut current) => *current = Arc::new(table),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(table),
+        }
+        match self.version.write() {
+            Ok(mut current) => *current = version,
+            Err(poisoned) => *poisoned.into_inner() = version,
+        }
+        self.changes.send_modify(|generation| *generation += 1);
+        tracing::info!(tokens = count, file = %self.path.display(), "The tokens file changed; its tokens are now in force.");
+        Ok(true)
+    }
+}
+
+/// A file's modification time and length; `None` when it cannot be read.
+fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// Checks the tokens file every [`RELOAD_CHECK`] until the service's tokens are dropped.
+async fn watch_tokens_file(tokens: std::sync::Weak<Tokens>, service: &'static str) {
+    let mut ticks = tokio::time::interval(RELOAD_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(tokens) = tokens.upgrade() else {
+            return;
+        };
+        let path = tokens.path.clone();
+        // Reading a file blocks: off the runtime's workers.
+        match tokio::task::spawn_blocking(move || tokens.reload_if_changed()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                metrics::counter!("auth_tokens_reload_failures_total", "service" => service)
+                    .increment(1);
+                tracing::error!(%error, file = %path.display(), "The tokens file changed but cannot be used; the tokens read before stay in force.");
+            }
+            Err(_) => return,
         }
     }
 }
@@ -130,7 +255,7 @@ impl Access {
 #[derive(Debug, Clone)]
 pub struct Auth {
     /// `None`: off, every request has full access.
-    tokens: Option<Arc<HashMap<[u8; 32], Access>>>,
+    tokens: Option<Arc<Tokens>>,
     /// Whether a token may come as the `access_token` query parameter (the WebSocket only: a URL
     /// ends up in proxies' logs and browsers' history, so only where there is no other way).
     query_tokens: bool,
@@ -164,10 +289,21 @@ impl Auth {
                 service,
             });
         };
-        let tokens = load_tokens(path)?;
-        tracing::info!(tokens = tokens.len(), file = %path.display(), "Bearer-token authentication is on.");
+        let version = file_version(path);
+        let table = load_tokens(path)?;
+        tracing::info!(tokens = table.len(), file = %path.display(), "Bearer-token authentication is on.");
+        let tokens = Arc::new(Tokens {
+            path: path.clone(),
+            table: RwLock::new(Arc::new(table)),
+            version: RwLock::new(version),
+            changes: tokio::sync::watch::channel(0).0,
+        });
+        // Outside a runtime (a unit test) the file is read once.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(watch_tokens_file(Arc::downgrade(&tokens), service));
+        }
         Ok(Auth {
-            tokens: Some(Arc::new(tokens)),
+            tokens: Some(tokens),
             query_tokens: false,
             service,
         })
@@ -206,7 +342,17 @@ impl Auth {
         // Looked up by digest: the table holds no token, and timing reveals at most how a
         // digest of the guess compares, which says nothing about a valid token.
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        tokens.get(&digest).cloned().ok_or(Refusal::Unknown)
+        let table = tokens.current();
+        let (access, fingerprint) = table.get(&digest).ok_or(Refusal::Unknown)?;
+        Ok(Access {
+            grant: Some(Grant {
+                tokens: Arc::clone(tokens),
+                digest,
+                fingerprint: Arc::clone(fingerprint),
+                changes: tokens.changes.subscribe(),
+            }),
+            ..access.clone()
+        })
     }
 }
 
@@ -282,7 +428,7 @@ fn query_token(query: &str) -> Option<String> {
         .filter(|value| !value.is_empty())
 }
 
-fn load_tokens(path: &Path) -> Result<HashMap<[u8; 32], Access>, AuthError> {
+fn load_tokens(path: &Path) -> Result<TokenTable, AuthError> {
     let read = |source| AuthError::Read {
         path: path.to_path_buf(),
         source,
@@ -338,8 +484,11 @@ fn load_tokens(path: &Path) -> Result<HashMap<[u8; 32], Access>, AuthError> {
         let access = Access {
             token: Some(Arc::from(entry.name.as_str())),
             scope: DeviceScope::from_patterns(patterns),
+            grant: None,
         };
-        if tokens.insert(digest, access).is_some() {
+        let fingerprint: Arc<str> =
+            Arc::from(format!("{}\n{}", entry.name, entry.devices.join("\n")));
+        if tokens.insert(digest, (access, fingerprint)).is_some() {
             return Err(invalid(format!("{which}: the same token is listed twice")));
         }
     }

@@ -13,9 +13,11 @@
 //! - [`retry`]: retry an operation with capped backoff until it succeeds or shutdown.
 //! - [`auth`]: bearer tokens with a device allow-list each, and the refusal of an unauthenticated
 //!   service on a public address.
+//! - [`secrets`]: URLs and TOML errors as logs may show them, without credentials.
 
 pub mod auth;
 mod http_server;
+pub mod secrets;
 
 pub use http_server::{join, HttpLimits, HttpServer, ListenError};
 

@@ -129,7 +129,7 @@ fn main() {
         let database = format!("bench_rollup_{stamp}");
         let config = RollupConfig {
             mysql_url: std::env::var("TELEMETRY_BENCH_MYSQL_URL")
-                .unwrap_or_else(|_| "mysql://telemetry:telemetry@127.0.0.1:3306/".into())
+                .unwrap_or_else(|_| "mysql://telemetry_test:telemetry-test@127.0.0.1:3306/".into())
                 + &database,
             mysql_max_connections: 2,
             group_id: group.clone(),

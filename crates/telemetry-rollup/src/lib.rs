@@ -52,7 +52,8 @@ pub struct RollupConfig {
         long,
         env = "TELEMETRY_MYSQL_URL",
         hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL
+        default_value = telemetry_store::DEFAULT_MYSQL_URL,
+        hide_default_value = true
     )]
     pub mysql_url: String,
 

@@ -39,8 +39,20 @@ use telemetry_core::event::CleanedRecord;
 /// The schema migrations, embedded in the binary.
 static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// The database every service uses unless told otherwise (what `scripts/services.sh` starts).
+/// The database the writers (audit, rollup, alert, DLQ replay) use unless told otherwise: the
+/// development writer account of `scripts/services.sh` (SELECT, INSERT, UPDATE, DELETE on the
+/// `telemetry` database).
 pub const DEFAULT_MYSQL_URL: &str = "mysql://telemetry:telemetry@127.0.0.1:3306/telemetry";
+
+/// The database the API reads unless told otherwise: the development reader account of
+/// `scripts/services.sh` (SELECT on the `telemetry` database).
+pub const DEFAULT_READER_URL: &str =
+    "mysql://telemetry_reader:telemetry-reader@127.0.0.1:3306/telemetry";
+
+/// The database `telemetry migrate` changes unless told otherwise: the development owner account
+/// of `scripts/services.sh` (every privilege on the `telemetry` database, none elsewhere).
+pub const DEFAULT_OWNER_URL: &str =
+    "mysql://telemetry_owner:telemetry-owner@127.0.0.1:3306/telemetry";
 
 /// Rows per INSERT statement: well under MySQL's 65,535 placeholders per statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -48,6 +60,14 @@ const ROWS_PER_STATEMENT: usize = 1_000;
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The schema is behind this binary's migrations and this account may not change it.
+    #[error("the database schema is not up to date and this account may not migrate it ({0}); run `telemetry migrate` with the owner's account (TELEMETRY_MYSQL_OWNER_URL), or give the audit service TELEMETRY_MYSQL_OWNER_URL")]
+    NeedsMigration(String),
+    /// The account may not do what the service needs (a privilege, or the database, is missing).
+    #[error(
+        "the database refused this account: {0}; see docs/operations.md, \"Database accounts\""
+    )]
+    AccessDenied(#[source] sqlx::Error),
     /// The database URL could not be parsed.
     #[error("database URL is not valid: {0}")]
     InvalidUrl(#[source] sqlx::Error),
@@ -83,6 +103,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// A privilege refusal, as [`Error::AccessDenied`]; any other error as it is.
+    fn refused_as_access_denied(self) -> Self {
+        match self {
+            Error::Database(error) if is_privilege_refusal(&error) => Error::AccessDenied(error),
+            Error::Migrate(sqlx::migrate::MigrateError::Execute(error))
+                if is_privilege_refusal(&error) =>
+            {
+                Error::AccessDenied(error)
+            }
+            error => error,
+        }
+    }
+
+    /// Errors of connecting that waiting cannot mend: a URL that does not parse, an account
+    /// refused what it needs, a schema it may not migrate.
+    fn is_permanent_for_connecting(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidUrl(_) | Error::AccessDenied(_) | Error::NeedsMigration(_)
+        )
+    }
+
     /// Whether the database refused the data itself (a value out of a column's range, a failed
     /// constraint, ...), so that retrying the same rows cannot succeed. Connection losses,
     /// timeouts and deadlocks are not: those are retried.
@@ -119,6 +161,16 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// Whether a MySQL/MariaDB error is a refusal of the account's privileges: ER_DBACCESS_DENIED
+/// (1044), ER_TABLEACCESS_DENIED (1142), ER_COLUMNACCESS_DENIED (1143), ER_SPECIFIC_ACCESS_DENIED
+/// (1227). A wrong password (1045) is not: it may be a password being changed, and is retried.
+fn is_privilege_refusal(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|error| matches!(error.number(), 1044 | 1142 | 1143 | 1227))
 }
 
 /// MariaDB's ER_STATEMENT_TIMEOUT: "Query execution was interrupted (max_statement_time exceeded)".
@@ -169,26 +221,130 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// For writers: [`Store::connect`] and [`Store::migrate`], retried with backoff while the
-    /// database is unreachable; `None` when `shutdown` came first. A URL that does not parse is an
-    /// error at once (it will not parse later either).
+    /// For writers: [`Store::connect`], then the schema checked and, when it is behind, migrated
+    /// (see [`Store::ensure_schema`]); retried with backoff while the database is unreachable.
+    /// `None` when `shutdown` came first. A URL that does not parse, and an account the database
+    /// refuses what it needs (it may not create the database or migrate a schema that is behind),
+    /// are errors at once: they will not change by waiting.
     pub async fn connect_migrated(
         url: &str,
         max_connections: u32,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<Option<Self>> {
         let connect = || async {
-            let store = Store::connect(url, max_connections).await?;
-            store.migrate().await?;
+            let store = Store::connect(url, max_connections)
+                .await
+                .map_err(Error::refused_as_access_denied)?;
+            store.ensure_schema().await?;
             Ok::<_, Error>(store)
         };
-        match connect().await {
-            Ok(store) => Ok(Some(store)),
-            Err(error @ Error::InvalidUrl(_)) => Err(error),
+        // Ok(Err(..)): an error retrying cannot mend.
+        let attempt = || async {
+            match connect().await {
+                Ok(store) => Ok(Ok(store)),
+                Err(error) if error.is_permanent_for_connecting() => Ok(Err(error)),
+                Err(error) => Err(error),
+            }
+        };
+        match attempt().await {
+            Ok(outcome) => outcome.map(Some),
             Err(error) => {
                 tracing::warn!(%error, "The database is not reachable yet; retrying.");
-                Ok(telemetry_ops::retry("Connecting to the database", shutdown, connect).await)
+                telemetry_ops::retry("Connecting to the database", shutdown, attempt)
+                    .await
+                    .transpose()
             }
+        }
+    }
+
+    /// Migrates the database `owner_url` names (created when missing) with that account, then
+    /// lets its connections go: what `telemetry migrate` and a service given the owner's URL
+    /// (`TELEMETRY_MYSQL_OWNER_URL`) run before they connect with their own account. Retried
+    /// while the database is unreachable, as [`Store::connect_migrated`]; `false` when
+    /// `shutdown` came first.
+    pub async fn migrate_as_owner(
+        owner_url: &str,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool> {
+        let migrate = || async {
+            let store = Store::connect(owner_url, 1)
+                .await
+                .map_err(Error::refused_as_access_denied)?;
+            let applied = store
+                .migrate()
+                .await
+                .map_err(Error::refused_as_access_denied);
+            store.pool.close().await;
+            applied
+        };
+        let attempt = || async {
+            match migrate().await {
+                Ok(()) => Ok(Ok(())),
+                Err(error) if error.is_permanent_for_connecting() => Ok(Err(error)),
+                Err(error) => Err(error),
+            }
+        };
+        match attempt().await {
+            Ok(outcome) => outcome.map(|()| true),
+            Err(error) => {
+                tracing::warn!(%error, "The database is not reachable yet; retrying.");
+                match telemetry_ops::retry("Migrating the database", shutdown, attempt).await {
+                    Some(outcome) => outcome.map(|()| true),
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+
+    /// Whether every migration of this binary is applied (read from sqlx's `_sqlx_migrations`
+    /// with SELECT alone). A writer's account holds no DDL privilege, and sqlx's migrator runs
+    /// DDL even when nothing is pending, so it is run only when something is.
+    pub async fn schema_is_current(&self) -> Result<bool> {
+        let applied: Vec<(i64, bool)> =
+            match sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(applied) => applied,
+                // ER_NO_SUCH_TABLE: nothing applied yet.
+                Err(error)
+                    if error
+                        .as_database_error()
+                        .and_then(|error| {
+                            error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                        })
+                        .is_some_and(|error| error.number() == 1146) =>
+                {
+                    return Ok(false)
+                }
+                Err(error) => return Err(error.into()),
+            };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|migration| migration.migration_type.is_up_migration())
+            .all(|migration| {
+                applied
+                    .iter()
+                    .any(|(version, success)| *version == migration.version && *success)
+            }))
+    }
+
+    /// Migrates when the schema is behind ([`Store::schema_is_current`]); an account that may not
+    /// is told to ask the owner ([`Error::NeedsMigration`]).
+    pub async fn ensure_schema(&self) -> Result<()> {
+        if self.schema_is_current().await? {
+            return Ok(());
+        }
+        match self.migrate().await {
+            Err(Error::Migrate(sqlx::migrate::MigrateError::Execute(error)))
+                if is_privilege_refusal(&error) =>
+            {
+                Err(Error::NeedsMigration(error.to_string()))
+            }
+            Err(Error::Database(error)) if is_privilege_refusal(&error) => {
+                Err(Error::NeedsMigration(error.to_string()))
+            }
+            outcome => outcome,
         }
     }
 

@@ -59,17 +59,33 @@ pub fn tls_dir() -> std::path::PathBuf {
         .join("tls")
 }
 
-/// URL of the test MQTT broker.
+/// The tests' own MQTT user of `scripts/services.sh` (the development broker takes no anonymous
+/// client): it may read and write any topic, the tests' prefixes included.
+pub const MQTT_TEST_CREDENTIALS: (&str, &str) = ("telemetry-test", "telemetry-test");
+
+/// URL of the test MQTT broker, with the tests' credentials ([`MQTT_TEST_CREDENTIALS`]).
 pub fn mqtt_url() -> String {
-    std::env::var("TELEMETRY_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_string())
+    std::env::var("TELEMETRY_MQTT_URL").unwrap_or_else(|_| {
+        let (user, password) = MQTT_TEST_CREDENTIALS;
+        format!("mqtt://{user}:{password}@127.0.0.1:1883")
+    })
 }
 
-/// URL of a database of its own for the calling test, `test_<name>` (created by whoever connects
-/// first; `scripts/test.sh` drops the `test_` databases of earlier runs).
+/// URL of a database of its own for the calling test, `test_<name>`, with the tests' owner
+/// account (`telemetry_test`: every privilege on the `test_` databases, none elsewhere; the
+/// database is created by whoever connects first; `scripts/test.sh` drops the `test_` databases
+/// of earlier runs). `TELEMETRY_TEST_MYSQL_URL` names another server (without a database).
 pub fn database_url(name: &str) -> String {
     let server = std::env::var("TELEMETRY_TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://telemetry:telemetry@127.0.0.1:3306".to_string());
+        .unwrap_or_else(|_| "mysql://telemetry_test:telemetry-test@127.0.0.1:3306".to_string());
     format!("{}/test_{name}", server.trim_end_matches('/'))
+}
+
+/// [`database_url`] with another of the tests' accounts of `scripts/services.sh`, same password:
+/// `telemetry_test_writer` (SELECT, INSERT, UPDATE, DELETE), `telemetry_test_reader` (SELECT) or
+/// `telemetry_test_tls` (every privilege, TLS required).
+pub fn database_url_as(user: &str, name: &str) -> String {
+    database_url(name).replacen("telemetry_test:", &format!("{user}:"), 1)
 }
 
 /// Reads `topic` from the beginning with a fresh consumer group until `expected` records arrived
@@ -207,14 +223,12 @@ pub async fn publish_qos1_to(
     per_second: Option<u32>,
     acknowledged: &AtomicUsize,
 ) {
-    let (host, port) = url_host_port(url);
-    publish_qos1_with(
-        MqttOptions::new(client_id, host, port),
-        messages,
-        per_second,
-        acknowledged,
-    )
-    .await;
+    let (credentials, host, port) = url_parts(url);
+    let mut options = MqttOptions::new(client_id, host, port);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
+    publish_qos1_with(options, messages, per_second, acknowledged).await;
 }
 
 /// [`publish_qos1_to`] with the client options made by the caller (TLS, credentials).
@@ -266,13 +280,25 @@ pub async fn publish_qos1_with(
     .expect("the MQTT broker acknowledged every publish within 600 s");
 }
 
-fn url_host_port(url: &str) -> (String, u16) {
+/// `mqtt://[user:password@]host[:port]`: the credentials, the host and the port.
+fn url_parts(url: &str) -> (Option<(String, String)>, String, u16) {
     let rest = url
         .trim_start_matches("mqtt://")
         .trim_start_matches("tcp://");
-    match rest.rsplit_once(':') {
-        Some((host, port)) => (host.to_string(), port.parse().expect("MQTT port")),
-        None => (rest.to_string(), 1883),
+    let (credentials, address) = match rest.rsplit_once('@') {
+        Some((userinfo, address)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (Some((user.to_string(), password.to_string())), address)
+        }
+        None => (None, rest),
+    };
+    match address.rsplit_once(':') {
+        Some((host, port)) => (
+            credentials,
+            host.to_string(),
+            port.parse().expect("MQTT port"),
+        ),
+        None => (credentials, address.to_string(), 1883),
     }
 }
 

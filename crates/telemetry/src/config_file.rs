@@ -12,6 +12,10 @@
 //! Lists are written as TOML arrays (`kafka_options = ["security.protocol=SASL_SSL"]`), and
 //! the pass-through options also as a table (`[kafka.options]` with `"security.protocol" =
 //! "SASL_SSL"`).
+//!
+//! Settings that may hold a secret are those whose values `--help` hides (`hide_env_values`):
+//! their values appear in no error message, and a file that holds one and that users other than
+//! its owner can read gets a warning at start-up ([`exposed_secrets`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -36,6 +40,9 @@ pub struct Setting {
     pub used_by: Vec<String>,
     /// Whether several values are given comma-separated.
     pub list: bool,
+    /// Whether its value may be a secret (a password, a URL with credentials, options that may
+    /// name a password): `--help` and error messages never show it.
+    pub secret: bool,
     arg: clap::Arg,
 }
 
@@ -82,6 +89,7 @@ fn collect(command: &clap::Command, path: &str, settings: &mut BTreeMap<String, 
                     .map(str::to_string),
                 used_by: vec![name.clone()],
                 list: arg.get_value_delimiter().is_some(),
+                secret: arg.is_hide_env_values_set(),
                 arg: arg.clone(),
             });
     }
@@ -139,12 +147,15 @@ pub enum ConfigError {
         path: String,
         /// The key.
         key: String,
-        /// The value, as the setting receives it.
+        /// The value, as the setting receives it; [`HIDDEN`] for a secret setting's.
         value: String,
         /// Why it is refused.
         message: String,
     },
 }
+
+/// What error messages show instead of a secret setting's value.
+const HIDDEN: &str = "(value not shown: it may be a secret)";
 
 /// The file's settings, checked: `(environment variable, value)` pairs.
 pub fn load(path: &Path, root: &clap::Command) -> Result<Vec<(String, String)>, ConfigError> {
@@ -162,11 +173,12 @@ pub fn parse(
     shown: &str,
     root: &clap::Command,
 ) -> Result<Vec<(String, String)>, ConfigError> {
+    // Without the line the parser's own text quotes: it may hold a password.
     let table: toml::Table = text
         .parse()
         .map_err(|error: toml::de::Error| ConfigError::Parse {
             path: shown.to_string(),
-            message: error.to_string(),
+            message: telemetry_ops::secrets::describe_toml_error(&error, text),
         })?;
     let settings = settings(root);
     let mut values = Vec::new();
@@ -202,13 +214,15 @@ fn flatten(
         } else {
             format!("{prefix}_{}", name.to_ascii_lowercase())
         };
-        let list_setting = settings.get(&key).is_some_and(|setting| setting.list);
+        let setting = settings.get(&key);
+        let list_setting = setting.is_some_and(|setting| setting.list);
+        let secret = setting.is_some_and(|setting| setting.secret);
         match value {
             // A table for a list setting is its `key=value` pairs (pass-through options).
             toml::Value::Table(pairs) if list_setting => {
                 let mut items = Vec::with_capacity(pairs.len());
                 for (option, value) in pairs {
-                    items.push(format!("{option}={}", scalar(value, &key, shown)?));
+                    items.push(format!("{option}={}", scalar(value, &key, secret, shown)?));
                 }
                 out.push((key, items.join(",")));
             }
@@ -216,17 +230,22 @@ fn flatten(
             toml::Value::Array(items) => {
                 let mut texts = Vec::with_capacity(items.len());
                 for item in items {
-                    texts.push(scalar(item, &key, shown)?);
+                    texts.push(scalar(item, &key, secret, shown)?);
                 }
                 out.push((key, texts.join(",")));
             }
-            scalar_value => out.push((key.clone(), scalar(scalar_value, &key, shown)?)),
+            scalar_value => out.push((key.clone(), scalar(scalar_value, &key, secret, shown)?)),
         }
     }
     Ok(())
 }
 
-fn scalar(value: &toml::Value, key: &str, shown: &str) -> Result<String, ConfigError> {
+fn scalar(
+    value: &toml::Value,
+    key: &str,
+    secret: bool,
+    shown: &str,
+) -> Result<String, ConfigError> {
     match value {
         toml::Value::String(text) => Ok(text.clone()),
         toml::Value::Integer(number) => Ok(number.to_string()),
@@ -236,7 +255,11 @@ fn scalar(value: &toml::Value, key: &str, shown: &str) -> Result<String, ConfigE
         toml::Value::Array(_) | toml::Value::Table(_) => Err(ConfigError::Invalid {
             path: shown.to_string(),
             key: key.to_string(),
-            value: value.to_string(),
+            value: if secret {
+                HIDDEN.to_string()
+            } else {
+                value.to_string()
+            },
             message: "a list or table inside a list is not a setting's value".to_string(),
         }),
     }
@@ -259,10 +282,21 @@ fn check(setting: &Setting, key: &str, value: &str, shown: &str) -> Result<(), C
             .unwrap_or_default()
             .trim_start_matches("error: ")
             .to_string();
+        // clap's message quotes the value too.
+        let (value, message) = if setting.secret {
+            let message = if value.is_empty() {
+                message
+            } else {
+                message.replace(value, "...")
+            };
+            (HIDDEN.to_string(), message)
+        } else {
+            (toml::Value::String(value.to_string()).to_string(), message)
+        };
         return Err(ConfigError::Invalid {
             path: shown.to_string(),
             key: key.to_string(),
-            value: toml::Value::String(value.to_string()).to_string(),
+            value,
             message,
         });
     }
@@ -320,6 +354,80 @@ pub fn apply(values: &[(String, String)]) {
         if std::env::var_os(env).is_none() {
             std::env::set_var(env, value);
         }
+    }
+}
+
+/// A configuration file that holds secrets and that users other than its owner can read.
+#[derive(Debug, PartialEq)]
+pub struct ExposedSecrets {
+    /// The file.
+    pub path: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
+    /// The keys of the settings in it that hold a secret (never their values).
+    pub keys: Vec<String>,
+}
+
+impl ExposedSecrets {
+    /// Logs the warning: the file, its mode and the keys, never a value.
+    pub fn warn(&self) {
+        tracing::warn!(
+            file = %self.path.display(),
+            mode = %format!("{:04o}", self.mode),
+            settings = %self.keys.join(","),
+            "The configuration file holds secrets and users other than its owner can read it: \
+             run `chmod 600` on it."
+        );
+    }
+}
+
+/// The file at `path` if it holds a secret among `values` (as [`load`] returns them) and its
+/// group or others may read it; `None` otherwise, and always where there are no Unix modes.
+pub fn exposed_secrets(
+    path: &Path,
+    values: &[(String, String)],
+    root: &clap::Command,
+) -> Option<ExposedSecrets> {
+    let settings = settings(root);
+    let mut keys: Vec<String> = values
+        .iter()
+        .filter_map(|(env, value)| {
+            let key = key_of(env)?;
+            settings
+                .get(&key)
+                .is_some_and(|setting| holds_secret(setting, value))
+                .then_some(key)
+        })
+        .collect();
+    if keys.is_empty() {
+        return None;
+    }
+    keys.sort();
+    keys.dedup();
+    let mode = telemetry_ops::secrets::open_to_others(path)?;
+    Some(ExposedSecrets {
+        path: path.to_path_buf(),
+        mode,
+        keys,
+    })
+}
+
+/// Whether `value` of a secret setting is one: a URL only when it has a password, an option list
+/// only when an option names one (`sasl.password=...`), anything else when it is not empty.
+fn holds_secret(setting: &Setting, value: &str) -> bool {
+    if !setting.secret || value.is_empty() {
+        return false;
+    }
+    if setting.list {
+        value.split(',').any(|option| {
+            option.split_once('=').is_some_and(|(key, value)| {
+                !value.is_empty() && telemetry_kafka::is_secret_option(key.trim())
+            })
+        })
+    } else if setting.env.ends_with("_URL") {
+        telemetry_ops::secrets::url_has_password(value)
+    } else {
+        true
     }
 }
 
@@ -493,6 +601,44 @@ mod tests {
             .collect();
         let values = parse(&uncommented, "example.toml", &root()).unwrap();
         assert!(values.len() > 30, "{} settings with defaults", values.len());
+    }
+
+    #[test]
+    fn secret_values_are_in_no_error() {
+        let error = |text: &str| parse(text, "site.toml", &root()).unwrap_err().to_string();
+        for text in [
+            "kafka_options = [[\"sasl.password=SECRET\"]]\n",
+            "kafka_sasl_password = [\"SECRET\", [\"SECRET\"]]\n",
+            "mysql_url = \"mysql://u:SECRET@db/telemetry\n",
+            "[mysql]\nurl = \"mysql://u:SECRET@db/telemetry\"\nurl = \"x\"\n",
+        ] {
+            let shown = error(text);
+            assert!(shown.contains("site.toml"), "{shown}");
+            assert!(!shown.contains("SECRET"), "{text:?}: {shown}");
+        }
+        // Values of other settings are shown, as they help.
+        assert!(error("audit_batch_size = [[1]]\n").contains("audit_batch_size = [1]"));
+    }
+
+    #[test]
+    fn secrets_are_settings_hidden_from_help_with_a_secret_value() {
+        let settings = settings(&root());
+        let holds = |key: &str, value: &str| holds_secret(&settings[key], value);
+        assert!(holds("kafka_sasl_password", "p"));
+        assert!(holds("mqtt_password", "p"));
+        assert!(holds("mysql_url", "mysql://u:p@db/telemetry"));
+        assert!(holds("mqtt_url", "mqtts://u:p@broker"));
+        assert!(holds(
+            "kafka_options",
+            "socket.keepalive.enable=true,sasl.password=p"
+        ));
+        assert!(holds("kafka_options", "ssl.key.password=p"));
+        assert!(!holds("kafka_sasl_password", ""));
+        assert!(!holds("mysql_url", "mysql://u@db/telemetry"));
+        assert!(!holds("mqtt_url", "mqtt://broker:1883"));
+        assert!(!holds("kafka_options", "socket.keepalive.enable=true"));
+        assert!(!holds("kafka_brokers", "kafka:9092"));
+        assert!(!holds("kafka_sasl_username", "telemetry"));
     }
 
     #[test]

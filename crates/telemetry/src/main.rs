@@ -38,6 +38,8 @@ enum LogFormat {
     Json,
 }
 
+// One value, parsed once at start-up: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The whole pipeline in one process on embedded defaults (MQTT broker, Kafka-protocol
@@ -63,6 +65,9 @@ enum Command {
     Alert(telemetry_alert::AlertConfig),
     /// Simulated devices publishing realistic telemetry (and faults) over MQTT.
     Simulate(telemetry_simulator::SimulateConfig),
+    /// Create the telemetry database if it is missing and bring its schema up to date, with the
+    /// owner's account; the services then need only their own (writers DML, the API SELECT).
+    Migrate(MigrateArgs),
     /// Check, show or export the payload contract, or try payloads against it.
     Contract(contract_tool::ContractArgs),
     /// Check a configuration file, or print a commented example with every setting.
@@ -87,6 +92,21 @@ struct EmbeddedKafkaArgs {
     /// Its port on 127.0.0.1.
     #[arg(long)]
     port: u16,
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// MySQL/MariaDB URL of the telemetry database with the owner's account: every privilege on
+    /// that database, none elsewhere (docs/operations.md, "Database accounts"). Default: the
+    /// development owner account of `scripts/services.sh`.
+    #[arg(
+        long,
+        env = "TELEMETRY_MYSQL_OWNER_URL",
+        hide_env_values = true,
+        default_value = telemetry_store::DEFAULT_OWNER_URL,
+        hide_default_value = true
+    )]
+    mysql_owner_url: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -164,9 +184,13 @@ fn main() -> anyhow::Result<()> {
     // The configuration file's settings become the environment's defaults before the arguments
     // are parsed, and before any thread starts.
     let args: Vec<OsString> = std::env::args_os().collect();
+    let mut exposed = None;
     if let Some(path) = config_file::path_from(&args) {
         match config_file::load(&path, &Cli::command()) {
-            Ok(values) => config_file::apply(&values),
+            Ok(values) => {
+                exposed = config_file::exposed_secrets(&path, &values, &Cli::command());
+                config_file::apply(&values);
+            }
             Err(error) => {
                 eprintln!("error: {error}");
                 std::process::exit(2);
@@ -182,6 +206,9 @@ fn main() -> anyhow::Result<()> {
         "info"
     };
     init_logging(cli.log_format, default_level);
+    if let Some(exposed) = exposed {
+        exposed.warn();
+    }
     match cli.command {
         #[cfg(feature = "embedded-kafka")]
         Command::EmbeddedKafka(args) => tokio::runtime::Builder::new_multi_thread()
@@ -327,6 +354,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     report.pipeline.dead_letters,
                     report.pipeline.malformed
                 );
+            }
+            Ok(())
+        }
+        Command::Migrate(MigrateArgs { mysql_owner_url }) => {
+            if telemetry_store::is_sqlite_url(&mysql_owner_url) {
+                anyhow::bail!(
+                    "the SQLite store of `telemetry up` makes its own schema; `telemetry migrate` is for MySQL/MariaDB"
+                );
+            }
+            if telemetry_store::Store::migrate_as_owner(&mysql_owner_url, &shutdown)
+                .await
+                .context("migrating the database")?
+            {
+                tracing::info!("The database schema is up to date.");
             }
             Ok(())
         }

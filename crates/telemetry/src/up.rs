@@ -117,8 +117,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         ),
     };
 
+    // A given MQTT URL may carry a password: the summary names its origin only.
     let summary = format!(
-        "MQTT {mqtt_url} ({mqtt_kind}) · Kafka {kafka_brokers} ({kafka_kind}) · store {store_kind}"
+        "MQTT {} ({mqtt_kind}) · Kafka {kafka_brokers} ({kafka_kind}) · store {store_kind}",
+        telemetry_ops::secrets::redact_url(&mqtt_url)
     );
     let result = run_services(
         &args,
@@ -339,6 +341,12 @@ async fn run_services(
         mqtt_url.into(),
         "--bridge-listen".into(),
         bridge_address.clone(),
+        // The dashboard's page comes from the API's address.
+        "--ws-allowed-origins".into(),
+        format!(
+            "http://127.0.0.1:{api},http://localhost:{api}",
+            api = ports.api
+        ),
     ]))?;
     let audit: telemetry_audit::AuditConfig = parse(&kafka_args(&[
         "--mysql-url".into(),

@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use telemetry_api::{Api, ApiConfig};
+use telemetry_api::Api;
 use telemetry_bridge::Bridge;
 use telemetry_ops::auth::{token_digest, AuthConfig};
-use telemetry_testkit::{database_url, eventually, http_get_with, publish_qos1, unique};
+use telemetry_testkit::{eventually, http_get_with, publish_qos1, unique};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{audit_config, base_ts, bridge_config, kafka_config, metric, stopped};
+use common::{api_config, audit_config, base_ts, bridge_config, kafka_config, metric, stopped};
 
 const GREENHOUSE_TOKEN: &str = "tp_greenhouse-test-token";
 const OPERATIONS_TOKEN: &str = "tp_operations-test-token";
@@ -34,22 +34,6 @@ fn tokens_file(id: &str) -> std::path::PathBuf {
     )
     .unwrap();
     path
-}
-
-fn api_config(id: &str, listen: &str, auth: AuthConfig) -> ApiConfig {
-    ApiConfig {
-        mysql_url: database_url(id),
-        mysql_max_connections: 2,
-        statement_timeout_ms: 5_000,
-        dlq_payload_bytes: 4_096,
-        listen: listen.to_string(),
-        live_url: None,
-        stale_after_seconds: 300,
-        failing_dlq_ratio: 0.5,
-        failing_min_rejections: 3,
-        auth,
-        http: Default::default(),
-    }
 }
 
 async fn get(
@@ -101,22 +85,38 @@ where
     devices
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_token_reads_only_its_devices_and_requests_without_one_are_refused() {
-    let id = unique("auth");
-    let kafka = kafka_config(&id);
-    let tokens = tokens_file(&id);
+/// A bridge of the test's own with the test's tokens file: the file, its settings, the bridge's
+/// address and task.
+async fn bridge_with_tokens(
+    id: &str,
+    kafka: &telemetry_kafka::KafkaConfig,
+    shutdown: &CancellationToken,
+) -> (
+    std::path::PathBuf,
+    AuthConfig,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), telemetry_bridge::Error>>,
+) {
+    let tokens = tokens_file(id);
     let auth = AuthConfig {
         auth_tokens: Some(tokens.clone()),
         allow_unauthenticated: false,
     };
-    let shutdown = CancellationToken::new();
-
-    let mut bridge = bridge_config(&id, &kafka);
+    let mut bridge = bridge_config(id, kafka);
     bridge.auth = auth.clone();
     let bridge = Bridge::bind(bridge).await.unwrap();
     let bridge_address = bridge.local_addr().unwrap();
     let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
+    (tokens, auth, bridge_address, bridge_task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_reads_only_its_devices_and_requests_without_one_are_refused() {
+    let id = unique("auth");
+    let kafka = kafka_config(&id);
+    let shutdown = CancellationToken::new();
+    let (tokens, auth, bridge_address, bridge_task) =
+        bridge_with_tokens(&id, &kafka, &shutdown).await;
     let audit_task = tokio::spawn(telemetry_audit::run(
         audit_config(&id, &format!("{id}-audit"), &kafka),
         shutdown.clone(),
@@ -351,4 +351,127 @@ async fn without_tokens_a_public_address_is_refused_unless_allowed() {
         .await
         .is_ok());
     std::fs::remove_file(tokens).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tokens_file_is_reloaded_and_a_removed_tokens_live_view_is_closed_within_seconds() {
+    let id = unique("revoke");
+    let kafka = kafka_config(&id);
+    let shutdown = CancellationToken::new();
+    let (tokens, auth, bridge_address, bridge_task) =
+        bridge_with_tokens(&id, &kafka, &shutdown).await;
+    let api = Api::bind(api_config(&id, "127.0.0.1:0", auth))
+        .await
+        .unwrap();
+    let api_address = api.local_addr().unwrap();
+    let api_task = tokio::spawn(api.run(shutdown.clone()));
+
+    let url = format!("ws://{bridge_address}/ws");
+    let (mut greenhouse, _) =
+        tokio_tungstenite::connect_async(format!("{url}?access_token={GREENHOUSE_TOKEN}"))
+            .await
+            .unwrap();
+    let (mut operations, _) =
+        tokio_tungstenite::connect_async(format!("{url}?access_token={OPERATIONS_TOKEN}"))
+            .await
+            .unwrap();
+
+    // The greenhouse token is removed and a new one added; no restart.
+    let new_token = "tp_new-test-token";
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"operations\"\nsha256 = \"{}\"\ndevices = [\"*\"]\n\n\
+             [[token]]\nname = \"new\"\nsha256 = \"{}\"\ndevices = [\"*\"]\n",
+            token_digest(OPERATIONS_TOKEN),
+            token_digest(new_token)
+        ),
+    )
+    .unwrap();
+
+    // The removed token's live view is closed (1008) within seconds ...
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match greenhouse.next().await {
+                Some(Ok(WsMessage::Close(frame))) => {
+                    return frame.map(|frame| u16::from(frame.code))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the removed token's WebSocket must be closed within 5 s");
+    assert_eq!(closed, Some(1008));
+    // ... the token is refused from now on, the new one works, and the kept one's live view is
+    // still open: it gets the next frame.
+    let (status, _, _) = get(api_address, "/api/devices", Some(GREENHOUSE_TOKEN)).await;
+    assert_eq!(status, 401);
+    assert!(
+        tokio_tungstenite::connect_async(format!("{url}?access_token={GREENHOUSE_TOKEN}"))
+            .await
+            .is_err()
+    );
+    // (Accepted: no 401. This test runs no audit service, so the database is not there: 503.)
+    let (status, _, _) = get(api_address, "/api/devices", Some(new_token)).await;
+    assert_ne!(
+        status, 401,
+        "the new token must be accepted without a restart"
+    );
+    let published = format!("{id}/devices/greenhouse-1/telemetry");
+    let payload = format!(
+        r#"{{"device_id":"greenhouse-1","device_ts":{},"seq":1,"temperature":20.5}}"#,
+        base_ts()
+    );
+    publish_qos1(
+        &format!("{id}-publisher"),
+        &[(published, payload.into_bytes())],
+    )
+    .await;
+    assert_eq!(
+        frame_devices(&mut operations, 1, Duration::from_secs(10)).await,
+        vec!["greenhouse-1".to_string()]
+    );
+
+    shutdown.cancel();
+    stopped(bridge_task).await;
+    stopped(api_task).await;
+    std::fs::remove_file(&tokens).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_from_a_foreign_origin_cannot_open_the_live_view() {
+    let id = unique("origin");
+    let kafka = kafka_config(&id);
+    let shutdown = CancellationToken::new();
+    // The default: the dashboard's own origin at the API's default address.
+    let bridge = Bridge::bind(bridge_config(&id, &kafka)).await.unwrap();
+    let bridge_address = bridge.local_addr().unwrap();
+    let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
+    let url = format!("ws://{bridge_address}/ws");
+    let with_origin = |origin: &str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+        request
+    };
+
+    match tokio_tungstenite::connect_async(with_origin("http://evil.example")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("a foreign origin must get 403, got {:?}", other.map(|_| ())),
+    }
+    // The dashboard's origin, and a client that is no browser (no Origin), are let in.
+    assert!(
+        tokio_tungstenite::connect_async(with_origin("http://127.0.0.1:8082"))
+            .await
+            .is_ok()
+    );
+    assert!(tokio_tungstenite::connect_async(url.as_str()).await.is_ok());
+
+    shutdown.cancel();
+    stopped(bridge_task).await;
 }

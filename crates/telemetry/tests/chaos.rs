@@ -72,12 +72,13 @@ impl Infrastructure {
     }
 
     fn mqtt_url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+        let (user, password) = telemetry_testkit::MQTT_TEST_CREDENTIALS;
+        format!("mqtt://{user}:{password}@127.0.0.1:{}", self.mqtt_port)
     }
 
     fn mysql_url(&self, database: &str) -> String {
         format!(
-            "mysql://telemetry:telemetry@127.0.0.1:{}/{database}",
+            "mysql://telemetry_test:telemetry-test@127.0.0.1:{}/{database}",
             self.mysql_port
         )
     }

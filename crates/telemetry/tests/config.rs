@@ -1,6 +1,7 @@
 //! The configuration file, through the real binary: file < environment < flag; unknown keys and
 //! refused values stop it before it starts, naming file and key; the committed example is what
-//! `telemetry config example` prints, and checks.
+//! `telemetry config example` prints, and checks; a file holding secrets that others may read gets
+//! a warning naming its settings, never their values.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -177,4 +178,66 @@ fn the_committed_example_is_current_complete_and_valid() {
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
     assert!(stdout.contains("settings, all valid"), "{stdout}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_with_secrets_readable_by_others_gets_a_warning_naming_its_settings() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let directory = tempfile::tempdir().unwrap();
+    let check = |name: &str, content: &str, mode: u32| {
+        let path = directory.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let output = telemetry()
+            .arg("--config")
+            .arg(&path)
+            .args(["contract", "check"])
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&output);
+        assert!(output.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("SECRET-"),
+            "the warning shows no value: {stderr}"
+        );
+        (path.display().to_string(), stderr)
+    };
+    let secrets = r#"
+        kafka_brokers = "kafka-1:9092"
+        kafka_sasl_password = "SECRET-SASL"
+        mysql_url = "mysql://telemetry:SECRET-MYSQL@db:3306/telemetry"
+
+        [kafka.options]
+        "sasl.password" = "SECRET-OPTION"
+        "socket.keepalive.enable" = "true"
+    "#;
+    for mode in [0o644, 0o640, 0o604] {
+        let (path, stderr) = check(&format!("open-{mode:o}.toml"), secrets, mode);
+        let warning = stderr
+            .lines()
+            .find(|line| line.contains("chmod 600"))
+            .unwrap_or_else(|| panic!("mode {mode:o}: no warning in {stderr}"));
+        assert!(warning.contains("WARN"), "{warning}");
+        assert!(warning.contains(&path), "{warning}");
+        for key in ["kafka_sasl_password", "mysql_url", "kafka_options"] {
+            assert!(warning.contains(key), "the warning names {key}: {warning}");
+        }
+        assert!(!warning.contains("kafka_brokers"), "{warning}");
+    }
+    let (_, stderr) = check("private.toml", secrets, 0o600);
+    assert!(!stderr.contains("chmod"), "0600: no warning: {stderr}");
+    let (_, stderr) = check(
+        "no-secrets.toml",
+        r#"
+            kafka_brokers = "kafka-1:9092"
+            mysql_url = "mysql://telemetry@db:3306/telemetry"
+            kafka_options = ["socket.keepalive.enable=true"]
+        "#,
+        0o644,
+    );
+    assert!(
+        !stderr.contains("chmod"),
+        "no secret in the file: no warning: {stderr}"
+    );
 }

@@ -82,8 +82,12 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         auth_tokens: Some(tokens.clone()),
         allow_unauthenticated: false,
     };
+    // The dashboard's page comes from the API: its origin is the one the live view allows.
+    let api_port = telemetry_testkit::free_port();
+    let dashboard_origin = format!("http://127.0.0.1:{api_port}");
     let mut first_bridge = bridge_config(&id, &kafka);
     first_bridge.auth = auth.clone();
+    first_bridge.ws_allowed_origins = vec![dashboard_origin.clone()];
     let bridge = Bridge::bind(first_bridge).await.unwrap();
     let bridge_address = bridge.local_addr().unwrap();
     let bridge_stop = shutdown.child_token();
@@ -93,11 +97,14 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         shutdown.clone(),
     ));
     let api = Api::bind(ApiConfig {
-        mysql_url: database_url(&id),
+        mysql_url: Some(telemetry_testkit::database_url_as(
+            "telemetry_test_reader",
+            &id,
+        )),
         mysql_max_connections: 2,
         statement_timeout_ms: 5_000,
         dlq_payload_bytes: 4_096,
-        listen: "127.0.0.1:0".to_string(),
+        listen: format!("127.0.0.1:{api_port}"),
         live_url: Some(format!("ws://{bridge_address}/ws")),
         stale_after_seconds: 300,
         failing_dlq_ratio: 0.5,
@@ -238,6 +245,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
             let mut config = bridge_config(&id, &kafka);
             config.listen = bridge_address.to_string();
             config.auth = auth.clone();
+            config.ws_allowed_origins = vec![dashboard_origin.clone()];
             let bridge = Bridge::bind(config).await.unwrap();
             second_bridge = Some(tokio::spawn(bridge.run(shutdown.clone())));
         }

@@ -99,6 +99,7 @@ async fn the_scripts_start_every_service_healthy_and_stop_them_gracefully() {
         ("TELEMETRY_ROLLUP_GROUP".into(), format!("{id}-rollup")),
         ("TELEMETRY_ALERT_GROUP".into(), format!("{id}-alert")),
         ("TELEMETRY_MYSQL_URL".into(), database_url(&id)),
+        ("TELEMETRY_MYSQL_OWNER_URL".into(), database_url(&id)),
     ];
     let mut addresses = Vec::new();
     for (app, variable) in SERVICES {

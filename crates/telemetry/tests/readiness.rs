@@ -131,7 +131,7 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
             "database",
             telemetry_api::run(
                 telemetry_api::ApiConfig {
-                    mysql_url: DEAD_MYSQL.into(),
+                    mysql_url: Some(DEAD_MYSQL.into()),
                     mysql_max_connections: 1,
                     statement_timeout_ms: 5_000,
                     dlq_payload_bytes: 4_096,

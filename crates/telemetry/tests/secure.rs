@@ -12,8 +12,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use telemetry_bridge::{Bridge, MqttConnectionConfig};
 use telemetry_kafka::KafkaConfig;
 use telemetry_testkit::{
-    database_url, eventually, free_port, http_get, kafka_secure_brokers, publish_qos1_with,
-    tls_dir, unique, KAFKA_SASL_CREDENTIALS,
+    eventually, free_port, http_get, kafka_secure_brokers, publish_qos1_with, tls_dir, unique,
+    KAFKA_SASL_CREDENTIALS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -121,45 +121,16 @@ fn secure_kafka(id: &str, mechanism: &str, password: &str) -> KafkaConfig {
     }
 }
 
-/// A MySQL user of the test's own that the server refuses without TLS, and its URL (verified
-/// TLS against the development CA).
-async fn tls_only_mysql_user(id: &str) -> (String, String) {
-    let admin = sqlx::MySqlPool::connect(&database_url(id).replace(&format!("/test_{id}"), ""))
-        .await
-        .unwrap();
-    let user = format!("u_{}", &id[id.len() - 10..]);
-    sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `test_{id}`"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query(&format!(
-        "CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'tls-secret' REQUIRE SSL"
-    ))
-    .execute(&admin)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "GRANT ALL PRIVILEGES ON `test_{id}`.* TO '{user}'@'127.0.0.1'"
-    ))
-    .execute(&admin)
-    .await
-    .unwrap();
+/// The URL (verified TLS against the development CA) of the tests' account that the server
+/// refuses without TLS (`telemetry_test_tls`, made by `scripts/services.sh`), on a database of the
+/// test's own.
+fn tls_only_mysql_url(id: &str) -> String {
     let ca = tls_dir().join("ca.pem");
-    let url = format!(
-        "mysql://{user}:tls-secret@127.0.0.1:3306/test_{id}?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+    format!(
+        "{}?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+        telemetry_testkit::database_url_as("telemetry_test_tls", id),
         ca.display()
-    );
-    (user, url)
-}
-
-async fn drop_mysql_user(id: &str, user: &str) {
-    let admin = sqlx::MySqlPool::connect(&database_url(id).replace(&format!("/test_{id}"), ""))
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"))
-        .execute(&admin)
-        .await
-        .ok();
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -167,7 +138,7 @@ async fn the_pipeline_runs_over_tls_with_credentials_to_mqtt_kafka_and_mysql() {
     let id = unique("secure");
     let mosquitto = SecureMosquitto::start(&id).await;
     let kafka = secure_kafka(&id, "SCRAM-SHA-256", KAFKA_SASL_CREDENTIALS.1);
-    let (mysql_user, mysql_url) = tls_only_mysql_user(&id).await;
+    let mysql_url = tls_only_mysql_url(&id);
     let shutdown = CancellationToken::new();
 
     let mut bridge = bridge_config(&id, &kafka);
@@ -231,7 +202,6 @@ async fn the_pipeline_runs_over_tls_with_credentials_to_mqtt_kafka_and_mysql() {
     stopped(bridge_task).await;
     stopped(audit_task).await;
     mosquitto.stop().await;
-    drop_mysql_user(&id, &mysql_user).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +229,7 @@ async fn wrong_credentials_or_no_tls_are_refused() {
     assert!(wrong.is_err(), "a wrong SCRAM password must be refused");
 
     // MySQL: the TLS-only user cannot connect with TLS turned off.
-    let (mysql_user, mysql_url) = tls_only_mysql_user(&id).await;
+    let mysql_url = tls_only_mysql_url(&id);
     let without_tls = mysql_url
         .split_once('?')
         .map(|(base, _)| format!("{base}?ssl-mode=DISABLED"))
@@ -268,7 +238,6 @@ async fn wrong_credentials_or_no_tls_are_refused() {
         .await
         .is_err());
     assert!(telemetry_store::Store::connect(&mysql_url, 1).await.is_ok());
-    drop_mysql_user(&id, &mysql_user).await;
 
     // MQTT: with a wrong password the bridge never subscribes, so it is not ready.
     let mosquitto = SecureMosquitto::start(&id).await;

@@ -34,6 +34,7 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
         mqtt_client_id: format!("{id}-bridge"),
         bridge_id: format!("{id}-bridge"),
         listen: "127.0.0.1:0".to_string(),
+        ws_allowed_origins: vec!["http://127.0.0.1:8082".to_string()],
         ws_buffer: 8192,
         max_in_flight: 10_000,
         limits: Default::default(),
@@ -48,6 +49,7 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
 pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
     AuditConfig {
         mysql_url: database_url(id),
+        mysql_owner_url: None,
         mysql_max_connections: 4,
         group_id: group.to_string(),
         batch_size: 500,
@@ -61,6 +63,30 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
         shutdown_grace_seconds: 10,
         http: Default::default(),
         kafka: kafka.clone(),
+    }
+}
+
+/// The API reading the test's database with the tests' reader account, listening on `listen`.
+pub fn api_config(
+    id: &str,
+    listen: &str,
+    auth: telemetry_ops::auth::AuthConfig,
+) -> telemetry_api::ApiConfig {
+    telemetry_api::ApiConfig {
+        mysql_url: Some(telemetry_testkit::database_url_as(
+            "telemetry_test_reader",
+            id,
+        )),
+        mysql_max_connections: 2,
+        statement_timeout_ms: 5_000,
+        dlq_payload_bytes: 4_096,
+        listen: listen.to_string(),
+        live_url: None,
+        stale_after_seconds: 300,
+        failing_dlq_ratio: 0.5,
+        failing_min_rejections: 3,
+        auth,
+        http: Default::default(),
     }
 }
 
