@@ -104,9 +104,19 @@ if [ -z "${TELEMETRY_MQTT_USERNAME:-}" ] && [[ "${TELEMETRY_MQTT_URL:-}" != *@* 
   export TELEMETRY_MQTT_USERNAME=telemetry-bridge TELEMETRY_MQTT_PASSWORD=telemetry-bridge
 fi
 
+# With a certificate (TELEMETRY_TLS_CERTIFICATE_FILE, TELEMETRY_TLS_KEY_FILE) the API and the
+# bridge speak only TLS: https:// and wss://.
+web=http
+live=ws
+if [ -n "${TELEMETRY_TLS_CERTIFICATE_FILE:-}" ]; then
+  web=https
+  live=wss
+  command -v curl >/dev/null || die "curl is needed to check the services over TLS"
+fi
+
 # The live view lets in the dashboard's page, which comes from the API's address.
 if [ -z "${TELEMETRY_WS_ALLOWED_ORIGINS:-}" ]; then
-  export TELEMETRY_WS_ALLOWED_ORIGINS="http://$api_http,http://localhost:${api_http##*:}"
+  export TELEMETRY_WS_ALLOWED_ORIGINS="$web://$api_http,$web://localhost:${api_http##*:}"
 fi
 
 # The schema is made and migrated with the owner's account (TELEMETRY_MYSQL_OWNER_URL; default the
@@ -121,9 +131,13 @@ say "starting the services with PM2 (pm2 startOrReload ecosystem.config.js)"
   die "pm2 startOrReload ecosystem.config.js failed"
 
 # --- 5. readiness --------------------------------------------------------------------------
-# http_status HOST:PORT PATH: prints the HTTP status of GET http://HOST:PORT/PATH, or 000.
+# http_status HOST:PORT PATH [SCHEME]: prints the HTTP status of GET SCHEME://HOST:PORT/PATH
+# (default http), or 000. Over https the certificate is not checked: the probe only reads the
+# status our own process answers on loopback, and the certificate names the public host.
 http_status() {
-  if command -v curl >/dev/null; then
+  if [ "${3:-http}" = https ]; then
+    curl -s -k -o /dev/null -m 2 -w '%{http_code}' "https://$1$2" || true
+  elif command -v curl >/dev/null; then
     curl -s -o /dev/null -m 2 -w '%{http_code}' "http://$1$2" || true
   else
     local line=""
@@ -137,8 +151,8 @@ http_status() {
 }
 
 deadline=$((SECONDS + ready_seconds))
-say "waiting up to ${ready_seconds}s for http://$bridge_http/readyz (the bridge subscribed to MQTT)"
-until [ "$(http_status "$bridge_http" /readyz)" = 200 ]; do
+say "waiting up to ${ready_seconds}s for $web://$bridge_http/readyz (the bridge subscribed to MQTT)"
+until [ "$(http_status "$bridge_http" /readyz "$web")" = 200 ]; do
   if [ "$SECONDS" -ge "$deadline" ]; then
     say "error: the bridge did not become ready within ${ready_seconds}s; last lines of its log:"
     tail -n 30 "$log_dir/telemetry-bridge.error.log" >&2 || true
@@ -153,21 +167,22 @@ say "the bridge is ready"
 # The audit service and the API are not required to be ready (the bridge feeds Kafka meanwhile;
 # the API needs the schema the audit service creates), but a database they cannot reach or a
 # crash loop should not go unnoticed.
-# check_ready APP ADDRESS WHAT: waits until the deadline for ADDRESS/readyz, else warns with the log.
+# check_ready APP ADDRESS WHAT [SCHEME]: waits until the deadline for ADDRESS/readyz, else warns
+# with the log.
 check_ready() {
   while :; do
-    if [ "$(http_status "$2" /readyz)" = 200 ]; then
+    if [ "$(http_status "$2" /readyz "${4:-http}")" = 200 ]; then
       say "$3 ready"
       return
     fi
     [ "$SECONDS" -lt "$deadline" ] || break
     sleep 1
   done
-  say "warning: $3 not ready at http://$2/readyz; last lines of its log:"
+  say "warning: $3 not ready at ${4:-http}://$2/readyz; last lines of its log:"
   grep -v -E '^ +([0-9]+: |at )' "$log_dir/$1.error.log" | tail -n 20 >&2 || true
 }
 check_ready telemetry-audit "$audit_http" "the audit service is"
-check_ready telemetry-api "$api_http" "the API and dashboard are"
+check_ready telemetry-api "$api_http" "the API and dashboard are" "$web"
 check_ready telemetry-rollup "$rollup_http" "the rollup service is"
 check_ready telemetry-alert "$alert_http" "the alerter is"
 
@@ -176,17 +191,18 @@ check_ready telemetry-alert "$alert_http" "the alerter is"
 cat <<EOF
 
 Telemetry pipeline is running.
-  Dashboard:  http://$api_http/   (API: http://$api_http/api/devices, documented at /api/openapi.json)
+  Dashboard:  $web://$api_http/   (API: $web://$api_http/api/devices, documented at /api/openapi.json)
   Logs:       $log_dir/telemetry-{bridge,audit,api,rollup,alert}.error.log
               (stdout in *.out.log; or: pm2 logs)
-  WebSocket:  ws://$bridge_http/ws
-  Health:     http://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit),
-              http://$api_http/readyz (API), http://$rollup_http/readyz (rollup),
+  WebSocket:  $live://$bridge_http/ws
+  Health:     $web://$bridge_http/readyz (bridge), http://$audit_http/readyz (audit),
+              $web://$api_http/readyz (API), http://$rollup_http/readyz (rollup),
               http://$alert_http/readyz (alerts); also /healthz, /metrics
   Alerts:     rules in config/alerts.toml; every alert is produced to telemetry.alerts and logged
               in $log_dir/telemetry-alert.error.log
   Try it:
-    mosquitto_pub -h 127.0.0.1 -p $mqtt_port -t devices/pico-1/telemetry -q 1 -m "{\\"device_id\\":\\"pico-1\\",\\"device_ts\\":\$(date +%s),\\"temp\\":21.5}"
-    mariadb -h127.0.0.1 -P$mysql_port -utelemetry -ptelemetry telemetry -e 'select device_id, device_ts, metrics from telemetry order by received_at desc limit 3'
+    scripts/services.sh add-device pico-1     (prints its MQTT password, once)
+    mosquitto_pub -h 127.0.0.1 -p $mqtt_port -u pico-1 -P '<password>' -t devices/pico-1/telemetry -q 1 -m "{\\"device_id\\":\\"pico-1\\",\\"device_ts\\":\$(date +%s),\\"temp\\":21.5}"
+    MYSQL_PWD=telemetry-reader mariadb -h127.0.0.1 -P$mysql_port -utelemetry_reader telemetry -e 'select device_id, device_ts, metrics from telemetry order by received_at desc limit 3'
   Stop:       ./stop-services.sh   (--all also stops MariaDB, Mosquitto and Kafka)
 EOF

@@ -136,6 +136,10 @@ pub struct ApiConfig {
     /// Header-read and idle timeouts and the connection cap of the HTTP server.
     #[command(flatten)]
     pub http: telemetry_ops::HttpLimits,
+
+    /// TLS of the HTTP server: a certificate and its key.
+    #[command(flatten)]
+    pub tls: telemetry_ops::HttpTls,
 }
 
 impl ApiConfig {
@@ -271,7 +275,9 @@ impl Api {
             statement_timeout,
         )
         .await?;
-        let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        let server = telemetry_ops::HttpServer::bind(&config.listen)
+            .await?
+            .with_tls(&config.tls)?;
         let auth = Auth::from_config(
             &config.auth,
             "api",

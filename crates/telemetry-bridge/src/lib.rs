@@ -152,6 +152,10 @@ pub struct BridgeConfig {
     #[command(flatten)]
     pub http: telemetry_ops::HttpLimits,
 
+    /// TLS of the HTTP server: a certificate and its key.
+    #[command(flatten)]
+    pub tls: telemetry_ops::HttpTls,
+
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -233,7 +237,9 @@ impl Bridge {
         mqtt_source::check(&config)?;
         let contract = telemetry_core::Contract::load_or_builtin(config.contract.as_deref())?;
         let validator = std::sync::Arc::new(telemetry_core::Validator::new(contract)?);
-        let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
+        let server = telemetry_ops::HttpServer::bind(&config.listen)
+            .await?
+            .with_tls(&config.tls)?;
         let auth = telemetry_ops::auth::Auth::from_config(
             &config.auth,
             "bridge",

@@ -128,10 +128,93 @@ pub struct ListenError {
 
 /// A bound HTTP listener, not serving yet. Binding first lets a service fail fast on a taken
 /// port, and tests ask for port 0 and read the port back.
-#[derive(Debug)]
 pub struct HttpServer {
     listener: TcpListener,
     address: String,
+    /// Set by [`HttpServer::with_tls`]: connections speak TLS (https://, wss://).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("HttpServer")
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS for a listener that serves people and their browsers (the API and dashboard, the live
+/// view): a certificate and its key, PEM files.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HttpTls {
+    /// PEM file of the listener's certificate chain (its certificate first). With
+    /// `--tls-key-file` the listener speaks only TLS: `https://` for the API and dashboard,
+    /// `wss://` for the live view.
+    #[arg(
+        long,
+        env = "TELEMETRY_TLS_CERTIFICATE_FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_certificate_file: Option<std::path::PathBuf>,
+
+    /// PEM file of the certificate's private key (keep it readable by the service's user only).
+    #[arg(
+        long,
+        env = "TELEMETRY_TLS_KEY_FILE",
+        requires = "tls_certificate_file"
+    )]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl HttpTls {
+    /// The server configuration from the files; `None` when TLS is not configured.
+    fn server_config(&self) -> Result<Option<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(certificate_file), Some(key_file)) =
+            (&self.tls_certificate_file, &self.tls_key_file)
+        else {
+            return Ok(None);
+        };
+        let certificates = CertificateDer::pem_file_iter(certificate_file)
+            .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| {
+                format!(
+                    "TELEMETRY_TLS_CERTIFICATE_FILE / --tls-certificate-file `{}`: {error}",
+                    certificate_file.display()
+                )
+            })?;
+        if certificates.is_empty() {
+            return Err(format!(
+                "TELEMETRY_TLS_CERTIFICATE_FILE / --tls-certificate-file `{}` holds no certificate",
+                certificate_file.display()
+            ));
+        }
+        // The key's error names the file, never its contents.
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|error| {
+            format!(
+                "TELEMETRY_TLS_KEY_FILE / --tls-key-file `{}`: {error}",
+                key_file.display()
+            )
+        })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| format!("TLS: {error}"))?
+            .with_no_client_auth()
+            .with_single_cert(certificates, key)
+            .map_err(|error| {
+                format!(
+                    "TELEMETRY_TLS_CERTIFICATE_FILE and TELEMETRY_TLS_KEY_FILE do not make a \
+                     usable pair: {error}"
+                )
+            })?;
+        // HTTP/1.1 only, as the listener serves it (WebSocket upgrades included).
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(config))
+    }
 }
 
 impl HttpServer {
@@ -146,7 +229,27 @@ impl HttpServer {
         Ok(HttpServer {
             listener,
             address: address.to_string(),
+            tls: None,
         })
+    }
+
+    /// Serves TLS with the certificate and key of `tls`, when it names them; plain HTTP
+    /// otherwise. Files that cannot be used are an error naming the setting.
+    pub fn with_tls(mut self, tls: &HttpTls) -> Result<Self, ListenError> {
+        let config = tls.server_config().map_err(|problem| ListenError {
+            address: self.address.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, problem),
+        })?;
+        if let Some(config) = config {
+            tracing::info!(address = %self.address, "The listener speaks TLS (https://, wss://).");
+            self.tls = Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)));
+        }
+        Ok(self)
+    }
+
+    /// Whether the listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The address actually bound.
@@ -169,7 +272,7 @@ impl HttpServer {
     ) -> JoinHandle<Result<(), ListenError>> {
         let limits = limits.clone();
         tokio::spawn(async move {
-            serve(self.listener, router, service, limits, shutdown).await;
+            serve(self.listener, self.tls, router, service, limits, shutdown).await;
             Ok(())
         })
     }
@@ -215,6 +318,7 @@ impl ServerMetrics {
 
 async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     service: &'static str,
     limits: HttpLimits,
@@ -270,13 +374,33 @@ async fn serve(
         };
         let slot = Slot::new(permit, metrics.connections.clone());
         let stream = GuardedStream::new(stream, slot, &limits, metrics.clone());
-        connections.spawn(serve_connection(
-            http.clone(),
-            stream,
-            router.clone(),
-            peer,
-            shutdown.clone(),
-        ));
+        let exchanges = stream.exchanges.clone();
+        let (http, router, shutdown) = (http.clone(), router.clone(), shutdown.clone());
+        match &tls {
+            None => {
+                connections.spawn(serve_connection(
+                    http, stream, exchanges, router, peer, shutdown,
+                ));
+            }
+            Some(acceptor) => {
+                // The handshake's reads are the guarded stream's: a client that stalls it is
+                // cut off by the header-read timeout, as one that stalls its request.
+                let handshake = acceptor.accept(stream);
+                connections.spawn(async move {
+                    let stream = tokio::select! {
+                        handshake = handshake => match handshake {
+                            Ok(stream) => stream,
+                            Err(error) => {
+                                tracing::debug!(%error, %peer, "A TLS handshake failed.");
+                                return;
+                            }
+                        },
+                        () = shutdown.cancelled() => return,
+                    };
+                    serve_connection(http, stream, exchanges, router, peer, shutdown).await;
+                });
+            }
+        }
     }
     drop(listener);
     connections.close();
@@ -316,14 +440,16 @@ fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>) {
     });
 }
 
-async fn serve_connection(
+async fn serve_connection<S>(
     http: hyper::server::conn::http1::Builder,
-    stream: GuardedStream,
+    stream: S,
+    exchanges: Arc<Exchanges>,
     router: Router,
     peer: SocketAddr,
     shutdown: CancellationToken,
-) {
-    let exchanges = stream.exchanges.clone();
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = TrackedService {
         router: TowerToHyperService::new(router),
         exchanges: exchanges.clone(),

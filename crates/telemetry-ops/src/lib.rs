@@ -19,7 +19,7 @@ pub mod auth;
 mod http_server;
 pub mod secrets;
 
-pub use http_server::{join, HttpLimits, HttpServer, ListenError};
+pub use http_server::{join, HttpLimits, HttpServer, HttpTls, ListenError};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -111,6 +111,7 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         failing_min_rejections: 3,
         auth: auth.clone(),
         http: Default::default(),
+        tls: Default::default(),
     })
     .await
     .unwrap();

@@ -142,6 +142,7 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
                     failing_min_rejections: 3,
                     auth: Default::default(),
                     http: Default::default(),
+                    tls: Default::default(),
                 },
                 shutdown.clone(),
             ),

@@ -57,6 +57,7 @@ const NOT_SECRETS: &[(&str, &str)] = &[
     ),
     ("TELEMETRY_KAFKA_SSL_KEY_FILE", "a path"),
     ("TELEMETRY_MQTT_KEY_FILE", "a path"),
+    ("TELEMETRY_TLS_KEY_FILE", "a path"),
 ];
 
 /// `telemetry` with no TELEMETRY_* variable from the test's own environment.

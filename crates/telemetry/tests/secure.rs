@@ -255,3 +255,88 @@ async fn wrong_credentials_or_no_tls_are_refused() {
     stopped(bridge_task).await;
     mosquitto.stop().await;
 }
+
+/// An HTTPS client that trusts the development CA of `scripts/services.sh` only.
+fn https_client() -> reqwest::Client {
+    let ca = std::fs::read(tls_dir().join("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_and_the_live_view_answer_over_tls_with_the_configured_certificate() {
+    let id = unique("https");
+    let kafka = kafka_config(&id);
+    let shutdown = CancellationToken::new();
+    let tls = telemetry_ops::HttpTls {
+        tls_certificate_file: Some(tls_dir().join("server.pem")),
+        tls_key_file: Some(tls_dir().join("server.key")),
+    };
+    let mut bridge = bridge_config(&id, &kafka);
+    bridge.tls = tls.clone();
+    let bridge = Bridge::bind(bridge).await.unwrap();
+    let bridge_address = bridge.local_addr().unwrap();
+    let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
+    let mut api = common::api_config(&id, "127.0.0.1:0", Default::default());
+    api.tls = tls;
+    let api = telemetry_api::Api::bind(api).await.unwrap();
+    let api_address = api.local_addr().unwrap();
+    let api_task = tokio::spawn(api.run(shutdown.clone()));
+
+    // The certificate names localhost and 127.0.0.1 and chains to the development CA: the client
+    // verifies both.
+    let client = https_client();
+    for (name, address, path) in [
+        ("API", api_address, "/api/config"),
+        ("dashboard", api_address, "/"),
+        ("bridge", bridge_address, "/healthz"),
+    ] {
+        let response = client
+            .get(format!("https://localhost:{}{path}", address.port()))
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{name} over TLS: {error:?}"));
+        assert_eq!(response.status(), 200, "{name}");
+    }
+    // The live view upgrades over TLS (wss://): a handshake answered 101.
+    let upgrade = client
+        .get(format!("https://localhost:{}/ws", bridge_address.port()))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upgrade.status(), 101);
+    // Plain HTTP gets no answer from a TLS listener, and a client that does not trust the CA
+    // refuses the certificate.
+    let plain = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{}/api/config",
+            api_address.port()
+        ))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP must not be served: {plain:?}");
+    let untrusting = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap()
+        .get(format!(
+            "https://localhost:{}/api/config",
+            api_address.port()
+        ))
+        .send()
+        .await;
+    assert!(untrusting.is_err());
+
+    shutdown.cancel();
+    stopped(bridge_task).await;
+    stopped(api_task).await;
+}

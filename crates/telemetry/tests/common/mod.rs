@@ -42,6 +42,7 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
         shutdown_grace_seconds: 10,
         auth: Default::default(),
         http: Default::default(),
+        tls: Default::default(),
         kafka: kafka.clone(),
     }
 }
@@ -87,6 +88,7 @@ pub fn api_config(
         failing_min_rejections: 3,
         auth,
         http: Default::default(),
+        tls: Default::default(),
     }
 }
 
