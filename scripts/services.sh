@@ -14,8 +14,12 @@
 #
 # Besides the plaintext ports, Kafka and MariaDB also offer TLS, for the tests that prove our
 # services connect securely: Kafka a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; the
-# credentials below), MariaDB TLS on its usual port (available, not required). The certificates come
+# users below), MariaDB TLS on its usual port (available, not required). The certificates come
 # from a development CA generated once into $TELEMETRY_STATE_DIR/tls (clients trust tls/ca.pem).
+# Kafka's SASL_SSL listener is governed by ACLs (the production recipe, docs/operations.md "Kafka
+# ACLs"): one user per role, each allowed its own topics and groups and nothing else. The
+# plaintext listener is the development back door: loopback only, every client on it a super user
+# (the tests and the services run there). A production broker has no such listener.
 #
 # Environment (all optional):
 #   TELEMETRY_CACHE_DIR          downloads (Kafka jars)       default /var/cache/telemetry-pipeline
@@ -58,10 +62,29 @@ mysql_accounts=(
   "telemetry_test_tls:telemetry-test:ALL PRIVILEGES:test\\_%"
 )
 
-# The credentials of the development Kafka's SASL_SSL listener: one user, accepted with PLAIN,
-# SCRAM-SHA-256 and SCRAM-SHA-512. Production deployments use their own brokers and credentials.
+# The users of the development Kafka's SASL_SSL listener and what its ACLs (start_kafka) let each
+# do; all have SCRAM-SHA-256 and SCRAM-SHA-512 credentials, `telemetry` is PLAIN's one user too.
+#   telemetry-bridge    the bridge: writes telemetry.raw
+#   telemetry-audit     the audit service: reads telemetry.raw in group telemetry-audit, writes
+#                       telemetry.cleaned and telemetry.dlq
+#   telemetry-consumer  downstream consumers: read telemetry.cleaned in groups telemetry-...,
+#                       except telemetry-audit
+#   telemetry           the tests' user (crates/telemetry/tests/secure.rs runs the whole pipeline
+#                       with it on topics of its own): every topic and group except the pipeline's
+#                       (telemetry. topics, telemetry- groups), which only the role users reach
+# Production deployments use their own brokers and credentials.
 kafka_sasl_user=telemetry
 kafka_sasl_password=telemetry-secret
+kafka_sasl_users=(
+  "$kafka_sasl_user:$kafka_sasl_password"
+  "telemetry-bridge:telemetry-bridge-secret"
+  "telemetry-audit:telemetry-audit-secret"
+  "telemetry-consumer:telemetry-consumer-secret"
+)
+# The pipeline's topics (crates/telemetry-core/src/names.rs), created here because the role users
+# may not create topics; with the services' default partition count.
+kafka_topics=(telemetry.raw telemetry.cleaned telemetry.dlq)
+kafka_topic_partitions=3
 
 say() { printf 'services: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -395,6 +418,13 @@ kafka_java_options=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
 
 kafka_java() { java "${kafka_java_options[@]}" "$@"; }
 
+# Kafka's command-line tools: short-lived, so without the server's optimizing compiler and
+# collector (about 1 s per call instead of 2.5 s; start_kafka makes some twenty calls).
+kafka_tool() {
+  java -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx256m -Djava.awt.headless=true \
+    "-Dlog4j2.configurationFile=$repo/deploy/kafka/log4j2.properties" -cp "$kafka_libs/*" "$@"
+}
+
 # private_file FILE TEXT: writes TEXT to FILE readable by its owner only (0600, also when FILE
 # existed with another mode), in bash alone: the text is on no command line.
 private_file() {
@@ -424,6 +454,11 @@ start_kafka() {
     port_open "$kafka_secure_port" || say "note: this Kafka has no SASL_SSL listener on" \
       "127.0.0.1:$kafka_secure_port; it was started by an older configuration of this script." \
       "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
+    # The file it was started with: written at every start.
+    grep -q '^authorizer.class.name=' "$kafka_dir/server.properties" 2>/dev/null ||
+      say "note: this Kafka has no ACLs on its SASL_SSL listener; it was started by an older" \
+        "configuration of this script." \
+        "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
     return
   fi
   port_open "$kafka_port" && die "port $kafka_port is taken by another process; set TELEMETRY_KAFKA_PORT"
@@ -444,25 +479,79 @@ start_kafka() {
     >"$kafka_dir/kafka.log" 2>&1 &
   echo $! >"$kafka_pid"
   wait_for Kafka 90 kafka_ready || die "Kafka did not start; see $kafka_dir/kafka.log"
-  # The SCRAM credentials live in the cluster metadata, not in server.properties; upserting them
-  # on every start (through the plaintext listener) keeps them in step with the variables above.
-  # One mechanism per call: KRaft refuses to alter one user's credentials twice in one request.
-  # The password goes in a 0600 file (--add-config-file, a properties file: no brackets around the
-  # value, and a `,` or `\` in the password would need escaping), not on java's command line, which
-  # every user of the machine can read in the process list. The log is 0600 too: ConfigCommand
-  # quotes a setting it refuses.
-  local mechanism scram_file="$kafka_dir/scram.properties"
+  kafka_scram_credentials
+  kafka_topics_and_acls
+}
+
+# The SCRAM credentials live in the cluster metadata, not in server.properties; upserting them on
+# every start (through the plaintext listener) keeps them in step with kafka_sasl_users. One
+# mechanism per call: KRaft refuses to alter one user's credentials twice in one request. The
+# password goes in a 0600 file (--add-config-file, a properties file: no brackets around the value,
+# and a `,` or `\` in the password would need escaping), not on java's command line, which every
+# user of the machine can read in the process list. The log is 0600 too: ConfigCommand quotes a
+# setting it refuses.
+kafka_scram_credentials() {
+  local entry user password mechanism scram_file="$kafka_dir/scram.properties"
   rm -f "$kafka_dir/scram.log"
   (umask 077 && : >"$kafka_dir/scram.log")
-  for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
-    private_file "$scram_file" "$mechanism=password=$kafka_sasl_password"
-    kafka_java org.apache.kafka.tools.ConfigCommand --bootstrap-server "127.0.0.1:$kafka_port" \
-      --alter --entity-type users --entity-name "$kafka_sasl_user" \
-      --add-config-file "$scram_file" >>"$kafka_dir/scram.log" 2>&1 ||
-      { rm -f "$scram_file"; die "creating the $mechanism credentials failed; see $kafka_dir/scram.log"; }
+  for entry in "${kafka_sasl_users[@]}"; do
+    user=${entry%%:*}
+    password=${entry#*:}
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+      private_file "$scram_file" "$mechanism=password=$password"
+      kafka_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "127.0.0.1:$kafka_port" \
+        --alter --entity-type users --entity-name "$user" \
+        --add-config-file "$scram_file" >>"$kafka_dir/scram.log" 2>&1 ||
+        { rm -f "$scram_file"; die "creating the $mechanism credentials of $user failed; see $kafka_dir/scram.log"; }
+    done
   done
   rm -f "$scram_file"
-  say "Kafka SCRAM-SHA-256 and SCRAM-SHA-512 credentials of user $kafka_sasl_user are in place"
+  say "Kafka SCRAM-SHA-256 and SCRAM-SHA-512 credentials of ${#kafka_sasl_users[@]} users are in place"
+}
+
+# kafka_acl ARGS...: one AclCommand call through the plaintext listener (a super user). Adding an
+# ACL that exists already changes nothing, so this runs on every start. ACLs this script no longer
+# adds are not removed: `AclCommand --remove` (or a fresh state directory) does that.
+kafka_acl() {
+  kafka_tool org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$kafka_port" \
+    --add "$@" >>"$kafka_dir/acl.log" 2>&1 || die "adding Kafka ACLs failed; see $kafka_dir/acl.log"
+}
+
+# The pipeline's topics and the ACLs of kafka_sasl_users (docs/operations.md, "Kafka ACLs", has the
+# same as kafka-acls.sh commands). Not granted, because not needed: Create (the topics are made
+# here; the services' start-up check accepts an existing topic it may not create) and
+# IdempotentWrite on the cluster (since Kafka 3.0, Write on any topic lets an idempotent producer
+# start, KIP-679). DescribeConfigs lets a producer read its topic's max.message.bytes.
+kafka_topics_and_acls() {
+  rm -f "$kafka_dir/acl.log"
+  local topic existing
+  existing=$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$kafka_port" \
+    --list 2>>"$kafka_dir/acl.log") || die "listing Kafka topics failed; see $kafka_dir/acl.log"
+  for topic in "${kafka_topics[@]}"; do
+    grep -qx -- "$topic" <<<"$existing" && continue
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$kafka_port" \
+      --create --if-not-exists --topic "$topic" --partitions "$kafka_topic_partitions" \
+      --replication-factor 1 >>"$kafka_dir/acl.log" 2>&1 ||
+      die "creating Kafka topic $topic failed; see $kafka_dir/acl.log"
+  done
+  kafka_acl --allow-principal User:telemetry-bridge \
+    --operation Write --operation Describe --operation DescribeConfigs --topic telemetry.raw
+  kafka_acl --allow-principal User:telemetry-audit \
+    --operation Read --operation Describe --topic telemetry.raw --group telemetry-audit
+  kafka_acl --allow-principal User:telemetry-audit \
+    --operation Write --operation Describe --operation DescribeConfigs \
+    --topic telemetry.cleaned --topic telemetry.dlq
+  kafka_acl --allow-principal User:telemetry-consumer \
+    --operation Read --operation Describe --topic telemetry.cleaned
+  kafka_acl --allow-principal User:telemetry-consumer \
+    --operation Read --resource-pattern-type prefixed --group telemetry-
+  # The prefix takes in the audit's group, which a consumer must not join (it would take part in
+  # the audit's rebalances). A DENY outweighs any ALLOW.
+  kafka_acl --deny-principal User:telemetry-consumer --operation All --group telemetry-audit
+  kafka_acl --allow-principal "User:$kafka_sasl_user" --operation All --topic '*' --group '*'
+  kafka_acl --deny-principal "User:$kafka_sasl_user" --operation All \
+    --resource-pattern-type prefixed --topic telemetry. --group telemetry-
+  say "Kafka topics ${kafka_topics[*]} and the ACLs of the SASL_SSL users are in place"
 }
 
 # The port opens before the broker has registered with its controller; the log line is the signal.

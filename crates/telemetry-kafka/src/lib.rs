@@ -88,6 +88,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -448,6 +449,10 @@ impl KafkaConfig {
 
 /// Creates each of `names` that does not exist yet, with the configured partitions and
 /// replication; existing topics are left unchanged.
+///
+/// A user without Create on a topic (the role users of a broker with ACLs, docs/operations.md
+/// "Kafka ACLs") is refused even when the topic exists; an existing topic the user can see
+/// (Describe) is then all that is asked for.
 pub async fn ensure_topics(config: &KafkaConfig, names: &[&str]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = config.client_config(&[])?.create()?;
     let new_topics: Vec<NewTopic<'_>> = names
@@ -465,10 +470,31 @@ pub async fn ensure_topics(config: &KafkaConfig, names: &[&str]) -> Result<()> {
         match result {
             Ok(topic) => tracing::info!(topic, "Created Kafka topic."),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, RDKafkaErrorCode::TopicAuthorizationFailed))
+                if topic_exists(config, &topic).await? =>
+            {
+                tracing::debug!(topic, "Kafka topic exists; not authorized to create it.");
+            }
             Err((topic, code)) => return Err(Error::CreateTopic { topic, code }),
         }
     }
     Ok(())
+}
+
+/// Whether `topic` exists and this client may see it (the broker's metadata lists it without an
+/// error).
+async fn topic_exists(config: &KafkaConfig, topic: &str) -> Result<bool> {
+    let client: BaseConsumer = config.client_config(&[])?.create()?;
+    let topic = topic.to_string();
+    let metadata = tokio::task::spawn_blocking(move || {
+        client.fetch_metadata(Some(&topic), Duration::from_secs(10))
+    })
+    .await
+    .map_err(|_| Error::Kafka(KafkaError::Canceled))??;
+    Ok(metadata
+        .topics()
+        .iter()
+        .any(|topic| topic.error().is_none() && !topic.partitions().is_empty()))
 }
 
 /// Shortest life of a producer instance before a failure may replace it: the message timeout, so
