@@ -59,7 +59,7 @@ async fn mqtt(
 ) -> Result<f64> {
     let topic_prefix = format!("{id}/baseline");
     let options = client_options(&config.bench_mqtt_url, &format!("{id}-baseline-subscriber"))?;
-    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
+    let (client, mut eventloop) = telemetry_mqtt::MqttConnectionConfig::client(options, 10_000);
     client
         .subscribe(format!("{topic_prefix}/#"), QoS::AtLeastOnce)
         .await

@@ -140,7 +140,7 @@ async fn run_publisher(
     sent: Option<SentAt>,
     shutdown: CancellationToken,
 ) -> Result<(u64, u64)> {
-    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
+    let (client, mut eventloop) = telemetry_mqtt::MqttConnectionConfig::client(options, 10_000);
     let expected = messages.len();
     let poll = acknowledgements(&mut eventloop, expected);
     let publish = async {
@@ -199,7 +199,7 @@ pub(crate) async fn publish_burst(
     options
         .set_inflight(100)
         .set_max_packet_size(bytes + 1024, bytes + 1024);
-    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 16);
+    let (client, mut eventloop) = telemetry_mqtt::MqttConnectionConfig::client(options, 16);
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let payload: bytes::Bytes = (0..bytes)
         .map(|_| {
@@ -235,7 +235,7 @@ pub(crate) async fn publish_burst(
 /// Client options for the broker at `url` (any URL the services take, `mqtts://` and
 /// credentials included), as every bench client starts from.
 pub(crate) fn client_options(url: &str, client_id: &str) -> Result<MqttOptions> {
-    telemetry_bridge::MqttConnectionConfig::new(url)
+    telemetry_mqtt::MqttConnectionConfig::new(url)
         .options(client_id, |options| {
             options
                 .set_keep_alive(Duration::from_secs(30))

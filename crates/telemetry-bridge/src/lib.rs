@@ -19,7 +19,6 @@
 //! - [`Bridge`]: binds the listener ([`Bridge::bind`]) and runs until shutdown ([`Bridge::run`]).
 
 mod kafka_sink;
-mod mqtt_settings;
 mod mqtt_source;
 mod websocket;
 
@@ -29,20 +28,15 @@ use std::time::Duration;
 use telemetry_kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-pub use mqtt_settings::MqttConnectionConfig;
 pub use mqtt_source::{device_id_from_topic, DEFAULT_MQTT_MAX_PACKET_BYTES};
+pub use telemetry_mqtt::MqttConnectionConfig;
 
 /// Errors that stop the bridge.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// `--mqtt-url` is not a usable MQTT URL.
-    #[error("TELEMETRY_MQTT_URL / --mqtt-url `{url}` is not valid: {reason}")]
-    InvalidMqttUrl {
-        /// The URL as given, without its password.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// The MQTT connection settings cannot be used.
+    #[error(transparent)]
+    Mqtt(#[from] telemetry_mqtt::Error),
     /// A setting is missing, unusable, or contradicts another.
     #[error("{setting} {problem}")]
     InvalidSetting {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub enum Error {
     /// The MQTT URL is not usable.
     #[error(transparent)]
-    Mqtt(#[from] telemetry_bridge::Error),
+    Mqtt(#[from] telemetry_mqtt::Error),
     /// A setting is out of its range.
     #[error("{0}")]
     Invalid(String),
@@ -35,7 +35,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct SimulateConfig {
     /// The MQTT broker and how to authenticate to it.
     #[command(flatten)]
-    pub mqtt: telemetry_bridge::MqttConnectionConfig,
+    pub mqtt: telemetry_mqtt::MqttConnectionConfig,
 
     /// Topics are `<prefix>/<device id>/telemetry`.
     #[arg(long, default_value = "devices")]
@@ -324,7 +324,7 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) -> Result<
             .set_keep_alive(Duration::from_secs(30))
             .set_inflight(1_000);
     })?;
-    let (client, mut eventloop) = telemetry_bridge::MqttConnectionConfig::client(options, 10_000);
+    let (client, mut eventloop) = telemetry_mqtt::MqttConnectionConfig::client(options, 10_000);
     let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop_polling = CancellationToken::new();
     // Set before the DISCONNECT: the broker closing the connection after it is expected.
@@ -426,7 +426,7 @@ mod tests {
 
     fn config(seed: u64) -> SimulateConfig {
         SimulateConfig {
-            mqtt: telemetry_bridge::MqttConnectionConfig::new("mqtt://127.0.0.1:1883"),
+            mqtt: telemetry_mqtt::MqttConnectionConfig::new("mqtt://127.0.0.1:1883"),
             topic_prefix: "devices".into(),
             devices: 10,
             rate: 10.0,

@@ -1,5 +1,6 @@
 //! How to reach the MQTT broker and who we are to it: the settings every MQTT client of ours
-//! (the bridge, the simulator, the load harness) starts from, checked at start-up.
+//! (the bridge, the simulator, the load harness) starts from, checked at start-up. A crate of its
+//! own so that those clients share the settings without depending on one another.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,7 +8,29 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
 
-use crate::{Error, Result};
+/// Settings that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--mqtt-url` is not a usable MQTT URL.
+    #[error("TELEMETRY_MQTT_URL / --mqtt-url `{url}` is not valid: {reason}")]
+    InvalidMqttUrl {
+        /// The URL as given, without its password.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting is missing, unusable, or contradicts another.
+    #[error("{setting} {problem}")]
+    InvalidSetting {
+        /// The setting's variable and flag.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How to reach the MQTT broker and who we are to it: shared by the bridge and the simulator.
 #[derive(Clone, clap::Args)]
