@@ -448,18 +448,19 @@ write_kafka_properties() {
 
 start_kafka() {
   if pid_alive "$kafka_pid" && port_open "$kafka_port"; then
-    say "Kafka already running on 127.0.0.1:$kafka_port"
     # Written world-readable by older versions of this script.
     [ ! -f "$kafka_dir/server.properties" ] || chmod 600 "$kafka_dir/server.properties"
-    port_open "$kafka_secure_port" || say "note: this Kafka has no SASL_SSL listener on" \
-      "127.0.0.1:$kafka_secure_port; it was started by an older configuration of this script." \
-      "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
-    # The file it was started with: written at every start.
-    grep -q '^authorizer.class.name=' "$kafka_dir/server.properties" 2>/dev/null ||
-      say "note: this Kafka has no ACLs on its SASL_SSL listener; it was started by an older" \
-        "configuration of this script." \
-        "Restart it: scripts/services.sh stop kafka && scripts/services.sh start kafka"
-    return
+    # The file it was started with (written at every start) says whether it has the SASL_SSL
+    # listener's ACLs; one started by an older configuration of this script is restarted, as
+    # MariaDB and Mosquitto are.
+    if port_open "$kafka_secure_port" &&
+      grep -q '^authorizer.class.name=' "$kafka_dir/server.properties" 2>/dev/null; then
+      say "Kafka already running on 127.0.0.1:$kafka_port"
+      return
+    fi
+    say "Kafka was started by an older configuration of this script (no SASL_SSL listener, or" \
+      "no ACLs on it); restarting it"
+    stop_kafka
   fi
   port_open "$kafka_port" && die "port $kafka_port is taken by another process; set TELEMETRY_KAFKA_PORT"
   port_open "$kafka_secure_port" &&
