@@ -7,19 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::telemetry;
+
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `telemetry` with no TELEMETRY_* variable from the test's own environment.
-fn telemetry() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_telemetry"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TELEMETRY_") {
-            command.env_remove(name);
-        }
-    }
-    command
 }
 
 fn text(output: &Output) -> (String, String) {

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde_json::json;
 use telemetry_testkit::{database_url, free_port, kafka_brokers, produce, unique, TestRecord};
 
+mod common;
+use common::telemetry;
+
 /// Every setting that may hold a secret, with a value that is easy to spot.
 const SECRETS: &[(&str, &str)] = &[
     (
@@ -59,17 +62,6 @@ const NOT_SECRETS: &[(&str, &str)] = &[
     ("TELEMETRY_MQTT_KEY_FILE", "a path"),
     ("TELEMETRY_TLS_KEY_FILE", "a path"),
 ];
-
-/// `telemetry` with no TELEMETRY_* variable from the test's own environment.
-fn telemetry() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_telemetry"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TELEMETRY_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
 
 /// `telemetry <path> --help`: stdout and stderr together.
 fn help(path: &[String], configure: &dyn Fn(&mut Command)) -> String {

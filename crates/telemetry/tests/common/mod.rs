@@ -128,3 +128,14 @@ pub async fn stopped<E: std::fmt::Debug>(task: tokio::task::JoinHandle<Result<()
         .expect("the service task did not panic")
         .expect("the service stopped without an error");
 }
+
+/// `telemetry` with no TELEMETRY_* variable from the test's own environment.
+pub fn telemetry() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_telemetry"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TELEMETRY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
