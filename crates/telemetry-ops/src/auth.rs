@@ -130,7 +130,6 @@ struct Grant {
     tokens: Arc<Tokens>,
     digest: [u8; 32],
     fingerprint: Arc<str>,
-    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Access {
@@ -150,7 +149,8 @@ impl Access {
         let Some(grant) = &self.grant else {
             return std::future::pending().await;
         };
-        let mut changes = grant.changes.clone();
+        // Subscribed before the first check: a reload between the two is not missed.
+        let mut changes = grant.tokens.changes.subscribe();
         loop {
             if !grant.tokens.grants(&grant.digest, &grant.fingerprint) {
                 return;
@@ -349,7 +349,6 @@ impl Auth {
                 tokens: Arc::clone(tokens),
                 digest,
                 fingerprint: Arc::clone(fingerprint),
-                changes: tokens.changes.subscribe(),
             }),
             ..access.clone()
         })

@@ -163,6 +163,37 @@ impl Error {
     }
 }
 
+/// Runs `attempt`, retrying with backoff (`what` names it in the log) while it fails with an
+/// error waiting may mend (the database unreachable); an error it cannot mend
+/// ([`Error::is_permanent_for_connecting`]) is returned at once. `None` when `shutdown` came first.
+async fn retry_unless_permanent<T, F, Fut>(
+    what: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    attempt: F,
+) -> Result<Option<T>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    // Ok(Err(..)): an error retrying cannot mend, taken out of the retry loop.
+    let sorted = || async {
+        match attempt().await {
+            Ok(value) => Ok(Ok(value)),
+            Err(error) if error.is_permanent_for_connecting() => Ok(Err(error)),
+            Err(error) => Err(error),
+        }
+    };
+    match sorted().await {
+        Ok(outcome) => outcome.map(Some),
+        Err(error) => {
+            tracing::warn!(%error, "The database is not reachable yet; retrying.");
+            telemetry_ops::retry(what, shutdown, sorted)
+                .await
+                .transpose()
+        }
+    }
+}
+
 /// Whether a MySQL/MariaDB error is a refusal of the account's privileges: ER_DBACCESS_DENIED
 /// (1044), ER_TABLEACCESS_DENIED (1142), ER_COLUMNACCESS_DENIED (1143), ER_SPECIFIC_ACCESS_DENIED
 /// (1227). A wrong password (1045) is not: it may be a password being changed, and is retried.
@@ -238,23 +269,7 @@ impl Store {
             store.ensure_schema().await?;
             Ok::<_, Error>(store)
         };
-        // Ok(Err(..)): an error retrying cannot mend.
-        let attempt = || async {
-            match connect().await {
-                Ok(store) => Ok(Ok(store)),
-                Err(error) if error.is_permanent_for_connecting() => Ok(Err(error)),
-                Err(error) => Err(error),
-            }
-        };
-        match attempt().await {
-            Ok(outcome) => outcome.map(Some),
-            Err(error) => {
-                tracing::warn!(%error, "The database is not reachable yet; retrying.");
-                telemetry_ops::retry("Connecting to the database", shutdown, attempt)
-                    .await
-                    .transpose()
-            }
-        }
+        retry_unless_permanent("Connecting to the database", shutdown, connect).await
     }
 
     /// Migrates the database `owner_url` names (created when missing) with that account, then
@@ -277,23 +292,11 @@ impl Store {
             store.pool.close().await;
             applied
         };
-        let attempt = || async {
-            match migrate().await {
-                Ok(()) => Ok(Ok(())),
-                Err(error) if error.is_permanent_for_connecting() => Ok(Err(error)),
-                Err(error) => Err(error),
-            }
-        };
-        match attempt().await {
-            Ok(outcome) => outcome.map(|()| true),
-            Err(error) => {
-                tracing::warn!(%error, "The database is not reachable yet; retrying.");
-                match telemetry_ops::retry("Migrating the database", shutdown, attempt).await {
-                    Some(outcome) => outcome.map(|()| true),
-                    None => Ok(false),
-                }
-            }
-        }
+        Ok(
+            retry_unless_permanent("Migrating the database", shutdown, migrate)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Whether every migration of this binary is applied (read from sqlx's `_sqlx_migrations`

@@ -271,15 +271,19 @@ async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
         )
         .await
         .unwrap();
-    let mut states: Vec<String> = store
-        .alert_states()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|row| format!("[{}]", row.device_id))
-        .collect();
-    states.sort();
-    assert_eq!(states, ["[pico-7 ]", "[pico-7]"]);
+    // The devices of the stored alert states, bracketed to show trailing spaces, sorted.
+    let state_devices = || async {
+        let mut devices: Vec<String> = store
+            .alert_states()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| format!("[{}]", row.device_id))
+            .collect();
+        devices.sort();
+        devices
+    };
+    assert_eq!(state_devices().await, ["[pico-7 ]", "[pico-7]"]);
     assert_eq!(
         texts("SELECT alert_id AS text FROM alert_outbox WHERE device_id = 'pico-7'").await,
         ["quiet:pico-7:1"]
@@ -289,12 +293,5 @@ async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
         .save_alerts("group", &[], &[("quiet", "pico-7", None)], &[], false)
         .await
         .unwrap();
-    let left: Vec<String> = store
-        .alert_states()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|row| format!("[{}]", row.device_id))
-        .collect();
-    assert_eq!(left, ["[pico-7 ]"]);
+    assert_eq!(state_devices().await, ["[pico-7 ]"]);
 }
