@@ -38,7 +38,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
-use telemetry_store::{AlertOffset, AlertStateRow, NewAlert, Store};
+use telemetry_store::{AlertOffset, AlertStateRow, DynStore, NewAlert};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, Key, State, Transition};
@@ -95,7 +95,8 @@ pub struct AlertConfig {
     )]
     pub rules: PathBuf,
 
-    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
+    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -205,7 +206,8 @@ async fn evaluate(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let Some(store) =
-        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, shutdown).await?
+        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, shutdown)
+            .await?
     else {
         return Ok(());
     };
@@ -213,7 +215,7 @@ async fn evaluate(
     let kafka = &config.kafka;
     let topics = [kafka.cleaned_topic.as_str(), kafka.dlq_topic.as_str()];
     telemetry_kafka::ensure_topics(kafka, &[topics[0], topics[1], &config.alerts_topic]).await?;
-    let Some(stored) = telemetry_ops::retry("Reading the alert states", shutdown, || {
+    let Some(stored) = telemetry_retry::retry("Reading the alert states", shutdown, || {
         store.alert_states()
     })
     .await
@@ -341,11 +343,11 @@ async fn evaluate(
 /// `None` when shut down first.
 async fn start_offsets(
     config: &AlertConfig,
-    store: &Store,
+    store: &DynStore,
     topics: &[&str],
     shutdown: &CancellationToken,
 ) -> Result<Option<HashMap<(String, i32), i64>>> {
-    let Some(stored) = telemetry_ops::retry("Reading the alert offsets", shutdown, || {
+    let Some(stored) = telemetry_retry::retry("Reading the alert offsets", shutdown, || {
         store.alert_offsets(&config.group_id)
     })
     .await
@@ -370,7 +372,7 @@ async fn start_offsets(
     let ends = tokio::task::spawn_blocking(move || end_offsets(&kafka, &names))
         .await
         .map_err(|error| Error::Task(error.to_string()))??;
-    let saved = telemetry_ops::retry("Saving the alert offsets", shutdown, || {
+    let saved = telemetry_retry::retry("Saving the alert offsets", shutdown, || {
         store.save_alerts(&config.group_id, &ends, &[], &[], false)
     })
     .await;
@@ -554,7 +556,7 @@ fn held(engine: &Engine) {
 struct Outbox<'a> {
     /// The forget window, named in the alerts it resolves.
     forget_after: Duration,
-    store: Store,
+    store: DynStore,
     producer: RenewableProducer,
     topic: String,
     group_id: String,
@@ -615,7 +617,7 @@ impl Outbox<'_> {
                 "Alert {}.", transition.status.name()
             );
         }
-        let saved = telemetry_ops::retry("Saving the alert states", shutdown, || async {
+        let saved = telemetry_retry::retry("Saving the alert states", shutdown, || async {
             let states: Vec<(&str, &str, Option<&str>)> = states
                 .iter()
                 .map(|(rule, device, json)| (rule.as_str(), device.as_str(), json.as_deref()))
@@ -690,7 +692,7 @@ impl Outbox<'_> {
                 resolved.push((alert_id, row.device_id.clone(), body.to_string()));
             }
         }
-        telemetry_ops::retry("Retiring removed rules", shutdown, || async {
+        telemetry_retry::retry("Retiring removed rules", shutdown, || async {
             let states: Vec<(&str, &str, Option<&str>)> = orphans
                 .iter()
                 .map(|row| (row.rule.as_str(), row.device_id.as_str(), None))
@@ -716,10 +718,11 @@ impl Outbox<'_> {
     /// False when shut down first.
     async fn produce_pending(&self, shutdown: &CancellationToken) -> bool {
         loop {
-            let Some(pending) = telemetry_ops::retry("Reading the alert outbox", shutdown, || {
-                self.store.unproduced_alerts(500)
-            })
-            .await
+            let Some(pending) =
+                telemetry_retry::retry("Reading the alert outbox", shutdown, || {
+                    self.store.unproduced_alerts(500)
+                })
+                .await
             else {
                 return false;
             };
@@ -727,7 +730,7 @@ impl Outbox<'_> {
                 return true;
             }
             for entry in &pending {
-                let produced = telemetry_ops::retry("Producing an alert", shutdown, || {
+                let produced = telemetry_retry::retry("Producing an alert", shutdown, || {
                     let record = FutureRecord::to(&self.topic)
                         .key(entry.device_id.as_bytes())
                         .payload(entry.payload.as_bytes());
@@ -747,7 +750,7 @@ impl Outbox<'_> {
                     .increment(1);
             }
             let ids: Vec<u64> = pending.iter().map(|entry| entry.id).collect();
-            if telemetry_ops::retry("Marking alerts produced", shutdown, || {
+            if telemetry_retry::retry("Marking alerts produced", shutdown, || {
                 self.store.mark_alerts_produced(&ids)
             })
             .await
@@ -796,7 +799,7 @@ fn rfc3339(millis: i64) -> String {
 }
 
 /// Deletes delivered outbox rows older than a week, hourly.
-async fn prune_outbox(store: Store, shutdown: CancellationToken) {
+async fn prune_outbox(store: DynStore, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use telemetry_store::{OutboxEntry, Store};
+use telemetry_store::{DynStore, OutboxEntry};
 use tokio_util::sync::CancellationToken;
 
 use crate::rules::Webhook;
@@ -20,7 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Delivers the outbox to `hook` until `shutdown`.
 pub(crate) async fn deliver(
-    store: Store,
+    store: DynStore,
     hook: Webhook,
     wake: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
@@ -55,7 +55,7 @@ pub(crate) async fn deliver(
 /// Delivers the due alerts at the head of `queue`; returns how long to wait before looking again.
 /// `shown` is the webhook as logs show it.
 async fn deliver_due(
-    store: &Store,
+    store: &DynStore,
     client: &reqwest::Client,
     hook: &Webhook,
     shown: &str,

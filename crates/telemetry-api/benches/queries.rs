@@ -186,7 +186,7 @@ fn bench_queries(criterion: &mut Criterion) {
                 failing_min_rejections: 3,
             },
             live_url: None,
-            auth: telemetry_ops::auth::Auth::disabled("api"),
+            auth: telemetry_auth::Auth::disabled("api"),
             dlq_payload_bytes: 4_096,
         };
         (state, newest)

@@ -10,8 +10,8 @@ use axum::Json;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use telemetry_auth::Access;
 use telemetry_core::validate::Code;
-use telemetry_ops::auth::Access;
 use telemetry_store::{DeadLetterFilter, DevicePage};
 
 use crate::health::{dlq_rate, Health};

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use telemetry_ops::auth::{Auth, AuthConfig};
+use telemetry_auth::{Auth, AuthConfig};
 use telemetry_store::DynStore;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ pub enum Error {
     Listen(#[from] telemetry_ops::ListenError),
     /// The tokens file is unusable, or the API would serve everyone on a public address.
     #[error(transparent)]
-    Auth(#[from] telemetry_ops::auth::AuthError),
+    Auth(#[from] telemetry_auth::AuthError),
     /// A setting is out of its range.
     #[error("{setting} {problem}")]
     Invalid {
@@ -244,7 +244,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/alerts", get(handlers::alerts))
         .route_layer(axum::middleware::from_fn_with_state(
             state.auth.clone(),
-            telemetry_ops::auth::require_token,
+            telemetry_auth::require_token,
         ));
     Router::new()
         .merge(data)

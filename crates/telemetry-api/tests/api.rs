@@ -43,7 +43,7 @@ fn state_of(store: telemetry_store::DynStore) -> AppState {
         store,
         thresholds: thresholds(),
         live_url: Some("ws://127.0.0.1:9/ws".into()),
-        auth: telemetry_ops::auth::Auth::disabled("api"),
+        auth: telemetry_auth::Auth::disabled("api"),
         dlq_payload_bytes: 4_096,
     }
 }
@@ -872,12 +872,12 @@ async fn a_restricted_token_gets_full_pages_of_its_own_devices() {
         &tokens,
         format!(
             "[[token]]\nname = \"some\"\nsha256 = \"{}\"\ndevices = [\"pico-1*\", \"pico-03\"]\n",
-            telemetry_ops::auth::token_digest(&token)
+            telemetry_auth::token_digest(&token)
         ),
     )
     .unwrap();
-    let auth = telemetry_ops::auth::Auth::from_config(
-        &telemetry_ops::auth::AuthConfig {
+    let auth = telemetry_auth::Auth::from_config(
+        &telemetry_auth::AuthConfig {
             auth_tokens: Some(tokens.clone()),
             allow_unauthenticated: false,
         },

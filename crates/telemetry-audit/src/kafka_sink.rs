@@ -19,7 +19,7 @@ use telemetry_kafka::delivery::record_bytes;
 use telemetry_kafka::{refusal, KafkaConfig, Refusal, RenewableProducer, TopicLimits};
 use tokio_util::sync::CancellationToken;
 
-use telemetry_ops::RETRY_BACKOFF;
+use telemetry_retry::RETRY_BACKOFF;
 
 use crate::Result;
 

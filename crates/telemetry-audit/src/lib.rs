@@ -513,53 +513,43 @@ async fn write_accepted(
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Option<Written> {
-    let mut refused = Vec::new();
-    let mut inserted = 0;
-    let mut ranges = Vec::new();
-    ranges.push(0..records.len());
-    while let Some(range) = ranges.pop() {
-        if range.is_empty() {
-            continue;
-        }
-        let chunk = &records[range.clone()];
-        let outcome = telemetry_ops::retry("Writing to the database", shutdown, || async {
+    let halved = telemetry_retry::retry_halving(
+        "Writing to the database",
+        records,
+        shutdown,
+        telemetry_store::Error::is_data_error,
+        |chunk| async move {
             let started = std::time::Instant::now();
             let result = store.insert_events_into(table, chunk).await;
             metrics::histogram!("db_write_duration_seconds", "service" => "audit")
                 .record(started.elapsed().as_secs_f64());
-            match result {
-                Ok(new) => {
+            match &result {
+                Ok(_) => {
                     readiness.set(DATABASE, true);
                     metrics::counter!("events_written_total", "service" => "audit")
                         .increment(chunk.len() as u64);
-                    Ok(Ok(new))
                 }
-                Err(error) if error.is_data_error() => Ok(Err(error)),
-                Err(error) => {
+                Err(error) if error.is_data_error() => {}
+                Err(_) => {
                     readiness.set(DATABASE, false);
                     metrics::counter!("db_write_retries_total", "service" => "audit").increment(1);
-                    Err(error)
                 }
             }
-        })
-        .await?;
-        match outcome {
-            Ok(new) => inserted += new,
-            Err(error) if range.len() == 1 => {
-                tracing::warn!(%error, offset = chunk[0].source.offset, "The database refused a record; it goes to the DLQ.");
-                metrics::counter!("events_rejected_total", "service" => "audit", "error_code" => DB_REJECTED)
-                    .increment(1);
-                refused.push((range.start, error.to_string()));
-            }
-            Err(_) => {
-                let middle = range.start + range.len() / 2;
-                ranges.push(middle..range.end);
-                ranges.push(range.start..middle);
-            }
-        }
+            result
+        },
+    )
+    .await?;
+    let mut refused = Vec::with_capacity(halved.refused.len());
+    for (index, error) in halved.refused {
+        tracing::warn!(%error, offset = records[index].source.offset, "The database refused a record; it goes to the DLQ.");
+        metrics::counter!("events_rejected_total", "service" => "audit", "error_code" => DB_REJECTED)
+            .increment(1);
+        refused.push((index, error.to_string()));
     }
-    refused.sort_unstable_by_key(|(position, _)| *position);
-    Some(Written { refused, inserted })
+    Some(Written {
+        refused,
+        inserted: halved.done.iter().map(|(_, new)| new).sum(),
+    })
 }
 
 /// What writing a batch's accepted events did.
@@ -650,36 +640,27 @@ async fn index_dead_letters(
             payload: letter.message.payload().unwrap_or_default(),
         })
         .collect();
-    let mut ranges = Vec::new();
-    ranges.push(0..rows.len());
-    while let Some(range) = ranges.pop() {
-        let chunk = &rows[range.clone()];
-        let outcome = telemetry_ops::retry("Indexing rejected records", shutdown, || async {
-            match store.insert_dead_letters(chunk).await {
-                Ok(()) => {
-                    readiness.set(DATABASE, true);
-                    Ok(None)
-                }
-                Err(error) if error.is_data_error() => Ok(Some(error)),
-                Err(error) => {
-                    readiness.set(DATABASE, false);
-                    Err(error)
-                }
+    let Some(halved) = telemetry_retry::retry_halving(
+        "Indexing rejected records",
+        &rows,
+        shutdown,
+        telemetry_store::Error::is_data_error,
+        |chunk| async move {
+            let result = store.insert_dead_letters(chunk).await;
+            match &result {
+                Ok(()) => readiness.set(DATABASE, true),
+                Err(error) if error.is_data_error() => {}
+                Err(_) => readiness.set(DATABASE, false),
             }
-        })
-        .await;
-        match outcome {
-            None => return false,
-            Some(None) => {}
-            Some(Some(error)) if range.len() == 1 => {
-                tracing::warn!(%error, offset = chunk[0].source_offset, "The database refused to index a rejected record; it is on the DLQ topic only.");
-            }
-            Some(Some(_)) => {
-                let middle = range.start + range.len() / 2;
-                ranges.push(middle..range.end);
-                ranges.push(range.start..middle);
-            }
-        }
+            result
+        },
+    )
+    .await
+    else {
+        return false;
+    };
+    for (index, error) in halved.refused {
+        tracing::warn!(%error, offset = rows[index].source_offset, "The database refused to index a rejected record; it is on the DLQ topic only.");
     }
     true
 }

@@ -53,7 +53,7 @@ pub enum Error {
     Listen(#[from] telemetry_ops::ListenError),
     /// The tokens file is unusable, or the live view would serve everyone on a public address.
     #[error(transparent)]
-    Auth(#[from] telemetry_ops::auth::AuthError),
+    Auth(#[from] telemetry_auth::AuthError),
     /// The payload contract (for the live view's normalized metrics) could not be loaded.
     #[error(transparent)]
     Contract(#[from] telemetry_core::ContractError),
@@ -140,7 +140,7 @@ pub struct BridgeConfig {
 
     /// Bearer tokens and their device allow-lists, for the live view.
     #[command(flatten)]
-    pub auth: telemetry_ops::auth::AuthConfig,
+    pub auth: telemetry_auth::AuthConfig,
 
     /// Header-read and idle timeouts and the connection cap of the HTTP server.
     #[command(flatten)]
@@ -220,7 +220,7 @@ pub struct Bridge {
     config: BridgeConfig,
     server: telemetry_ops::HttpServer,
     validator: std::sync::Arc<telemetry_core::Validator>,
-    auth: telemetry_ops::auth::Auth,
+    auth: telemetry_auth::Auth,
 }
 
 impl Bridge {
@@ -234,7 +234,7 @@ impl Bridge {
         let server = telemetry_ops::HttpServer::bind(&config.listen)
             .await?
             .with_tls(&config.tls)?;
-        let auth = telemetry_ops::auth::Auth::from_config(
+        let auth = telemetry_auth::Auth::from_config(
             &config.auth,
             "bridge",
             "TELEMETRY_BRIDGE_LISTEN / --bridge-listen",

@@ -15,8 +15,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
+use telemetry_auth::{Access, Auth};
 use telemetry_core::{Cut, Metrics, Outcome, Received, Validator};
-use telemetry_ops::auth::{Access, Auth};
 use telemetry_ops::Readiness;
 
 use crate::mqtt_source::Message;
@@ -204,7 +204,7 @@ pub(crate) fn router(
         .route_layer(axum::middleware::from_fn_with_state(
             // Browsers cannot set headers on a WebSocket: the token may come in the query.
             auth.with_query_tokens(),
-            telemetry_ops::auth::require_token,
+            telemetry_auth::require_token,
         ))
         // Outermost, so it runs first: a foreign page learns nothing, not even about tokens.
         .route_layer(axum::middleware::from_fn_with_state(origins, check_origin))

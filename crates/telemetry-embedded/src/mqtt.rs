@@ -1,11 +1,17 @@
 //! The embedded MQTT broker: rumqttd, in this process, on 127.0.0.1.
 //!
-//! rumqttd keeps persistent sessions (clean session off, as the bridge connects) in memory while
-//! the process runs; unlike Mosquitto it does not write them to disk, so QoS 1 messages that a
-//! device published but the bridge had not read yet are gone when `up` stops. The bridge reads
-//! continuously and hands every message to Kafka before acknowledging it, so that window is the
-//! bridge's read-ahead. For at-least-once through broker restarts, give `up` a real broker with
-//! `--mqtt-url`.
+//! rumqttd keeps sessions in memory only, and acknowledges a QoS 1 message nobody has subscribed
+//! to yet and then drops it, as MQTT brokers do. So that no device's message is acknowledged and
+//! lost, devices reach it only while the bridge is subscribed: rumqttd listens on a port of its
+//! own, which the bridge uses, and devices connect to [`EmbeddedMqtt::device_address`], whose
+//! connections `up` forwards to rumqttd only between [`EmbeddedMqtt::open_to_devices`] (after the
+//! bridge has subscribed) and [`EmbeddedMqtt::close_to_devices`] (before the bridge stops).
+//! A device that connects earlier waits in the listener's queue until the bridge is there; one
+//! that publishes while `up` stops has its connection closed, and sends its unacknowledged
+//! messages again when it reconnects to the next `up`, as MQTT's QoS 1 has it.
+//!
+//! (rumqttd's authentication hook cannot be the gate: once set, it refuses every client without a
+//! username, which devices of `up` need not have.)
 //!
 //! rumqttd has no stop: its threads end with the process.
 
@@ -24,11 +30,99 @@ pub enum Error {
     NoAnswer(SocketAddr),
 }
 
-/// Starts rumqttd listening on `address` (MQTT 3.1.1) and waits until it accepts connections.
-/// It takes packets of up to `max_packet_bytes` (the bridge's `TELEMETRY_MQTT_MAX_PACKET_BYTES`,
-/// as Mosquitto's `max_packet_size` in the shipped configuration): the broker's limit and the
-/// size the bridge reads whole are one setting.
-pub async fn start(address: SocketAddr, max_packet_bytes: usize) -> Result<(), Error> {
+/// The running broker: its own address (the bridge's) and the devices' listener.
+#[derive(Debug)]
+pub struct EmbeddedMqtt {
+    broker: SocketAddr,
+    devices: SocketAddr,
+    /// The devices' listener until it is opened.
+    listener: Option<tokio::net::TcpListener>,
+    /// Stops accepting and closes every forwarded device connection.
+    closed: tokio_util::sync::CancellationToken,
+}
+
+impl EmbeddedMqtt {
+    /// Where the bridge connects: rumqttd itself.
+    pub fn broker_address(&self) -> SocketAddr {
+        self.broker
+    }
+
+    /// Where devices connect (the address `start` was given).
+    pub fn device_address(&self) -> SocketAddr {
+        self.devices
+    }
+
+    /// Lets devices in: their connections (also those waiting since the start) are forwarded to
+    /// rumqttd from now on.
+    pub fn open_to_devices(&mut self) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let (broker, closed) = (self.broker, self.closed.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = closed.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((device, _)) => {
+                        tokio::spawn(forward(device, broker, closed.clone()));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "The embedded MQTT broker could not accept a connection.");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Shuts devices out: the listener closes and every device connection is closed. What rumqttd
+    /// acknowledged before is in the bridge's session, for the bridge to read before it stops.
+    pub fn close_to_devices(&mut self) {
+        self.listener = None;
+        self.closed.cancel();
+    }
+}
+
+/// Forwards one device connection to rumqttd until either side closes it, or `closed`.
+async fn forward(
+    mut device: tokio::net::TcpStream,
+    broker: SocketAddr,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    let mut upstream = match tokio::net::TcpStream::connect(broker).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(%error, "The embedded MQTT broker did not take a device's connection.");
+            return;
+        }
+    };
+    let _ = device.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    tokio::select! {
+        () = closed.cancelled() => {}
+        _ = tokio::io::copy_bidirectional(&mut device, &mut upstream) => {}
+    }
+}
+
+/// Starts rumqttd (MQTT 3.1.1) on a port of its own and binds the devices' listener on
+/// `address`, closed to devices until [`EmbeddedMqtt::open_to_devices`]; waits until rumqttd
+/// accepts connections. It takes packets of up to `max_packet_bytes` (the bridge's
+/// `TELEMETRY_MQTT_MAX_PACKET_BYTES`, as Mosquitto's `max_packet_size` in the shipped
+/// configuration): the broker's limit and the size the bridge reads whole are one setting.
+pub async fn start(address: SocketAddr, max_packet_bytes: usize) -> Result<EmbeddedMqtt, Error> {
+    let devices = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| Error::Broker(format!("cannot listen on {address}: {error}")))?;
+    let device_address = devices
+        .local_addr()
+        .map_err(|error| Error::Broker(format!("cannot listen on {address}: {error}")))?;
+    // A free port for rumqttd, which binds by address.
+    let broker_address = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .and_then(|probe| probe.local_addr())
+        .map_err(|error| Error::Broker(format!("no free port for the broker: {error}")))?;
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: max_packet_bytes,
@@ -41,7 +135,7 @@ pub async fn start(address: SocketAddr, max_packet_bytes: usize) -> Result<(), E
     };
     let server = rumqttd::ServerSettings {
         name: String::from("v4-embedded"),
-        listen: address,
+        listen: broker_address,
         tls: None,
         next_connection_delay_ms: 1,
         connections,
@@ -73,11 +167,19 @@ pub async fn start(address: SocketAddr, max_packet_bytes: usize) -> Result<(), E
         })
         .map_err(|error| Error::Broker(error.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(address).await.is_err() {
+    while tokio::net::TcpStream::connect(broker_address)
+        .await
+        .is_err()
+    {
         if Instant::now() > deadline {
-            return Err(Error::NoAnswer(address));
+            return Err(Error::NoAnswer(broker_address));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
+    Ok(EmbeddedMqtt {
+        broker: broker_address,
+        devices: device_address,
+        listener: Some(devices),
+        closed: tokio_util::sync::CancellationToken::new(),
+    })
 }

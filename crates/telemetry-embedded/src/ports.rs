@@ -20,11 +20,15 @@ pub struct Ports {
     pub bridge: u16,
     /// Audit service's health and metrics: base + 4.
     pub audit: u16,
+    /// Rollup service's health and metrics: base + 5.
+    pub rollup: u16,
+    /// Alerter's health and metrics: base + 6.
+    pub alert: u16,
 }
 
 /// A port that is not free.
 #[derive(Debug, thiserror::Error)]
-#[error("port {port} ({role}) is in use on 127.0.0.1 ({source}); stop what uses it, or move every port of `up` with --port-base N (ports N to N+4)")]
+#[error("port {port} ({role}) is in use on 127.0.0.1 ({source}); stop what uses it, or move every port of `up` with --port-base N (ports N to N+6)")]
 pub struct PortTaken {
     /// The port.
     pub port: u16,
@@ -36,7 +40,7 @@ pub struct PortTaken {
 }
 
 impl Ports {
-    /// The ports from `base`; `None` when base + 4 overflows.
+    /// The ports from `base`; `None` when base + 6 overflows.
     pub fn from_base(base: u16) -> Option<Self> {
         Some(Ports {
             mqtt: base,
@@ -44,6 +48,8 @@ impl Ports {
             api: base.checked_add(2)?,
             bridge: base.checked_add(3)?,
             audit: base.checked_add(4)?,
+            rollup: base.checked_add(5)?,
+            alert: base.checked_add(6)?,
         })
     }
 
@@ -62,13 +68,15 @@ impl Ports {
     }
 
     /// Each port with its role.
-    pub fn roles(&self) -> [(u16, &'static str); 5] {
+    pub fn roles(&self) -> [(u16, &'static str); 7] {
         [
             (self.mqtt, ROLE_MQTT),
             (self.kafka, ROLE_KAFKA),
             (self.api, "dashboard and API"),
             (self.bridge, "bridge: live view, health, metrics"),
             (self.audit, "audit service: health, metrics"),
+            (self.rollup, "rollup service: health, metrics"),
+            (self.alert, "alerter: health, metrics"),
         ]
     }
 }
@@ -97,7 +105,8 @@ mod tests {
 
     #[test]
     fn the_top_of_the_range_does_not_overflow() {
-        assert!(Ports::from_base(u16::MAX - 3).is_none());
+        assert!(Ports::from_base(u16::MAX - 5).is_none());
         assert_eq!(Ports::from_base(100).unwrap().audit, 104);
+        assert_eq!(Ports::from_base(100).unwrap().alert, 106);
     }
 }

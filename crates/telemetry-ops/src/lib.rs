@@ -10,12 +10,8 @@
 //! - [`router`]: the three routes, to serve alone or merge into a service's router.
 //! - [`HttpServer`]: bind an address, then serve a router until shutdown, within [`HttpLimits`]
 //!   (header-read and idle timeouts, a connection cap); `http_server`.
-//! - [`retry`]: retry an operation with capped backoff until it succeeds or shutdown.
-//! - [`auth`]: bearer tokens with a device allow-list each, and the refusal of an unauthenticated
-//!   service on a public address.
 //! - [`secrets`]: URLs and TOML errors as logs may show them, without credentials.
 
-pub mod auth;
 mod http_server;
 pub mod secrets;
 
@@ -30,7 +26,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
 
 /// The process-wide Prometheus recorder, installed on the first call. Services running in one
 /// process (as in tests) share it and tell themselves apart by their `service` label.
@@ -142,46 +137,6 @@ async fn render_metrics(State(state): State<OpsState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
-}
-
-/// Shortest and longest wait between retries of a failed database write or produce.
-pub const RETRY_BACKOFF: (std::time::Duration, std::time::Duration) = (
-    std::time::Duration::from_millis(200),
-    std::time::Duration::from_secs(30),
-);
-
-/// Retries `attempt` with capped exponential backoff until it succeeds (`Some`) or `shutdown` is
-/// cancelled (`None`, also mid-attempt). Every failure is logged with `what`.
-pub async fn retry<T, E, F, Fut>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut attempt: F,
-) -> Option<T>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, E>>,
-{
-    let (mut backoff, max_backoff) = RETRY_BACKOFF;
-    loop {
-        // An attempt against a hung database may take long; shutdown does not wait for it (an
-        // abandoned transaction is rolled back, and the batch is redelivered).
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            result = attempt() => result,
-        };
-        match result {
-            Ok(value) => return Some(value),
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying.");
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(max_backoff);
-    }
 }
 
 #[cfg(test)]

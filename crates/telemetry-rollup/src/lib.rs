@@ -24,7 +24,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use telemetry_core::validate::MAX_TIMESTAMP_MS;
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig};
-use telemetry_store::{RollupOutcome, Store};
+use telemetry_store::{DynStore, RollupOutcome};
 use tokio_util::sync::CancellationToken;
 
 /// Errors that stop the rollup service.
@@ -47,7 +47,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Rollup service settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RollupConfig {
-    /// MySQL/MariaDB URL of the telemetry database (created if missing).
+    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
+    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -131,7 +132,8 @@ async fn consume(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let Some(store) =
-        Store::connect_migrated(&config.mysql_url, config.mysql_max_connections, shutdown).await?
+        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, shutdown)
+            .await?
     else {
         return Ok(());
     };
@@ -208,58 +210,50 @@ fn storable(event: &Event) -> Option<&'static str> {
 }
 
 /// Folds `events`, retrying while the database is unavailable. Should the database refuse the
-/// data itself, events are folded one by one and the refused ones logged and left out, so one
-/// record never holds back the stream. `None` when `shutdown` came first.
+/// data itself, the batch is split in halves (in stream order) until each refused event is alone;
+/// those are logged and left out, so one record never holds back the stream. `None` when
+/// `shutdown` came first.
 async fn fold(
-    store: &Store,
+    store: &DynStore,
     events: &[Event],
     late_window_ms: i64,
     readiness: &telemetry_ops::Readiness,
     shutdown: &CancellationToken,
 ) -> Option<RollupOutcome> {
-    let attempt = || async {
-        let started = std::time::Instant::now();
-        let mut result = store.roll_up(events, late_window_ms).await;
-        if result.is_ok() {
-            metrics::histogram!("db_write_duration_seconds", "service" => "rollup")
-                .record(started.elapsed().as_secs_f64());
-        }
-        if matches!(&result, Err(error) if error.is_data_error()) {
-            result = fold_one_by_one(store, events, late_window_ms).await;
-        }
-        readiness.set(DATABASE, result.is_ok());
-        result
-    };
-    telemetry_ops::retry("Writing the rollups", shutdown, attempt).await
-}
-
-async fn fold_one_by_one(
-    store: &Store,
-    events: &[Event],
-    late_window_ms: i64,
-) -> telemetry_store::Result<RollupOutcome> {
-    let mut total = RollupOutcome::default();
-    for event in events {
-        match store
-            .roll_up(std::slice::from_ref(event), late_window_ms)
-            .await
-        {
-            Ok(outcome) => {
-                total.folded += outcome.folded;
-                total.duplicates += outcome.duplicates;
-                total.too_late += outcome.too_late;
-                total.skipped_readings += outcome.skipped_readings;
+    let halved = telemetry_retry::retry_halving(
+        "Writing the rollups",
+        events,
+        shutdown,
+        telemetry_store::Error::is_data_error,
+        |chunk| async move {
+            let started = std::time::Instant::now();
+            let result = store.roll_up(chunk, late_window_ms).await;
+            if result.is_ok() {
+                metrics::histogram!("db_write_duration_seconds", "service" => "rollup")
+                    .record(started.elapsed().as_secs_f64());
             }
-            Err(error) if error.is_data_error() => {
-                metrics::counter!("rollup_records_invalid_total", "service" => "rollup")
-                    .increment(1);
-                tracing::error!(%error, device_id = %event.device_id, device_ts = event.device_ts,
-                    "The database refused a rollup; the event is left out of the rollups.");
-            }
-            Err(error) => return Err(error),
-        }
+            readiness.set(
+                DATABASE,
+                !matches!(&result, Err(error) if !error.is_data_error()),
+            );
+            result
+        },
+    )
+    .await?;
+    for (index, error) in halved.refused {
+        let event = &events[index];
+        metrics::counter!("rollup_records_invalid_total", "service" => "rollup").increment(1);
+        tracing::error!(%error, device_id = %event.device_id, device_ts = event.device_ts,
+            "The database refused a rollup; the event is left out of the rollups.");
     }
-    Ok(total)
+    let mut total = RollupOutcome::default();
+    for (_, outcome) in halved.done {
+        total.folded += outcome.folded;
+        total.duplicates += outcome.duplicates;
+        total.too_late += outcome.too_late;
+        total.skipped_readings += outcome.skipped_readings;
+    }
+    Some(total)
 }
 
 fn count(outcome: &RollupOutcome, records: usize) {

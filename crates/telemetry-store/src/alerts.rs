@@ -72,13 +72,26 @@ pub struct AlertEntry {
 }
 
 /// `alert_outbox.webhook`: waiting for delivery.
-const WEBHOOK_WAITING: u8 = 0;
+pub(crate) const WEBHOOK_WAITING: u8 = 0;
 /// Delivered.
 const WEBHOOK_DELIVERED: u8 = 1;
 /// Given up after the last attempt.
 const WEBHOOK_GIVEN_UP: u8 = 2;
 /// No webhook configured when the alert was written.
-const WEBHOOK_NONE: u8 = 3;
+pub(crate) const WEBHOOK_NONE: u8 = 3;
+
+/// `alert_outbox.webhook` after an attempt, and the next attempt's time if there is one:
+/// delivered, to be tried again at `retry_at`, or (`None`) given up.
+pub(crate) fn webhook_after(
+    delivered: bool,
+    retry_at: Option<DateTime<Utc>>,
+) -> (u8, Option<DateTime<Utc>>) {
+    match (delivered, retry_at) {
+        (true, _) => (WEBHOOK_DELIVERED, None),
+        (false, Some(at)) => (WEBHOOK_WAITING, Some(at)),
+        (false, None) => (WEBHOOK_GIVEN_UP, None),
+    }
+}
 
 impl Store {
     /// Every stored alert state.
@@ -241,11 +254,8 @@ impl Store {
         delivered: bool,
         retry_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        let (webhook, next) = match (delivered, retry_at) {
-            (true, _) => (WEBHOOK_DELIVERED, None),
-            (false, Some(at)) => (WEBHOOK_WAITING, Some(at.naive_utc())),
-            (false, None) => (WEBHOOK_GIVEN_UP, None),
-        };
+        let (webhook, next) = webhook_after(delivered, retry_at);
+        let next = next.map(|at| at.naive_utc());
         sqlx::query(
             "UPDATE alert_outbox SET webhook = ?, attempts = attempts + 1, \
                     next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",

@@ -3,19 +3,25 @@
 //! embedded default of `telemetry up`). `tests/contract.rs` runs one suite against both: same
 //! rows, same idempotence, same answers to the API's queries.
 //!
+//! The trait covers every service's writes and reads: the audit service (rows, DLQ index), the
+//! rollup (its buckets), the alerter (states, outbox, offsets) and the API. `tests/contract.rs`
+//! runs the same suites against both.
+//!
 //! Which one a URL opens: `mysql://...` the MySQL store, `sqlite://<path>` the SQLite store.
-//! Rebuilding tables (`telemetry replay --into`), rollups, alerts and the DLQ replay stay MySQL
-//! only: they use [`Store`] directly.
+//! Rebuilding tables (`telemetry replay --into`) and the DLQ replay stay MySQL only: they use
+//! [`Store`] directly.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use telemetry_core::event::CleanedRecord;
+use telemetry_core::Event;
 
 use crate::{
-    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary,
-    NewDeadLetter, Resolution, Result, RollupCoverage, SeriesQuery, SqliteStore, Store, Table,
+    AlertEntry, AlertOffset, AlertStateRow, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage,
+    DeviceSummary, NewAlert, NewDeadLetter, OutboxEntry, Resolution, Result, RollupCoverage,
+    RollupOutcome, RollupRow, SeriesQuery, SqliteStore, Store, Table,
 };
 
 /// What the audit service writes and the API reads, whatever the database.
@@ -92,6 +98,54 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
         firing_only: bool,
         limit: u32,
     ) -> Result<Vec<AlertEntry>>;
+
+    /// The rollup: folds `events` (in stream order) into the minute and hour tables in one
+    /// transaction, each event once (see [`Store::roll_up`]).
+    async fn roll_up(&self, events: &[Event], late_window_ms: i64) -> Result<RollupOutcome>;
+
+    /// Every row of a rollup table for `devices` (all when empty), in key order.
+    async fn rollup_rows(&self, resolution: Resolution, devices: &[&str])
+        -> Result<Vec<RollupRow>>;
+
+    /// The alerter: every stored rule state.
+    async fn alert_states(&self) -> Result<Vec<AlertStateRow>>;
+
+    /// The offsets `group_id`'s alert states reflect; empty before its first start.
+    async fn alert_offsets(&self, group_id: &str) -> Result<Vec<AlertOffset>>;
+
+    /// In one transaction: the changed states (`Some`) stored and the emptied ones (`None`)
+    /// deleted, `alerts` added to the outbox (an alert there already is left as it is), and
+    /// `group_id`'s offsets moved forward (never back) to `offsets` (see [`Store::save_alerts`]).
+    async fn save_alerts(
+        &self,
+        group_id: &str,
+        offsets: &[AlertOffset],
+        states: &[(&str, &str, Option<&str>)],
+        alerts: &[NewAlert<'_>],
+        webhook: bool,
+    ) -> Result<()>;
+
+    /// The oldest alerts not yet acknowledged by Kafka, in outbox order.
+    async fn unproduced_alerts(&self, limit: u32) -> Result<Vec<OutboxEntry>>;
+
+    /// Marks alerts as acknowledged by Kafka.
+    async fn mark_alerts_produced(&self, ids: &[u64]) -> Result<()>;
+
+    /// The oldest alerts waiting for the webhook, in outbox order (due or not).
+    async fn webhook_queue(&self, limit: u32) -> Result<Vec<OutboxEntry>>;
+
+    /// Records a webhook attempt: delivered, to be tried again at `retry_at`, or (`None`) given
+    /// up.
+    async fn webhook_attempted(
+        &self,
+        id: u64,
+        delivered: bool,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<()>;
+
+    /// Deletes outbox rows that are done (produced, webhook not waiting, the alert resolved) and
+    /// older than `before`.
+    async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64>;
 }
 
 /// A store shared by the tasks of a service.
@@ -235,5 +289,61 @@ impl TelemetryStore for Store {
         limit: u32,
     ) -> Result<Vec<AlertEntry>> {
         Store::recent_alerts(self, device_id, scope, firing_only, limit).await
+    }
+
+    async fn roll_up(&self, events: &[Event], late_window_ms: i64) -> Result<RollupOutcome> {
+        Store::roll_up(self, events, late_window_ms).await
+    }
+
+    async fn rollup_rows(
+        &self,
+        resolution: Resolution,
+        devices: &[&str],
+    ) -> Result<Vec<RollupRow>> {
+        Store::rollup_rows(self, resolution, devices).await
+    }
+
+    async fn alert_states(&self) -> Result<Vec<AlertStateRow>> {
+        Store::alert_states(self).await
+    }
+
+    async fn alert_offsets(&self, group_id: &str) -> Result<Vec<AlertOffset>> {
+        Store::alert_offsets(self, group_id).await
+    }
+
+    async fn save_alerts(
+        &self,
+        group_id: &str,
+        offsets: &[AlertOffset],
+        states: &[(&str, &str, Option<&str>)],
+        alerts: &[NewAlert<'_>],
+        webhook: bool,
+    ) -> Result<()> {
+        Store::save_alerts(self, group_id, offsets, states, alerts, webhook).await
+    }
+
+    async fn unproduced_alerts(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        Store::unproduced_alerts(self, limit).await
+    }
+
+    async fn mark_alerts_produced(&self, ids: &[u64]) -> Result<()> {
+        Store::mark_alerts_produced(self, ids).await
+    }
+
+    async fn webhook_queue(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        Store::webhook_queue(self, limit).await
+    }
+
+    async fn webhook_attempted(
+        &self,
+        id: u64,
+        delivered: bool,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        Store::webhook_attempted(self, id, delivered, retry_at).await
+    }
+
+    async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
+        Store::prune_alert_outbox(self, before).await
     }
 }

@@ -2,7 +2,8 @@
 //! services run against it. The one place SQL lives.
 //!
 //! # Layout
-//! - `migrations/`: versioned schema, applied by [`Store::migrate`] at start-up.
+//! - `migrations/mysql/`: the MySQL schema's versions (sqlx), applied by [`Store::migrate`].
+//! - `migrations/sqlite/`: the SQLite store's, applied when it opens (by `user_version`).
 //! - [`Store`]: a connection pool; the audit service's writes are here.
 //! - `dead_letters`: the bounded index of rejected records (written by the audit service).
 //! - `queries`: what the API reads: devices and their health counts, downsampled series, the DLQ.
@@ -27,7 +28,9 @@ pub use queries::{
 pub use rollups::{
     Aggregate, Resolution, RollupCoverage, RollupOutcome, RollupRow, MAX_METRIC_NAME_CHARS,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{
+    schema_version as sqlite_schema_version, SqliteStore, MIGRATIONS as SQLITE_MIGRATIONS,
+};
 
 use std::time::Duration;
 
@@ -36,8 +39,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 use telemetry_core::event::CleanedRecord;
 
-/// The schema migrations, embedded in the binary.
-static MIGRATOR: Migrator = sqlx::migrate!();
+/// The MySQL schema migrations (`migrations/mysql`), embedded in the binary.
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/mysql");
 
 /// The database the writers (audit, rollup, alert, DLQ replay) use unless told otherwise: the
 /// development writer account of `scripts/services.sh` (SELECT, INSERT, UPDATE, DELETE on the
@@ -187,7 +190,7 @@ where
         Ok(outcome) => outcome.map(Some),
         Err(error) => {
             tracing::warn!(%error, "The database is not reachable yet; retrying.");
-            telemetry_ops::retry(what, shutdown, sorted)
+            telemetry_retry::retry(what, shutdown, sorted)
                 .await
                 .transpose()
         }

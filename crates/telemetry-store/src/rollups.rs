@@ -52,7 +52,7 @@ impl Resolution {
     }
 
     /// Start of the bucket holding `millis`.
-    fn bucket_of(self, millis: i64) -> i64 {
+    pub(crate) fn bucket_of(self, millis: i64) -> i64 {
         millis.div_euclid(self.millis()) * self.millis()
     }
 }
@@ -148,7 +148,7 @@ impl Aggregate {
 }
 
 /// `nanos` as the DECIMAL(38, 9) literal MariaDB parses exactly.
-fn decimal(nanos: i128) -> String {
+pub(crate) fn decimal(nanos: i128) -> String {
     let sign = if nanos < 0 { "-" } else { "" };
     let magnitude = nanos.unsigned_abs();
     format!(
@@ -159,7 +159,7 @@ fn decimal(nanos: i128) -> String {
 }
 
 /// A DECIMAL(38, 9) as MariaDB prints it, in units of 1e-9.
-fn parse_decimal(text: &str) -> Option<i128> {
+pub(crate) fn parse_decimal(text: &str) -> Option<i128> {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     if fraction.len() > 9 || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
         return None;
@@ -194,7 +194,7 @@ pub struct RollupRow {
 }
 
 /// (device, metric, bucket start in ms).
-type BucketKey<'a> = (&'a str, &'a str, i64);
+pub(crate) type BucketKey<'a> = (&'a str, &'a str, i64);
 /// (device, device_ts, seq_key).
 type Identity = (String, NaiveDateTime, i64);
 
@@ -207,48 +207,11 @@ impl Store {
         if events.is_empty() {
             return Ok(outcome);
         }
-        // Sorted by device, so concurrent writers lock in the same order.
-        let mut by_device: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
-        for event in events {
-            by_device.entry(&event.device_id).or_default().push(event);
-        }
+        let by_device = by_device(events);
         let devices: Vec<&str> = by_device.keys().copied().collect();
         let mut transaction = self.pool.begin().await?;
         let mut coverage = lock_coverage(&mut transaction, &devices).await?;
-
-        // Inside the window, and each identity once within the batch.
-        let mut candidates: Vec<&Event> = Vec::with_capacity(events.len());
-        let mut in_batch: HashSet<(&str, i64, i64)> = HashSet::with_capacity(events.len());
-        for (device_id, device_events) in &by_device {
-            let mut device = coverage.get(*device_id).copied();
-            for event in device_events {
-                let seq_key = event.seq.unwrap_or(NO_SEQ);
-                if let Some(device) = device {
-                    if event.device_ts < device.watermark_ts.saturating_sub(late_window_ms) {
-                        outcome.too_late += 1;
-                        continue;
-                    }
-                }
-                if !in_batch.insert((device_id, event.device_ts, seq_key)) {
-                    outcome.duplicates += 1;
-                    continue;
-                }
-                device = Some(match device {
-                    Some(device) => RollupCoverage {
-                        first_ts: device.first_ts.min(event.device_ts),
-                        watermark_ts: device.watermark_ts.max(event.device_ts),
-                    },
-                    None => RollupCoverage {
-                        first_ts: event.device_ts,
-                        watermark_ts: event.device_ts,
-                    },
-                });
-                candidates.push(event);
-            }
-            if let Some(device) = device {
-                coverage.insert(device_id, device);
-            }
-        }
+        let candidates = candidates(&by_device, &mut coverage, late_window_ms, &mut outcome);
         let seen = seen_before(&mut transaction, &candidates).await?;
         let mut fresh: Vec<&Event> = Vec::with_capacity(candidates.len());
         for event in candidates {
@@ -263,33 +226,7 @@ impl Store {
                 fresh.push(event);
             }
         }
-        outcome.folded = fresh.len() as u64;
-
-        // The batch's readings per bucket, in memory; then one upsert per table adds them.
-        let mut tables: [BTreeMap<BucketKey<'_>, Aggregate>; 2] = Default::default();
-        for event in &fresh {
-            let seq_key = event.seq.unwrap_or(NO_SEQ);
-            for (metric, value) in event.metrics.iter() {
-                if metric.chars().count() > MAX_METRIC_NAME_CHARS
-                    || !value.is_finite()
-                    || value.abs() > MAX_ROLLUP_READING
-                {
-                    outcome.skipped_readings += 1;
-                    continue;
-                }
-                for (resolution, buckets) in Resolution::ALL.iter().zip(tables.iter_mut()) {
-                    let key = (
-                        event.device_id.as_str(),
-                        metric,
-                        resolution.bucket_of(event.device_ts),
-                    );
-                    buckets
-                        .entry(key)
-                        .and_modify(|aggregate| aggregate.add(event.device_ts, seq_key, value))
-                        .or_insert_with(|| Aggregate::new(event.device_ts, seq_key, value));
-                }
-            }
-        }
+        let tables = bucket_readings(&fresh, &mut outcome);
         for (resolution, buckets) in Resolution::ALL.iter().zip(&tables) {
             add_to_buckets(&mut transaction, *resolution, buckets).await?;
         }
@@ -417,6 +354,93 @@ fn aggregate(row: &sqlx::mysql::MySqlRow) -> Result<Aggregate> {
 
 fn millis(time: NaiveDateTime) -> i64 {
     time.and_utc().timestamp_millis()
+}
+
+/// A batch's events by device, the devices sorted (so concurrent writers lock in the same order).
+pub(crate) fn by_device(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
+    let mut by_device: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+    for event in events {
+        by_device.entry(&event.device_id).or_default().push(event);
+    }
+    by_device
+}
+
+/// The events of a batch that may be folded in, before the check against the identities stored:
+/// inside their device's late window, each identity once. Moves `coverage` on with them and
+/// counts what it leaves out in `outcome`.
+pub(crate) fn candidates<'a>(
+    by_device: &BTreeMap<&'a str, Vec<&'a Event>>,
+    coverage: &mut HashMap<&'a str, RollupCoverage>,
+    late_window_ms: i64,
+    outcome: &mut RollupOutcome,
+) -> Vec<&'a Event> {
+    let mut candidates: Vec<&Event> = Vec::new();
+    let mut in_batch: HashSet<(&str, i64, i64)> = HashSet::new();
+    for (device_id, device_events) in by_device {
+        let mut device = coverage.get(*device_id).copied();
+        for event in device_events {
+            let seq_key = event.seq.unwrap_or(NO_SEQ);
+            if let Some(device) = device {
+                if event.device_ts < device.watermark_ts.saturating_sub(late_window_ms) {
+                    outcome.too_late += 1;
+                    continue;
+                }
+            }
+            if !in_batch.insert((device_id, event.device_ts, seq_key)) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            device = Some(match device {
+                Some(device) => RollupCoverage {
+                    first_ts: device.first_ts.min(event.device_ts),
+                    watermark_ts: device.watermark_ts.max(event.device_ts),
+                },
+                None => RollupCoverage {
+                    first_ts: event.device_ts,
+                    watermark_ts: event.device_ts,
+                },
+            });
+            candidates.push(event);
+        }
+        if let Some(device) = device {
+            coverage.insert(device_id, device);
+        }
+    }
+    candidates
+}
+
+/// The readings of the events to fold in, aggregated per bucket, for each table of
+/// [`Resolution::ALL`]; counts them in `outcome` (folded events, readings left out).
+pub(crate) fn bucket_readings<'a>(
+    fresh: &[&'a Event],
+    outcome: &mut RollupOutcome,
+) -> [BTreeMap<BucketKey<'a>, Aggregate>; 2] {
+    outcome.folded = fresh.len() as u64;
+    let mut tables: [BTreeMap<BucketKey<'_>, Aggregate>; 2] = Default::default();
+    for event in fresh {
+        let seq_key = event.seq.unwrap_or(NO_SEQ);
+        for (metric, value) in event.metrics.iter() {
+            if metric.chars().count() > MAX_METRIC_NAME_CHARS
+                || !value.is_finite()
+                || value.abs() > MAX_ROLLUP_READING
+            {
+                outcome.skipped_readings += 1;
+                continue;
+            }
+            for (resolution, buckets) in Resolution::ALL.iter().zip(tables.iter_mut()) {
+                let key = (
+                    event.device_id.as_str(),
+                    metric,
+                    resolution.bucket_of(event.device_ts),
+                );
+                buckets
+                    .entry(key)
+                    .and_modify(|aggregate| aggregate.add(event.device_ts, seq_key, value))
+                    .or_insert_with(|| Aggregate::new(event.device_ts, seq_key, value));
+            }
+        }
+    }
+    tables
 }
 
 /// The coverage of `devices` that have one, locked for the transaction.

@@ -606,3 +606,268 @@ async fn sqlite_stops_long_queries_at_the_statement_timeout() {
         .unwrap();
     long_queries_are_stopped(writer.as_ref(), reader.as_ref()).await;
 }
+
+fn event(
+    device: &str,
+    device_ts: i64,
+    seq: Option<u64>,
+    temperature: f64,
+) -> telemetry_core::Event {
+    record(device, device_ts, seq, temperature).event
+}
+
+/// The rollup's writes: a batch folded once however often it is delivered, late events left out,
+/// exact sums, the last reading by device time; what the API reads back.
+async fn rollups(store: &dyn TelemetryStore) -> Vec<telemetry_store::RollupRow> {
+    use telemetry_store::{Resolution, RollupOutcome};
+    // 2024-01-01T10:00:00Z: a whole hour.
+    let hour = 1_704_103_200_000;
+    let batch = [
+        event("d1", hour + 1_000, Some(1), 20.1),
+        event("d1", hour + 2_000, Some(2), 20.2),
+        event("d1", hour + 2_000, Some(2), 20.2),
+        event("d1", hour + 61_000, Some(3), -0.3),
+        event("d2", hour + 5_000, None, 7.0),
+    ];
+    let first = store.roll_up(&batch, 600_000).await.unwrap();
+    assert_eq!(
+        first,
+        RollupOutcome {
+            folded: 4,
+            duplicates: 1,
+            too_late: 0,
+            skipped_readings: 0,
+        }
+    );
+    // Redelivered, and a later batch overlapping it: nothing twice.
+    let again = store.roll_up(&batch, 600_000).await.unwrap();
+    assert_eq!((again.folded, again.duplicates), (0, 5));
+    let later = [
+        event("d1", hour + 2_000, Some(2), 20.2),
+        event("d1", hour + 62_000, Some(4), 0.4),
+        // 20 minutes after the watermark, then one 30 minutes before it: too late.
+        event("d1", hour + 1_261_000, Some(5), 1.0),
+        event("d1", hour + 61_000 - 1_800_000, Some(0), 99.0),
+    ];
+    let outcome = store.roll_up(&later, 600_000).await.unwrap();
+    assert_eq!(
+        (outcome.folded, outcome.duplicates, outcome.too_late),
+        (2, 1, 1)
+    );
+
+    let coverage = store.rollup_coverage("d1").await.unwrap().unwrap();
+    assert_eq!(
+        (coverage.first_ts, coverage.watermark_ts),
+        (hour + 1_000, hour + 1_261_000)
+    );
+    assert!(store.rollup_coverage("d3").await.unwrap().is_none());
+
+    let minutes = store
+        .rollup_rows(Resolution::Minute, &["d1"])
+        .await
+        .unwrap();
+    let temperature: Vec<_> = minutes
+        .iter()
+        .filter(|row| row.metric == "temperature_c")
+        .collect();
+    assert_eq!(temperature.len(), 3, "{temperature:?}");
+    let first_minute = temperature[0].aggregate;
+    assert_eq!(temperature[0].bucket_start, hour);
+    assert_eq!(first_minute.samples, 2);
+    assert_eq!(first_minute.sum_nanos, 40_300_000_000, "exact sum");
+    assert_eq!((first_minute.min, first_minute.max), (20.1, 20.2));
+    assert_eq!(
+        (first_minute.last, first_minute.last_ts),
+        (20.2, hour + 2_000)
+    );
+    let second_minute = temperature[1].aggregate;
+    assert_eq!(second_minute.samples, 2);
+    assert_eq!(second_minute.sum_nanos, 100_000_000);
+    assert_eq!(
+        second_minute.last, 0.4,
+        "the later reading, from the later batch"
+    );
+
+    let hours = store.rollup_rows(Resolution::Hour, &["d1"]).await.unwrap();
+    let hourly = hours
+        .iter()
+        .find(|row| row.metric == "temperature_c")
+        .unwrap();
+    assert_eq!((hourly.bucket_start, hourly.aggregate.samples), (hour, 5));
+
+    let from = DateTime::from_timestamp_millis(hour).unwrap();
+    let series = store
+        .rollup_series(
+            Resolution::Minute,
+            "d1",
+            "temperature_c",
+            from,
+            from + Duration::hours(1),
+            120_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(series.len(), 2, "{series:?}");
+    assert_eq!((series[0].start, series[0].count), (hour, 4));
+    assert!((series[0].avg - 40.4 / 4.0).abs() < 1e-9, "{series:?}");
+    assert_eq!((series[0].min, series[0].max), (-0.3, 20.2));
+    assert_eq!((series[1].start, series[1].count), (hour + 1_200_000, 1));
+
+    store.rollup_rows(Resolution::Minute, &[]).await.unwrap()
+}
+
+#[tokio::test]
+async fn mysql_and_sqlite_fold_the_same_rollups() {
+    let mysql_rows = rollups(mysql().await.as_ref()).await;
+    let (sqlite, _dir) = sqlite().await;
+    let sqlite_rows = rollups(sqlite.as_ref()).await;
+    assert!(!mysql_rows.is_empty());
+    assert_eq!(mysql_rows, sqlite_rows, "the same rows, bit for bit");
+}
+
+/// The alerter's writes: states, the outbox written once per transition, offsets that only move
+/// forward, Kafka and webhook bookkeeping, what the API lists, and pruning.
+async fn alerts(store: &dyn TelemetryStore) {
+    use telemetry_store::{AlertOffset, NewAlert};
+    let offset = |partition, next_offset| AlertOffset {
+        topic: "cleaned".into(),
+        partition,
+        next_offset,
+    };
+    let alert = |alert_id, status, device_id, payload| NewAlert {
+        alert_id,
+        status,
+        device_id,
+        payload,
+    };
+    let fired = [
+        alert(
+            "hot:d1:1",
+            "firing",
+            "d1",
+            r#"{"id":"hot:d1:1","status":"firing"}"#,
+        ),
+        alert(
+            "hot:d2:1",
+            "firing",
+            "d2",
+            r#"{"id":"hot:d2:1","status":"firing"}"#,
+        ),
+    ];
+    let states = [
+        ("hot", "d1", Some(r#"{"phase":"firing"}"#)),
+        ("hot", "d2", Some(r#"{"phase":"firing"}"#)),
+    ];
+    for _ in 0..2 {
+        store
+            .save_alerts("g", &[offset(0, 10), offset(1, 5)], &states, &fired, true)
+            .await
+            .unwrap();
+    }
+    // An older offset does not move it back; another group's are its own.
+    store
+        .save_alerts("g", &[offset(0, 3)], &[], &[], true)
+        .await
+        .unwrap();
+    let mut offsets = store.alert_offsets("g").await.unwrap();
+    offsets.sort_by_key(|offset| offset.partition);
+    assert_eq!(offsets, [offset(0, 10), offset(1, 5)]);
+    assert!(store.alert_offsets("other").await.unwrap().is_empty());
+    let mut stored = store.alert_states().await.unwrap();
+    stored.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].state, r#"{"phase":"firing"}"#);
+
+    let pending = store.unproduced_alerts(10).await.unwrap();
+    assert_eq!(pending.len(), 2, "each alert once: {pending:?}");
+    assert_eq!(pending[0].alert_id, "hot:d1:1");
+    store.mark_alerts_produced(&[pending[0].id]).await.unwrap();
+    let pending = store.unproduced_alerts(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+
+    // d1 resolves; its state goes.
+    store
+        .save_alerts(
+            "g",
+            &[offset(0, 11)],
+            &[("hot", "d1", None)],
+            &[alert(
+                "hot:d1:1",
+                "resolved",
+                "d1",
+                r#"{"id":"hot:d1:1","status":"resolved"}"#,
+            )],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.alert_states().await.unwrap().len(), 1);
+    let listed = store.recent_alerts(None, &ALL, false, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        listed[0].fired, r#"{"id":"hot:d2:1","status":"firing"}"#,
+        "newest first"
+    );
+    assert_eq!(listed[0].resolved, None);
+    assert_eq!(
+        listed[1].resolved.as_deref(),
+        Some(r#"{"id":"hot:d1:1","status":"resolved"}"#)
+    );
+    let firing = store.recent_alerts(None, &ALL, true, 10).await.unwrap();
+    assert_eq!(firing.len(), 1);
+    let of_d1 = store
+        .recent_alerts(Some("d1"), &ALL, false, 10)
+        .await
+        .unwrap();
+    assert_eq!(of_d1.len(), 1);
+    let only_d2 = DeviceScope::Only(vec![DevicePattern::Exact("d2".into())]);
+    assert_eq!(
+        store
+            .recent_alerts(None, &only_d2, false, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The webhook: a failed attempt waits, then delivered; the queue empties.
+    let queue = store.webhook_queue(10).await.unwrap();
+    assert_eq!(queue.len(), 3);
+    let retry_at = DateTime::from_timestamp_millis(4_102_444_800_000).unwrap();
+    store
+        .webhook_attempted(queue[0].id, false, Some(retry_at))
+        .await
+        .unwrap();
+    let queue = store.webhook_queue(10).await.unwrap();
+    assert_eq!((queue[0].attempts, queue[0].next_attempt_at), (1, retry_at));
+    for entry in &queue {
+        store.webhook_attempted(entry.id, true, None).await.unwrap();
+    }
+    assert!(store.webhook_queue(10).await.unwrap().is_empty());
+
+    // Pruning takes the resolved alert's two rows once produced; the firing one stays.
+    let ids: Vec<u64> = store
+        .unproduced_alerts(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|entry| entry.id)
+        .collect();
+    store.mark_alerts_produced(&ids).await.unwrap();
+    let future = Utc::now() + Duration::hours(1);
+    assert_eq!(store.prune_alert_outbox(future).await.unwrap(), 2);
+    let left = store.recent_alerts(None, &ALL, false, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].fired, r#"{"id":"hot:d2:1","status":"firing"}"#);
+}
+
+#[tokio::test]
+async fn mysql_keeps_the_alerters_state() {
+    alerts(mysql().await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_alerters_state() {
+    let (store, _dir) = sqlite().await;
+    alerts(store.as_ref()).await;
+}

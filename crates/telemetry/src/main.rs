@@ -273,7 +273,7 @@ fn token_command(action: TokenAction) -> anyhow::Result<()> {
     println!("Add to the tokens file (TELEMETRY_AUTH_TOKENS / --auth-tokens), then restart the API and the bridge:");
     println!("[[token]]");
     println!("name = {}", quoted(&name));
-    println!("sha256 = \"{}\"", telemetry_ops::auth::token_digest(&token));
+    println!("sha256 = \"{}\"", telemetry_auth::token_digest(&token));
     println!("devices = [{}]", devices.join(", "));
     Ok(())
 }

@@ -2,11 +2,12 @@
 //! nothing installed.
 //!
 //! Starts an MQTT broker (rumqttd, in-process), a Kafka-protocol broker (nisshi, a child process
-//! with SQLite storage) and the SQLite store, then the bridge, the audit service, the API and
-//! dashboard and, with `--simulate N`, N simulated devices; every piece talks the real protocol
-//! over 127.0.0.1, as in production. `--mqtt-url`, `--kafka-brokers` and `--mysql-url` replace an
-//! embedded piece with the real one. Ctrl-C stops the devices, then the bridge, the audit service
-//! (each finishing its work in flight), the API, and last the Kafka broker.
+//! with SQLite storage) and the SQLite store, then the bridge, the audit service, the rollup, the
+//! alerter, the API and dashboard and, with `--simulate N`, N simulated devices; every piece talks
+//! the real protocol over 127.0.0.1, as in production. `--mqtt-url`, `--kafka-brokers` and
+//! `--mysql-url` replace an embedded piece with the real one. Ctrl-C stops the devices, then the
+//! bridge, the audit service (each finishing its work in flight), the rollup and the alerter, the
+//! API, and last the Kafka broker.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,13 +32,15 @@ pub struct UpArgs {
     #[arg(long)]
     simulate_rate: Option<f64>,
 
-    /// Where the embedded pieces keep their data across restarts: `kafka/` (the Kafka log) and
-    /// `telemetry.db` (the SQLite store).
+    /// Where the embedded pieces keep their data across restarts: `kafka/` (the Kafka log),
+    /// `telemetry.db` (the SQLite store) and `alerts.toml` (the alert rules, when
+    /// TELEMETRY_ALERT_RULES names no file that exists).
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
 
-    /// First of the five ports `up` listens on (127.0.0.1): MQTT, Kafka, dashboard and API,
-    /// bridge (live view), audit service (health and metrics).
+    /// First of the seven ports `up` listens on (127.0.0.1): MQTT, Kafka, dashboard and API,
+    /// bridge (live view), then the health and metrics of the audit service, the rollup and the
+    /// alerter.
     #[arg(long, default_value_t = ports::DEFAULT_BASE, value_parser = clap::value_parser!(u16).range(1..))]
     port_base: u16,
 
@@ -60,12 +63,19 @@ pub struct UpArgs {
 
 /// Consumer group of the audit service under `up`.
 const GROUP_ID: &str = "telemetry-up-audit";
+/// Consumer group of the rollup under `up`.
+const ROLLUP_GROUP_ID: &str = "telemetry-up-rollup";
+/// Consumer group of the alerter under `up`.
+const ALERT_GROUP_ID: &str = "telemetry-up-alert";
+
+/// The alert rules `up` starts with when no rules file is given: the shipped example.
+const DEFAULT_ALERT_RULES: &str = include_str!("../../../config/alerts.toml");
 
 /// Runs everything until `shutdown`, then stops it in order.
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ports = Ports::from_base(args.port_base).with_context(|| {
         format!(
-            "--port-base {} leaves no room for the five ports above it",
+            "--port-base {} leaves no room for the seven ports from it",
             args.port_base
         )
     })?;
@@ -87,14 +97,22 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     let _lock = lock_data_dir(&data_dir)?;
 
     // The infrastructure: each embedded piece unless a real one is given.
-    let (mqtt_url, mqtt_kind) = match &args.mqtt_url {
-        Some(url) => (url.clone(), "given"),
+    // Devices' URL, the bridge's, and the embedded broker (see `telemetry_embedded::mqtt`: the
+    // bridge reaches it directly, devices only while the bridge is subscribed).
+    let (mqtt_url, bridge_mqtt_url, mut embedded_mqtt, mqtt_kind) = match &args.mqtt_url {
+        Some(url) => (url.clone(), url.clone(), None, "given"),
         None => {
             let address = std::net::SocketAddr::from(([127, 0, 0, 1], ports.mqtt));
             // The broker takes packets as large as the bridge reads whole: one setting.
-            let limits: telemetry_bridge::BridgeLimits = parse(&[])?;
-            telemetry_embedded::mqtt::start(address, limits.mqtt_max_packet_bytes).await?;
-            (format!("mqtt://{address}"), "embedded rumqttd")
+            let limits: telemetry_bridge::BridgeLimits = parse()?;
+            let mqtt =
+                telemetry_embedded::mqtt::start(address, limits.mqtt_max_packet_bytes).await?;
+            (
+                format!("mqtt://{}", mqtt.device_address()),
+                format!("mqtt://{}", mqtt.broker_address()),
+                Some(mqtt),
+                "embedded rumqttd",
+            )
         }
     };
     let (mut kafka, kafka_brokers, kafka_kind) = match &args.kafka_brokers {
@@ -127,11 +145,16 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         &ports,
         Endpoints {
             mqtt_url: &mqtt_url,
+            bridge_mqtt_url: &bridge_mqtt_url,
             kafka_brokers: &kafka_brokers,
             store_url: &store_url,
+            data_dir: &data_dir,
         },
         summary,
-        &mut kafka,
+        Infrastructure {
+            kafka: &mut kafka,
+            mqtt: &mut embedded_mqtt,
+        },
         &shutdown,
     )
     .await;
@@ -140,6 +163,21 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         stop_kafka(kafka).await;
     }
     result
+}
+
+/// The alert rules file `up` gives the alerter: `configured` (TELEMETRY_ALERT_RULES, default
+/// `config/alerts.toml`) when it exists, otherwise `<data_dir>/alerts.toml`, written from the
+/// shipped example the first time, for the user to edit.
+fn alert_rules(configured: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    if configured.is_file() {
+        return Ok(configured.to_path_buf());
+    }
+    let own = data_dir.join("alerts.toml");
+    if !own.exists() {
+        std::fs::write(&own, DEFAULT_ALERT_RULES)
+            .with_context(|| format!("cannot write the alert rules {}", own.display()))?;
+    }
+    Ok(own)
 }
 
 /// Holds an exclusive lock on `<data_dir>/up.lock` while `up` runs (released when the process
@@ -297,9 +335,20 @@ impl Running {
 
 /// Where the services find the infrastructure.
 struct Endpoints<'a> {
+    /// Where devices (the simulator) connect.
     mqtt_url: &'a str,
+    /// Where the bridge connects.
+    bridge_mqtt_url: &'a str,
     kafka_brokers: &'a str,
     store_url: &'a str,
+    /// The data directory (for the alert rules when none are given).
+    data_dir: &'a Path,
+}
+
+/// The embedded pieces `up` started (`None`: a real one was given).
+struct Infrastructure<'a> {
+    kafka: &'a mut Option<Kafka>,
+    mqtt: &'a mut Option<telemetry_embedded::mqtt::EmbeddedMqtt>,
 }
 
 async fn run_services(
@@ -307,20 +356,21 @@ async fn run_services(
     ports: &Ports,
     endpoints: Endpoints<'_>,
     summary: String,
-    kafka: &mut Option<Kafka>,
+    infrastructure: Infrastructure<'_>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let Infrastructure { kafka, mqtt } = infrastructure;
     let Endpoints {
         mqtt_url,
+        bridge_mqtt_url,
         kafka_brokers,
         store_url,
+        data_dir,
     } = endpoints;
-    let kafka_args = |extra: &[String]| -> Vec<String> {
-        let mut all = vec![String::from("--kafka-brokers"), kafka_brokers.to_string()];
-        all.extend_from_slice(extra);
-        all
-    };
-    let kafka_config: telemetry_kafka::KafkaConfig = parse(&kafka_args(&[]))?;
+    // Each service's settings as its own subcommand reads them (the environment, the
+    // configuration file), then what `up` decides set on the typed fields.
+    let mut kafka_config: telemetry_kafka::KafkaConfig = parse()?;
+    kafka_config.brokers = kafka_brokers.to_string();
     // Our topics are made before anything produces: a Kafka-protocol broker that auto-creates
     // topics (nisshi does, with 4 partitions) must not make them on first use.
     let names = [
@@ -335,36 +385,38 @@ async fn run_services(
         () = shutdown.cancelled() => return Ok(()),
     }
 
-    let bridge_address = format!("127.0.0.1:{}", ports.bridge);
-    let bridge: telemetry_bridge::BridgeConfig = parse(&kafka_args(&[
-        "--mqtt-url".into(),
-        mqtt_url.into(),
-        "--bridge-listen".into(),
-        bridge_address.clone(),
-        // The dashboard's page comes from the API's address.
-        "--ws-allowed-origins".into(),
-        format!(
-            "http://127.0.0.1:{api},http://localhost:{api}",
-            api = ports.api
-        ),
-    ]))?;
-    let audit: telemetry_audit::AuditConfig = parse(&kafka_args(&[
-        "--mysql-url".into(),
-        store_url.into(),
-        "--group-id".into(),
-        GROUP_ID.into(),
-        "--audit-listen".into(),
-        format!("127.0.0.1:{}", ports.audit),
-    ]))?;
-    let api: telemetry_api::ApiConfig = parse(&[
-        "--mysql-url".into(),
-        store_url.into(),
-        "--api-listen".into(),
-        format!("127.0.0.1:{}", ports.api),
-        "--live-url".into(),
-        format!("ws://{bridge_address}/ws"),
-    ])?;
-    let simulate: Option<telemetry_simulator::SimulateConfig> = match args.simulate {
+    let local = |port: u16| format!("127.0.0.1:{port}");
+    let bridge_address = local(ports.bridge);
+    let mut bridge: telemetry_bridge::BridgeConfig = parse()?;
+    bridge.kafka = kafka_config.clone();
+    bridge.mqtt.mqtt_url = bridge_mqtt_url.to_string();
+    bridge.listen = bridge_address.clone();
+    // The dashboard's page comes from the API's address.
+    bridge.ws_allowed_origins = vec![
+        format!("http://127.0.0.1:{}", ports.api),
+        format!("http://localhost:{}", ports.api),
+    ];
+    let mut audit: telemetry_audit::AuditConfig = parse()?;
+    audit.kafka = kafka_config.clone();
+    audit.mysql_url = store_url.to_string();
+    audit.group_id = GROUP_ID.to_string();
+    audit.listen = local(ports.audit);
+    let mut rollup: telemetry_rollup::RollupConfig = parse()?;
+    rollup.kafka = kafka_config.clone();
+    rollup.mysql_url = store_url.to_string();
+    rollup.group_id = ROLLUP_GROUP_ID.to_string();
+    rollup.listen = local(ports.rollup);
+    let mut alert: telemetry_alert::AlertConfig = parse()?;
+    alert.kafka = kafka_config.clone();
+    alert.mysql_url = store_url.to_string();
+    alert.group_id = ALERT_GROUP_ID.to_string();
+    alert.listen = local(ports.alert);
+    alert.rules = alert_rules(&alert.rules, data_dir)?;
+    let mut api: telemetry_api::ApiConfig = parse()?;
+    api.mysql_url = Some(store_url.to_string());
+    api.listen = local(ports.api);
+    api.live_url = Some(format!("ws://{bridge_address}/ws"));
+    let simulate = match args.simulate {
         0 => None,
         devices => {
             let rate = args.simulate_rate.unwrap_or(f64::from(devices));
@@ -372,16 +424,12 @@ async fn run_services(
                 rate.is_finite() && rate > 0.0,
                 "--simulate-rate must be a positive number of messages per second"
             );
-            Some(parse(&[
-                "--mqtt-url".into(),
-                mqtt_url.into(),
-                "--devices".into(),
-                devices.to_string(),
-                "--rate".into(),
-                rate.to_string(),
-                "--client-id".into(),
-                String::from("telemetry-up-simulator"),
-            ])?)
+            let mut simulate: telemetry_simulator::SimulateConfig = parse()?;
+            simulate.mqtt.mqtt_url = mqtt_url.to_string();
+            simulate.devices = devices;
+            simulate.rate = rate;
+            simulate.client_id = String::from("telemetry-up-simulator");
+            Some(simulate)
         }
     };
     let api = telemetry_api::Api::bind(api).await?;
@@ -392,23 +440,38 @@ async fn run_services(
     let bridge = Running::spawn("bridge", Drain::Received, |stop| async move {
         Ok(telemetry_bridge::run(bridge, stop).await?)
     });
+    let rollup = Running::spawn("rollup service", Drain::Nothing, |stop| async move {
+        Ok(telemetry_rollup::run(rollup, stop).await?)
+    });
+    let alert = Running::spawn("alerter", Drain::Nothing, |stop| async move {
+        Ok(telemetry_alert::run(alert, stop).await?)
+    });
     let api = Running::spawn("API", Drain::Nothing, |stop| async move {
         Ok(api.run(stop).await?)
     });
     // In stopping order.
-    let mut services = vec![bridge, audit, api];
+    let mut services = vec![bridge, audit, rollup, alert, api];
 
     // Devices start once the bridge has subscribed: the embedded broker keeps no session from an
     // earlier run, so it drops what is published before that, as any MQTT broker does with
     // messages nobody subscribed to.
     let mut ended = None;
-    for (port, name) in [(ports.bridge, "bridge"), (ports.audit, "audit service")] {
+    for (port, name) in [
+        (ports.bridge, "bridge"),
+        (ports.audit, "audit service"),
+        (ports.rollup, "rollup service"),
+        (ports.alert, "alerter"),
+    ] {
         ended = wait_ready(port, name, &services, kafka, shutdown).await;
         if ended.is_some() {
             break;
         }
     }
     if ended.is_none() {
+        // The bridge is subscribed: devices may publish.
+        if let Some(mqtt) = mqtt.as_mut() {
+            mqtt.open_to_devices();
+        }
         if let Some(simulate) = simulate {
             services.insert(
                 0,
@@ -438,9 +501,17 @@ async fn run_services(
     };
 
     // In order: no new messages; the bridge hands what it holds to Kafka; the audit service
-    // writes what it read; then the API (see `Drain`).
+    // writes what it read; the rollup and the alerter (what they have not read stays in Kafka,
+    // after the offsets they committed with their writes); then the API (see `Drain`).
     let mut errors = Vec::new();
     for service in services {
+        if matches!(service.drain, Drain::Received) {
+            // Once the bridge stops, nothing would read what the embedded broker acknowledges:
+            // devices are shut out first (they send again to the next `up`).
+            if let Some(mqtt) = mqtt.as_mut() {
+                mqtt.close_to_devices();
+            }
+        }
         if failure.is_none() {
             service.drain.wait().await;
         }
@@ -595,16 +666,15 @@ fn counter(text: &str, name: &str, service: &str) -> f64 {
     telemetry_ops::metric_sum(text, name, &[&format!("service=\"{service}\"")]).unwrap_or(0.0)
 }
 
-/// A service's settings from flags, over the environment and the configuration file, as the
-/// service's own subcommand reads them.
-fn parse<T: clap::Args>(flags: &[String]) -> anyhow::Result<T> {
+/// A service's settings as its own subcommand reads them with no flags: from the environment and
+/// the configuration file, over the defaults. `up` then sets what it decides on the typed fields.
+fn parse<T: clap::Args>() -> anyhow::Result<T> {
     #[derive(Parser)]
     struct Flags<T: clap::Args> {
         #[command(flatten)]
         inner: T,
     }
-    let argv = std::iter::once(String::from("telemetry-up")).chain(flags.iter().cloned());
-    Ok(Flags::<T>::try_parse_from(argv)
+    Ok(Flags::<T>::try_parse_from(["telemetry-up"])
         .context("a setting from the environment or the configuration file is not valid")?
         .inner)
 }

@@ -74,11 +74,11 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
         &tokens,
         format!(
             "[[token]]\nname = \"dashboard\"\nsha256 = \"{}\"\ndevices = [\"pico-*\"]\n",
-            telemetry_ops::auth::token_digest(&token)
+            telemetry_auth::token_digest(&token)
         ),
     )
     .unwrap();
-    let auth = telemetry_ops::auth::AuthConfig {
+    let auth = telemetry_auth::AuthConfig {
         auth_tokens: Some(tokens.clone()),
         allow_unauthenticated: false,
     };

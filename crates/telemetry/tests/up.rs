@@ -15,11 +15,11 @@ use telemetry_testkit::{eventually, http_get};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// A base with its five ports free.
+/// A base with its seven ports free.
 fn free_base() -> u16 {
     loop {
         let base = telemetry_testkit::free_port();
-        let free = (0..5).all(|offset| {
+        let free = (0..7).all(|offset| {
             base.checked_add(offset)
                 .is_some_and(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
         });
@@ -139,6 +139,10 @@ async fn up_runs_the_pipeline_stops_on_ctrl_c_and_resumes_without_duplicates() {
     })
     .await;
     assert!(devices, "the five simulated devices are listed by the API");
+    assert!(
+        data_dir.join("alerts.toml").is_file(),
+        "with no rules file given, the alerter's rules are written to the data directory"
+    );
     // A second `up` over the same data directory is refused while this one runs.
     let second = up(free_base(), &data_dir, 0)
         .stderr(Stdio::piped())
@@ -239,6 +243,198 @@ async fn up_runs_the_pipeline_stops_on_ctrl_c_and_resumes_without_duplicates() {
     );
     interrupt(child).await;
     assert_eq!(rows(&data_dir).await, first_rows + 3);
+}
+
+/// A device publishing one QoS 1 message at a time (the next after the broker's PUBACK) until
+/// `stop`, on a fresh connection after every failure; returns the seqs acknowledged.
+async fn steady_device(
+    base: u16,
+    device: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<u64> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut acknowledged = Vec::new();
+    let mut seq = 0_u64;
+    while !stop.is_cancelled() {
+        let mut options = MqttOptions::new(format!("{device}-client"), "127.0.0.1", base);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        'connection: loop {
+            seq += 1;
+            let payload = format!(
+                r#"{{"device_id":"{device}","device_ts":{},"seq":{seq},"temperature_c":20.5}}"#,
+                chrono::Utc::now().timestamp_millis()
+            );
+            if client
+                .publish(
+                    format!("devices/{device}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
+                break 'connection;
+            }
+            loop {
+                let polled = tokio::select! {
+                    () = stop.cancelled() => return acknowledged,
+                    polled = tokio::time::timeout(Duration::from_secs(5), eventloop.poll()) => polled,
+                };
+                match polled {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                        acknowledged.push(seq);
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
+                    // Refused, closed or silent: this message may or may not have arrived.
+                    Ok(Err(_)) | Err(_) => break 'connection,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    acknowledged
+}
+
+/// The seqs of the device's rows in the SQLite store.
+async fn stored_seqs(data_dir: &Path, device: &str) -> std::collections::BTreeSet<u64> {
+    let database = libsql::Builder::new_local(data_dir.join("telemetry.db"))
+        .build()
+        .await
+        .unwrap();
+    let connection = database.connect().unwrap();
+    let mut rows = connection
+        .query("SELECT seq FROM telemetry WHERE device_id = ?1", [device])
+        .await
+        .unwrap();
+    let mut seqs = std::collections::BTreeSet::new();
+    while let Some(row) = rows.next().await.unwrap() {
+        seqs.insert(u64::try_from(row.get::<i64>(0).unwrap()).unwrap());
+    }
+    seqs
+}
+
+/// The embedded broker acknowledges no message it would lose: a device publishing while `up`
+/// starts (before the bridge has subscribed) and while it stops (after the bridge is gone) finds
+/// every acknowledged message in the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_broker_loses_no_acknowledged_message_at_start_or_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let base = free_base();
+    let stop = tokio_util::sync::CancellationToken::new();
+    // The device is there before `up`: it connects as soon as the port takes connections.
+    let device = tokio::spawn(steady_device(base, "steady-1", stop.clone()));
+    let child = start(base, &data_dir, 0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Ctrl-C while the device keeps publishing; then it stops trying.
+    interrupt(child).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let acknowledged = device.await.unwrap();
+    assert!(
+        acknowledged.len() > 10,
+        "the device published: {acknowledged:?}"
+    );
+    let stored = stored_seqs(&data_dir, "steady-1").await;
+    let lost: Vec<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|seq| !stored.contains(seq))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged by the embedded broker but not stored: {lost:?} (of {} acknowledged)",
+        acknowledged.len()
+    );
+}
+
+/// The rollup and the alerter run under `up` too, on the SQLite store: a hot device's alert is
+/// listed by the API, and its events are in the minute rollups.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_runs_the_rollup_and_the_alerter_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rules]]\nname = \"hot\"\nwhen = \"temperature_c > 30\"\nseverity = \"critical\"\n",
+    )
+    .unwrap();
+    let base = free_base();
+    let mut command = up(base, &data_dir, 0);
+    command.env("TELEMETRY_ALERT_RULES", &rules);
+    let (child, _) = start_command(command, base).await;
+
+    // A device keeps sending hot readings, as a real one would: the alerter starts at the end of
+    // its topics on its first start, so the first readings may come before that.
+    let mqtt_url = format!("mqtt://127.0.0.1:{base}");
+    let mut sent = 0_u64;
+    let fired = eventually(Duration::from_secs(90), || {
+        sent += 1;
+        let payload = format!(
+            r#"{{"device_id":"hot-1","device_ts":{},"seq":{sent},"temperature_c":45.5}}"#,
+            chrono::Utc::now().timestamp_millis()
+        );
+        let mqtt_url = mqtt_url.clone();
+        async move {
+            telemetry_testkit::publish_qos1_to(
+                &mqtt_url,
+                "up-test-hot",
+                &[("devices/hot-1/telemetry".into(), payload.into_bytes())],
+                None,
+                &AtomicUsize::new(0),
+            )
+            .await;
+            get(base, 2, "/api/alerts?device=hot-1")
+                .await
+                .is_some_and(|body| body.to_string().contains("hot:hot-1"))
+        }
+    })
+    .await;
+    assert!(fired, "the alert of the hot device is listed by the API");
+    let url = format!("sqlite://{}", data_dir.join("telemetry.db").display());
+    let rolled_up = eventually(Duration::from_secs(30), || async {
+        let store = telemetry_store::open_reader(&url, 1).await.unwrap();
+        let rows = store
+            .rollup_rows(telemetry_store::Resolution::Minute, &["hot-1"])
+            .await
+            .unwrap();
+        let samples: u64 = rows
+            .iter()
+            .filter(|row| row.metric == "temperature_c")
+            .map(|row| u64::from(row.aggregate.samples))
+            .sum();
+        samples > 0 && samples == rows_of(&url, "hot-1").await
+    })
+    .await;
+    assert!(
+        rolled_up,
+        "every stored event of the device is in the minute rollups"
+    );
+    interrupt(child).await;
+}
+
+/// The device's rows in the live table.
+async fn rows_of(url: &str, device: &str) -> u64 {
+    let store = telemetry_store::open_reader(url, 1).await.unwrap();
+    store
+        .devices(
+            chrono::Utc::now(),
+            &telemetry_store::DevicePage {
+                after: None,
+                scope: &telemetry_core::DeviceScope::All,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap()
+        .iter()
+        .find(|summary| summary.device_id == device)
+        .map_or(0, |summary| summary.events_last_hour)
 }
 
 #[tokio::test(flavor = "multi_thread")]

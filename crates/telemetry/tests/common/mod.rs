@@ -71,7 +71,7 @@ pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
 pub fn api_config(
     id: &str,
     listen: &str,
-    auth: telemetry_ops::auth::AuthConfig,
+    auth: telemetry_auth::AuthConfig,
 ) -> telemetry_api::ApiConfig {
     telemetry_api::ApiConfig {
         mysql_url: Some(telemetry_testkit::database_url_as(

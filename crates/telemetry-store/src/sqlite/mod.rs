@@ -30,68 +30,33 @@ use crate::dead_letters::{
     cut, MAX_INDEXED_PAYLOAD_BYTES, MAX_MESSAGE_CHARS, MAX_TEXT_COLUMN_CHARS,
 };
 use crate::{
-    AlertEntry, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary, Error,
-    NewDeadLetter, Resolution, Result, RollupCoverage, Seen, SeriesQuery, Sightings, Table,
-    TelemetryStore,
+    AlertEntry, AlertOffset, AlertStateRow, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage,
+    DeviceSummary, Error, NewAlert, NewDeadLetter, OutboxEntry, Resolution, Result, RollupCoverage,
+    RollupOutcome, RollupRow, Seen, SeriesQuery, Sightings, Table, TelemetryStore,
 };
+use telemetry_core::Event;
 
-/// The schema, applied at every open (each statement is idempotent); `user_version` records it,
-/// so a later release can tell what it migrates from.
-const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA user_version = 1;
-CREATE TABLE IF NOT EXISTS telemetry (
-    device_id TEXT NOT NULL,
-    device_ts INTEGER NOT NULL,
-    seq INTEGER NULL,
-    seq_key INTEGER NOT NULL CHECK (seq_key = IFNULL(seq, -1)),
-    received_at INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    schema_version INTEGER NOT NULL DEFAULT 0,
-    attributes TEXT NULL,
-    quality TEXT NULL,
-    source_topic TEXT NOT NULL,
-    source_partition INTEGER NOT NULL,
-    source_offset INTEGER NOT NULL,
-    written_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
-    PRIMARY KEY (device_id, device_ts, seq_key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT NOT NULL PRIMARY KEY,
-    first_seen INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    last_accepted INTEGER NULL,
-    last_rejected INTEGER NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS device_minutes (
-    device_id TEXT NOT NULL,
-    minute INTEGER NOT NULL,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device_id, minute)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS device_minutes_by_minute ON device_minutes (minute);
-CREATE TABLE IF NOT EXISTS dlq_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source_topic TEXT NOT NULL,
-    source_partition INTEGER NOT NULL,
-    source_offset INTEGER NOT NULL,
-    device_id TEXT NULL,
-    received_at INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    message TEXT NOT NULL,
-    field TEXT NULL,
-    rule TEXT NULL,
-    contract_version INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    payload_bytes INTEGER NOT NULL,
-    indexed_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
-    UNIQUE (source_topic, source_partition, source_offset)
-);
-CREATE INDEX IF NOT EXISTS dlq_events_recent ON dlq_events (received_at);
-CREATE INDEX IF NOT EXISTS dlq_events_by_device ON dlq_events (device_id, id);
-CREATE INDEX IF NOT EXISTS dlq_events_by_code ON dlq_events (code, id);
-";
+mod alerts;
+mod rollups;
+
+/// The schema's versions, oldest first: `migrations/sqlite/NNNN_*.sql`, embedded. A database's
+/// `user_version` is the number of the last one applied; opening applies the newer ones, each in
+/// the transaction that moves `user_version` on (SQLite's DDL is transactional), so a database is
+/// at one version or the next, never between. A file at a version this build does not know (made
+/// by a newer release) is refused, not touched.
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        include_str!("../../migrations/sqlite/0001_telemetry.sql"),
+    ),
+    (2, include_str!("../../migrations/sqlite/0002_rollups.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_alerts.sql")),
+];
+
+/// The schema version this build writes: the last migration's.
+pub fn schema_version() -> u32 {
+    MIGRATIONS.last().map_or(0, |(version, _)| *version)
+}
 
 /// Most rows one pruning statement deletes.
 const PRUNE_BATCH: i64 = 10_000;
@@ -151,9 +116,10 @@ impl SqliteStore {
         };
         let writer = connect()?;
         writer
-            .execute_batch(SCHEMA)
+            .execute_batch("PRAGMA journal_mode = WAL;")
             .await
             .map_err(|error| sqlite_error(&path, error))?;
+        migrate(&writer, &path).await?;
         // Durable at commit, also through a power loss: the audit service moves its Kafka offsets
         // only past batches the store has committed.
         writer
@@ -419,6 +385,52 @@ fn optional_text(value: Option<&str>) -> Value {
 
 fn optional_integer(value: Option<i64>) -> Value {
     value.map_or(Value::Null, Value::Integer)
+}
+
+/// Brings the database's schema to [`schema_version`]: the migrations after its `user_version`,
+/// in one IMMEDIATE transaction (a second process opening the same file at the same moment waits
+/// for it, then finds nothing left to do).
+async fn migrate(connection: &libsql::Connection, path: &Path) -> Result<()> {
+    let transaction = connection
+        .transaction_with_behavior(libsql::TransactionBehavior::Immediate)
+        .await
+        .map_err(|error| sqlite_error(path, error))?;
+    let found = read_all(&transaction, "PRAGMA user_version", Vec::new()).await?;
+    let version = match found.first() {
+        Some(row) => integer(row, 0)?,
+        None => 0,
+    };
+    let latest = i64::from(schema_version());
+    if version > latest {
+        return Err(Error::Sqlite(format!(
+            "{} has schema version {version}, made by a newer release; this one knows versions up \
+             to {latest} and leaves the file as it is",
+            path.display()
+        )));
+    }
+    for (number, sql) in MIGRATIONS {
+        if i64::from(*number) <= version {
+            continue;
+        }
+        transaction.execute_batch(sql).await.map_err(|error| {
+            Error::Sqlite(format!(
+                "{}: schema migration {number} failed: {error}",
+                path.display()
+            ))
+        })?;
+    }
+    if version < latest {
+        // PRAGMA takes no parameters; `latest` is this build's constant.
+        transaction
+            .execute_batch(&format!("PRAGMA user_version = {latest};"))
+            .await
+            .map_err(|error| sqlite_error(path, error))?;
+        tracing::info!(path = %path.display(), from = version, to = latest, "SQLite schema migrated");
+    }
+    transaction
+        .commit()
+        .await
+        .map_err(|error| sqlite_error(path, error))
 }
 
 /// One row of a result, copied out.
@@ -932,29 +944,88 @@ impl TelemetryStore for SqliteStore {
             .await
     }
 
-    async fn rollup_coverage(&self, _device_id: &str) -> Result<Option<RollupCoverage>> {
-        Ok(None)
+    async fn rollup_coverage(&self, device_id: &str) -> Result<Option<RollupCoverage>> {
+        self.coverage(device_id).await
     }
 
     async fn rollup_series(
         &self,
-        _resolution: Resolution,
-        _device_id: &str,
-        _metric: &str,
-        _from: DateTime<Utc>,
-        _to: DateTime<Utc>,
-        _bucket_ms: i64,
+        resolution: Resolution,
+        device_id: &str,
+        metric: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        bucket_ms: i64,
     ) -> Result<Vec<Bucket>> {
-        Ok(Vec::new())
+        self.rolled_up_series(resolution, device_id, metric, from, to, bucket_ms)
+            .await
     }
 
     async fn recent_alerts(
         &self,
-        _device_id: Option<&str>,
-        _scope: &telemetry_core::DeviceScope,
-        _firing_only: bool,
-        _limit: u32,
+        device_id: Option<&str>,
+        scope: &telemetry_core::DeviceScope,
+        firing_only: bool,
+        limit: u32,
     ) -> Result<Vec<AlertEntry>> {
-        Ok(Vec::new())
+        self.latest_alerts(device_id, scope, firing_only, limit)
+            .await
+    }
+
+    async fn roll_up(&self, events: &[Event], late_window_ms: i64) -> Result<RollupOutcome> {
+        self.fold(events, late_window_ms).await
+    }
+
+    async fn rollup_rows(
+        &self,
+        resolution: Resolution,
+        devices: &[&str],
+    ) -> Result<Vec<RollupRow>> {
+        self.rows_of(resolution, devices).await
+    }
+
+    async fn alert_states(&self) -> Result<Vec<AlertStateRow>> {
+        self.stored_alert_states().await
+    }
+
+    async fn alert_offsets(&self, group_id: &str) -> Result<Vec<AlertOffset>> {
+        self.stored_alert_offsets(group_id).await
+    }
+
+    async fn save_alerts(
+        &self,
+        group_id: &str,
+        offsets: &[AlertOffset],
+        states: &[(&str, &str, Option<&str>)],
+        alerts: &[NewAlert<'_>],
+        webhook: bool,
+    ) -> Result<()> {
+        self.store_alerts(group_id, offsets, states, alerts, webhook)
+            .await
+    }
+
+    async fn unproduced_alerts(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.outbox("produced = 0", limit).await
+    }
+
+    async fn mark_alerts_produced(&self, ids: &[u64]) -> Result<()> {
+        self.alerts_produced(ids).await
+    }
+
+    async fn webhook_queue(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.outbox("webhook = 0", limit).await
+    }
+
+    async fn webhook_attempted(
+        &self,
+        id: u64,
+        delivered: bool,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        self.webhook_attempt(id, delivered, retry_at).await
+    }
+
+    async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.prune_outbox(before).await
     }
 }
