@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use sqlx::Row;
 use telemetry_kafka::KafkaConfig;
-use telemetry_store::Store;
+use telemetry_store::{Store, TelemetryStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -146,10 +145,7 @@ impl<'a> Part<'a> {
             &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
         )
         .await;
-        if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
-            .execute(self.store.pool())
-            .await
-        {
+        if let Err(error) = self.store.drop_database().await {
             tracing::warn!(%error, "Could not drop the bench database.");
         }
     }
@@ -242,15 +238,15 @@ async fn measure(
             .await
             .is_none_or(|decided| decided >= (published.valid + published.malformed) as f64);
         if maybe_done {
-            let rows = count(store, "SELECT COUNT(*) FROM telemetry").await?;
-            let dead = count(store, "SELECT COUNT(*) FROM dlq_events").await?;
+            let rows = store.count_events().await?;
+            let dead = store.count_dead_letters().await?;
             if rows >= published.valid && dead >= published.malformed {
                 break;
             }
         }
         if Instant::now() > deadline || shutdown.is_cancelled() {
-            let rows = count(store, "SELECT COUNT(*) FROM telemetry").await?;
-            let dead = count(store, "SELECT COUNT(*) FROM dlq_events").await?;
+            let rows = store.count_events().await?;
+            let dead = store.count_dead_letters().await?;
             tracing::warn!(rows, dead, "The pipeline did not drain in time.");
             break;
         }
@@ -295,26 +291,11 @@ async fn measure(
         }
     }
 
-    let rows = count(store, "SELECT COUNT(*) FROM telemetry").await?;
-    let distinct = count(
-        store,
-        "SELECT COUNT(DISTINCT device_id, seq) FROM telemetry",
-    )
-    .await?;
-    let dead_letters = count(store, "SELECT COUNT(*) FROM dlq_events").await?;
-    let last_written_ms: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(UNIX_TIMESTAMP(MAX(written_at)), 0) * 1000 AS SIGNED) FROM telemetry",
-    )
-    .fetch_one(store.pool())
-    .await?;
-    let row_latencies: Vec<i64> = sqlx::query(
-        "SELECT TIMESTAMPDIFF(MICROSECOND, device_ts, written_at) AS micros FROM telemetry",
-    )
-    .fetch_all(store.pool())
-    .await?
-    .iter()
-    .filter_map(|row| row.try_get::<i64, _>("micros").ok())
-    .collect();
+    let written = store.written_rows().await?;
+    let (rows, distinct) = (written.rows, written.distinct_device_seq);
+    let dead_letters = store.count_dead_letters().await?;
+    let last_written_ms = written.last_written_us / 1_000;
+    let row_latencies = store.write_delays_micros().await?;
     let span = Duration::from_millis(
         u64::try_from(last_written_ms - published.first_publish_ms).unwrap_or(0),
     );
@@ -480,11 +461,6 @@ async fn read_frames(
         }
     }
     (frames, latencies)
-}
-
-async fn count(store: &Store, sql: &str) -> Result<u64> {
-    let value: i64 = sqlx::query_scalar(sql).fetch_one(store.pool()).await?;
-    Ok(u64::try_from(value).unwrap_or(0))
 }
 
 /// Starts `telemetry <name>` with the run's settings (and none of the caller's `TELEMETRY_*`
@@ -685,13 +661,9 @@ async fn stage_by_stage(
         tokio::time::sleep(PROGRESS_INTERVAL).await;
     }
     stop(&mut audit).await;
-    let rows = count(&part.store, "SELECT COUNT(*) FROM telemetry").await?;
-    let span_ms: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(written_at), MAX(written_at)), 0) \
-         / 1000 AS SIGNED) FROM telemetry",
-    )
-    .fetch_one(part.store.pool())
-    .await?;
+    let written = part.store.written_rows().await?;
+    let rows = written.rows;
+    let span_ms = (written.last_written_us - written.first_written_us) / 1_000;
     Ok(crate::StagesAlone {
         messages,
         bridge_per_second: bridge_seconds

@@ -93,8 +93,15 @@ mod tests {
 
     #[test]
     fn a_taken_port_is_named_with_its_role_and_the_flag() {
-        let holder = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = holder.local_addr().unwrap().port() - 2;
+        // A taken port whose two ports below are free (another process may hold any port).
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let (_holder, base) = loop {
+            let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = holder.local_addr().unwrap().port() - 2;
+            if free(base) && free(base + 1) {
+                break (holder, base);
+            }
+        };
         let ports = Ports::from_base(base).unwrap();
         let error = ports.check_free(&[]).unwrap_err();
         assert_eq!(error.port, base + 2);

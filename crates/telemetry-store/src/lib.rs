@@ -396,8 +396,9 @@ impl Store {
         Ok(())
     }
 
-    /// The underlying pool, for callers that need a query this crate does not offer yet.
-    pub fn pool(&self) -> &MySqlPool {
+    /// The underlying pool: for this crate's queries only (services and tools go through the
+    /// store's methods).
+    pub(crate) fn pool(&self) -> &MySqlPool {
         &self.pool
     }
 
@@ -567,6 +568,66 @@ async fn limit_statement_time(
             }
         }
         Err(error) => Err(error),
+    }
+}
+
+/// What the live table holds, as a tool that checks a run reads it (`telemetry bench`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenRows {
+    /// Rows.
+    pub rows: u64,
+    /// Distinct (device, seq) pairs among them: fewer than `rows` when one message was stored
+    /// twice (under two device times).
+    pub distinct_device_seq: u64,
+    /// When the first row was written, UTC microseconds; 0 when there is none.
+    pub first_written_us: i64,
+    /// When the last row was written, UTC microseconds; 0 when there is none.
+    pub last_written_us: i64,
+}
+
+impl Store {
+    /// Counts the live table's rows and when they were written.
+    pub async fn written_rows(&self) -> Result<WrittenRows> {
+        let (rows, distinct, first, last): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT device_id, seq), \
+                    CAST(COALESCE(UNIX_TIMESTAMP(MIN(written_at)), 0) * 1000000 AS SIGNED), \
+                    CAST(COALESCE(UNIX_TIMESTAMP(MAX(written_at)), 0) * 1000000 AS SIGNED) \
+             FROM telemetry",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(WrittenRows {
+            rows: u64::try_from(rows).unwrap_or(0),
+            distinct_device_seq: u64::try_from(distinct).unwrap_or(0),
+            first_written_us: first,
+            last_written_us: last,
+        })
+    }
+
+    /// Each row's delay from its device time to its writing, in microseconds, in no order.
+    pub async fn write_delays_micros(&self) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, device_ts, written_at) FROM telemetry",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Drops the database this store is connected to: for a tool that made one of its own for a
+    /// run (`telemetry bench`, its `bench_` databases).
+    pub async fn drop_database(&self) -> Result<()> {
+        let name: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(&self.pool)
+            .await?;
+        if let Some(name) = name {
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS `{}`",
+                name.replace('`', "``")
+            ))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
     }
 }
 

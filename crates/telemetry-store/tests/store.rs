@@ -41,28 +41,25 @@ fn rejected(offset: i64, device_id: Option<&str>, received_at: i64) -> NewDeadLe
     }
 }
 
-/// A store on a database of the test's own, migrated.
-async fn fresh_store(name: &str) -> Store {
-    let store = Store::connect(
-        &telemetry_testkit::database_url(&telemetry_testkit::unique(name)),
-        2,
-    )
-    .await
-    .unwrap();
+/// A store on a database of the test's own, migrated, and the test's own connections to it
+/// (to read the tables as an operator would).
+async fn fresh_store(name: &str) -> (Store, sqlx::MySqlPool) {
+    let url = telemetry_testkit::database_url(&telemetry_testkit::unique(name));
+    let store = Store::connect(&url, 2).await.unwrap();
     store.migrate().await.unwrap();
-    store
+    (store, sqlx::MySqlPool::connect(&url).await.unwrap())
 }
 
-async fn rows(store: &Store) -> i64 {
+async fn rows(pool: &sqlx::MySqlPool) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
-        .fetch_one(store.pool())
+        .fetch_one(pool)
         .await
         .unwrap()
 }
 
 #[tokio::test]
 async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
-    let store = fresh_store("store").await;
+    let (store, pool) = fresh_store("store").await;
     let now = chrono::Utc::now().timestamp_millis();
     let (a, b, c) = (
         record("d1", now, 1),
@@ -76,7 +73,7 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
         .await
         .unwrap();
     store.insert_events(&[a, b, c]).await.unwrap();
-    assert_eq!(rows(&store).await, 3);
+    assert_eq!(rows(&pool).await, 3);
 
     let letter = |offset| rejected(offset, Some("d1"), now);
     store.insert_dead_letters(&[letter(10)]).await.unwrap();
@@ -121,7 +118,7 @@ async fn overlapping_and_repeated_events_are_stored_and_counted_once() {
 #[tokio::test]
 async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
     use telemetry_core::{DevicePattern, DeviceScope};
-    let store = fresh_store("scope").await;
+    let (store, _pool) = fresh_store("scope").await;
     let now = chrono::Utc::now().timestamp_millis();
     let devices = ["a_b-1", "axb-1", "a%b-2", "pico-7", "pico-70", "pico-7 "];
     let letters: Vec<NewDeadLetter<'_>> = devices
@@ -185,7 +182,7 @@ async fn a_device_scope_filters_in_sql_with_prefix_wildcards_taken_literally() {
 
 #[tokio::test]
 async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
-    let store = fresh_store("pad").await;
+    let (store, pool) = fresh_store("pad").await;
     let now = chrono::Utc::now().timestamp_millis();
     // `pico-7 ` (from an MQTT topic) and `pico-7`: rejected records of both, and an event of
     // `pico-7` (a validated id has no space).
@@ -202,13 +199,13 @@ async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
         .await
         .unwrap();
     let texts = |sql: &'static str| {
-        let store = store.clone();
+        let pool = pool.clone();
         async move {
             // Binary-collated text decodes as bytes: read through CAST, as the store does. Sorted
             // here: `[pico-7  ]` < `[pico-7 ]` < `[pico-7]`.
             let mut rows: Vec<String> =
                 sqlx::query_scalar(&format!("SELECT CAST(text AS CHAR) FROM ({sql}) AS t"))
-                    .fetch_all(store.pool())
+                    .fetch_all(&pool)
                     .await
                     .unwrap();
             rows.sort();
@@ -232,7 +229,7 @@ async fn a_device_id_with_a_trailing_space_is_a_device_of_its_own() {
     let last_rejected: Vec<(String, Option<chrono::NaiveDateTime>)> = sqlx::query_as(
         "SELECT CAST(device_id AS CHAR), last_accepted FROM devices WHERE device_id = 'pico-7 '",
     )
-    .fetch_all(store.pool())
+    .fetch_all(&pool)
     .await
     .unwrap();
     assert_eq!(

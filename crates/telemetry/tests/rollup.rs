@@ -224,7 +224,7 @@ async fn rollups_agree_with_the_stored_rows_and_replaying_the_topic_gives_the_sa
     let rollup = start(rollup_config(&id, &first_group, &kafka, 600));
 
     let store = Store::connect(&database_url(&id), 2).await.unwrap();
-    let pool = store.pool().clone();
+    let pool = sqlx::MySqlPool::connect(&database_url(&id)).await.unwrap();
     let folded = eventually(WAIT, || async {
         let samples: Option<i64> = sqlx::query_scalar(
             "SELECT CAST(SUM(samples) AS SIGNED) FROM rollup_1m WHERE metric = 'temperature_c'",
