@@ -83,6 +83,9 @@ pub enum Error {
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Where the alerter reads its rules unless told otherwise (`TELEMETRY_ALERT_RULES`).
+pub const DEFAULT_RULES: &str = "config/alerts.toml";
+
 /// Alerter settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AlertConfig {
@@ -91,7 +94,7 @@ pub struct AlertConfig {
     #[arg(
         long,
         env = "TELEMETRY_ALERT_RULES",
-        default_value = "config/alerts.toml"
+        default_value = DEFAULT_RULES
     )]
     pub rules: PathBuf,
 

@@ -30,6 +30,11 @@ pub enum Error {
     NoAnswer(SocketAddr),
 }
 
+/// Most device connections forwarded at once (rumqttd takes 10,010: these and the bridge's).
+/// Each holds two 8 KiB copy buffers, so the forwarding holds at most 160 MiB; the count is the
+/// gauge `embedded_mqtt_device_connections`.
+const MAX_DEVICE_CONNECTIONS: usize = 10_000;
+
 /// The running broker: its own address (the bridge's) and the devices' listener.
 #[derive(Debug)]
 pub struct EmbeddedMqtt {
@@ -59,15 +64,29 @@ impl EmbeddedMqtt {
             return;
         };
         let (broker, closed) = (self.broker, self.closed.clone());
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEVICE_CONNECTIONS));
+        let connections = metrics::gauge!("embedded_mqtt_device_connections", "service" => "up");
         tokio::spawn(async move {
             loop {
+                // At the bound, the next device waits in the listener's queue.
+                let slot = tokio::select! {
+                    () = closed.cancelled() => return,
+                    slot = slots.clone().acquire_owned() => slot,
+                };
+                let Ok(slot) = slot else { return };
                 let accepted = tokio::select! {
                     () = closed.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
                 match accepted {
                     Ok((device, _)) => {
-                        tokio::spawn(forward(device, broker, closed.clone()));
+                        let (closed, connections) = (closed.clone(), connections.clone());
+                        connections.increment(1.0);
+                        tokio::spawn(async move {
+                            forward(device, broker, closed).await;
+                            connections.decrement(1.0);
+                            drop(slot);
+                        });
                     }
                     Err(error) => {
                         tracing::warn!(%error, "The embedded MQTT broker could not accept a connection.");

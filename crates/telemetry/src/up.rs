@@ -165,11 +165,12 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     result
 }
 
-/// The alert rules file `up` gives the alerter: `configured` (TELEMETRY_ALERT_RULES, default
-/// `config/alerts.toml`) when it exists, otherwise `<data_dir>/alerts.toml`, written from the
-/// shipped example the first time, for the user to edit.
+/// The alert rules file `up` gives the alerter: `configured` (TELEMETRY_ALERT_RULES) when the
+/// user named one (a missing one then stops the alerter with its name) or when the default
+/// `config/alerts.toml` exists; otherwise `<data_dir>/alerts.toml`, written from the shipped
+/// example the first time, for the user to edit.
 fn alert_rules(configured: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
-    if configured.is_file() {
+    if configured != Path::new(telemetry_alert::DEFAULT_RULES) || configured.is_file() {
         return Ok(configured.to_path_buf());
     }
     let own = data_dir.join("alerts.toml");

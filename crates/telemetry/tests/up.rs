@@ -456,6 +456,29 @@ async fn a_taken_port_is_named_with_the_flag_that_moves_it() {
     assert!(stderr.contains("--port-base"), "{stderr}");
 }
 
+/// A rules file the user names is used as named: a missing one stops `up` with its path, rather
+/// than `up` quietly starting with other rules.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_rules_file_the_user_named_stops_up_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("my-rules.toml");
+    let mut command = up(free_base(), &dir.path().join("data"), 0);
+    command
+        .env("TELEMETRY_ALERT_RULES", &missing)
+        .stderr(Stdio::piped());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("`up` stops by itself")
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("my-rules.toml"), "{stderr}");
+    assert!(
+        !dir.path().join("data/alerts.toml").exists(),
+        "no rules of its own were written"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn up_runs_against_the_real_services_when_given() {
     let dir = tempfile::tempdir().unwrap();

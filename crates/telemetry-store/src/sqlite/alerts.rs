@@ -79,28 +79,32 @@ impl SqliteStore {
                 )
                 .await?;
         }
+        // A state per device the batch moved: prepared once for the batch.
+        let upsert = transaction
+            .prepare(
+                "INSERT INTO alert_states (rule, device_id, state) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (rule, device_id) DO UPDATE SET state = excluded.state, \
+                   updated_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+            )
+            .await?;
+        let delete = transaction
+            .prepare("DELETE FROM alert_states WHERE rule = ?1 AND device_id = ?2")
+            .await?;
         for (rule, device_id, state) in states {
             match state {
                 Some(state) => {
-                    transaction
-                        .execute(
-                            "INSERT INTO alert_states (rule, device_id, state) VALUES (?1, ?2, ?3) \
-                             ON CONFLICT (rule, device_id) DO UPDATE SET state = excluded.state, \
-                               updated_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)",
-                            vec![text(rule), text(device_id), text(state)],
-                        )
+                    upsert
+                        .execute(vec![text(rule), text(device_id), text(state)])
                         .await?;
+                    upsert.reset();
                 }
                 None => {
-                    transaction
-                        .execute(
-                            "DELETE FROM alert_states WHERE rule = ?1 AND device_id = ?2",
-                            vec![text(rule), text(device_id)],
-                        )
-                        .await?;
+                    delete.execute(vec![text(rule), text(device_id)]).await?;
+                    delete.reset();
                 }
             }
         }
+        drop((upsert, delete));
         let webhook = if webhook {
             WEBHOOK_WAITING
         } else {

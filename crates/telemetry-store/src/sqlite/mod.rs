@@ -215,7 +215,19 @@ async fn read_all(
     sql: &str,
     params: Vec<Value>,
 ) -> Result<Vec<Row>> {
-    let mut rows = connection.query(sql, params).await?;
+    collect(connection.query(sql, params).await?).await
+}
+
+/// Every row of a prepared statement run with `params`, as values; the statement is reset for
+/// its next run.
+async fn read_prepared(statement: &libsql::Statement, params: Vec<Value>) -> Result<Vec<Row>> {
+    let rows = collect(statement.query(params).await?).await;
+    statement.reset();
+    rows
+}
+
+/// The rows of a result, copied out.
+async fn collect(mut rows: libsql::Rows) -> Result<Vec<Row>> {
     let columns = rows.column_count();
     let mut all = Vec::new();
     while let Some(row) = rows.next().await? {

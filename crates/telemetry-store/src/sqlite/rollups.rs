@@ -5,13 +5,13 @@
 //! batch's aggregate ([`Aggregate::merge`]) and written back, inside one IMMEDIATE transaction
 //! (no other writer between the read and the write).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use libsql::Value;
 use telemetry_core::Event;
 
-use super::{integer, read_all, real, string, text, SqliteStore};
+use super::{integer, read_all, read_prepared, real, string, text, SqliteStore};
 use crate::rollups::{bucket_readings, by_device, candidates, decimal, parse_decimal};
 use crate::{
     Aggregate, Bucket, Error, Resolution, Result, RollupCoverage, RollupOutcome, RollupRow, NO_SEQ,
@@ -82,36 +82,68 @@ impl SqliteStore {
             }
         }
         let candidates = candidates(&by_device, &mut coverage, late_window_ms, &mut outcome);
-        let mut fresh = Vec::with_capacity(candidates.len());
-        for event in candidates {
-            let seen = read_all(
-                &transaction,
-                "SELECT 1 FROM rollup_seen WHERE device_id = ?1 AND device_ts = ?2 AND seq_key = ?3",
-                identity(event),
+        // The identities folded before, one range read per device (not one query per event).
+        let mut range: HashMap<&str, (i64, i64)> = HashMap::new();
+        for event in &candidates {
+            range
+                .entry(event.device_id.as_str())
+                .and_modify(|(low, high)| {
+                    *low = (*low).min(event.device_ts);
+                    *high = (*high).max(event.device_ts);
+                })
+                .or_insert((event.device_ts, event.device_ts));
+        }
+        let seen_in_range = transaction
+            .prepare(
+                "SELECT device_ts, seq_key FROM rollup_seen \
+                 WHERE device_id = ?1 AND device_ts BETWEEN ?2 AND ?3",
             )
             .await?;
-            if seen.is_empty() {
-                fresh.push(event);
-            } else {
+        let mut seen: HashSet<(&str, i64, i64)> = HashSet::new();
+        for (device_id, (low, high)) in &range {
+            let rows = read_prepared(
+                &seen_in_range,
+                vec![text(device_id), Value::Integer(*low), Value::Integer(*high)],
+            )
+            .await?;
+            for row in &rows {
+                seen.insert((*device_id, integer(row, 0)?, integer(row, 1)?));
+            }
+        }
+        drop(seen_in_range);
+        let mut fresh = Vec::with_capacity(candidates.len());
+        for event in candidates {
+            let identity = (
+                event.device_id.as_str(),
+                event.device_ts,
+                event.seq.unwrap_or(NO_SEQ),
+            );
+            if seen.contains(&identity) {
                 outcome.duplicates += 1;
+            } else {
+                fresh.push(event);
             }
         }
         let tables = bucket_readings(&fresh, &mut outcome);
         for (resolution, buckets) in Resolution::ALL.iter().zip(&tables) {
             let table = resolution.table();
+            let stored = transaction
+                .prepare(&format!(
+                    "SELECT samples, min_value, max_value, sum_value, last_value, last_ts, \
+                            last_seq_key \
+                     FROM {table} WHERE device_id = ?1 AND metric = ?2 AND bucket_start = ?3"
+                ))
+                .await?;
+            let write = transaction
+                .prepare(&format!(
+                    "INSERT OR REPLACE INTO {table} (device_id, metric, bucket_start, samples, \
+                     min_value, max_value, sum_value, last_value, last_ts, last_seq_key) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                ))
+                .await?;
             for ((device_id, metric, start), batch) in buckets {
                 let key = vec![text(device_id), text(metric), Value::Integer(*start)];
-                let stored = read_all(
-                    &transaction,
-                    &format!(
-                        "SELECT samples, min_value, max_value, sum_value, last_value, last_ts, \
-                                last_seq_key \
-                         FROM {table} WHERE device_id = ?1 AND metric = ?2 AND bucket_start = ?3"
-                    ),
-                    key.clone(),
-                )
-                .await?;
-                let merged = match stored.first() {
+                let merged = match read_prepared(&stored, key.clone()).await?.first() {
                     Some(row) => {
                         let mut merged = aggregate(row, 0)?;
                         merged.merge(batch);
@@ -129,27 +161,21 @@ impl SqliteStore {
                     Value::Integer(merged.last_ts),
                     Value::Integer(merged.last_seq_key),
                 ]);
-                transaction
-                    .execute(
-                        &format!(
-                            "INSERT OR REPLACE INTO {table} (device_id, metric, bucket_start, \
-                             samples, min_value, max_value, sum_value, last_value, last_ts, \
-                             last_seq_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
-                        ),
-                        values,
-                    )
-                    .await?;
+                write.execute(values).await?;
+                write.reset();
             }
         }
+        let remember = transaction
+            .prepare(
+                "INSERT INTO rollup_seen (device_id, device_ts, seq_key) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
         for event in &fresh {
-            transaction
-                .execute(
-                    "INSERT INTO rollup_seen (device_id, device_ts, seq_key) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT DO NOTHING",
-                    identity(event),
-                )
-                .await?;
+            remember.execute(identity(event)).await?;
+            remember.reset();
         }
+        drop(remember);
         for (device_id, device) in &coverage {
             transaction
                 .execute(
