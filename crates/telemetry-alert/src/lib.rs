@@ -22,6 +22,7 @@
 //!   `TELEMETRY_ALERT_FORGET_AFTER_SECONDS`) → save → produce → commit.
 
 pub mod engine;
+pub mod instruments;
 pub mod rules;
 mod webhook;
 
@@ -38,6 +39,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
+use telemetry_metrics::series;
 use telemetry_store::{AlertOffset, AlertStateRow, DynStore, NewAlert};
 use tokio_util::sync::CancellationToken;
 
@@ -277,17 +279,20 @@ async fn evaluate(
     {
         let mut transitions = Vec::new();
         let mut moved: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut observed = 0u64;
         for message in &batch {
             let position = (message.topic().to_string(), message.partition());
             // Evaluated before a crash, its offset not committed yet: the states have it.
             if message.offset() < offsets.get(&position).copied().unwrap_or(0) {
-                metrics::counter!("alert_records_skipped_total", "service" => "alert").increment(1);
+                instruments::counter(&instruments::RECORDS_SKIPPED).increment(1);
                 continue;
             }
+            observed += 1;
             transitions.extend(observe(&mut engine, message, kafka));
             offsets.insert(position.clone(), message.offset() + 1);
             moved.insert(position, message.offset() + 1);
         }
+        instruments::counter(&telemetry_metrics::EVENTS_RECEIVED).increment(observed);
         if last_tick.elapsed() >= tick {
             last_tick = tokio::time::Instant::now();
             let now = Utc::now().timestamp_millis();
@@ -295,9 +300,9 @@ async fn evaluate(
             transitions.extend(engine.tick(now, caught_up));
             let forgotten = engine.forget(now, caught_up);
             if forgotten.devices > 0 {
-                metrics::counter!("alert_devices_forgotten_total", "service" => "alert")
+                instruments::counter(&instruments::DEVICES_FORGOTTEN)
                     .increment(forgotten.devices as u64);
-                metrics::counter!("alert_states_forgotten_total", "service" => "alert")
+                instruments::counter(&instruments::STATES_FORGOTTEN)
                     .increment(forgotten.states as u64);
                 tracing::info!(
                     devices = forgotten.devices,
@@ -483,7 +488,7 @@ const MAX_DEVICE_ID_CHARS: usize = 128;
 /// Records that are neither are logged, counted and skipped.
 fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> Vec<Transition> {
     let skip = |problem: &str| {
-        metrics::counter!("alert_records_invalid_total", "service" => "alert").increment(1);
+        instruments::counter(&instruments::RECORDS_INVALID).increment(1);
         tracing::warn!(
             topic = message.topic(),
             partition = message.partition(),
@@ -493,7 +498,6 @@ fn observe(engine: &mut Engine, message: &OwnedMessage, kafka: &KafkaConfig) -> 
         );
         Vec::new()
     };
-    metrics::counter!("events_received_total", "service" => "alert").increment(1);
     if message.topic() == kafka.cleaned_topic {
         match serde_json::from_slice::<Event>(message.payload().unwrap_or_default()) {
             Ok(event)
@@ -549,9 +553,8 @@ fn check_forget_window(rules: &[Rule], forget_after_seconds: u64) -> Result<()> 
 fn held(engine: &Engine) {
     #[allow(clippy::cast_precision_loss)]
     {
-        metrics::gauge!("alert_devices_tracked", "service" => "alert")
-            .set(engine.devices_tracked() as f64);
-        metrics::gauge!("alert_states_held", "service" => "alert").set(engine.states_held() as f64);
+        instruments::gauge(&instruments::DEVICES_TRACKED).set(engine.devices_tracked() as f64);
+        instruments::gauge(&instruments::STATES_HELD).set(engine.states_held() as f64);
     }
 }
 
@@ -606,10 +609,11 @@ impl Outbox<'_> {
         for transition in transitions {
             let rule = &rules[transition.rule];
             let counter = match transition.status {
-                engine::Status::Firing => "alerts_fired_total",
-                engine::Status::Resolved => "alerts_resolved_total",
+                engine::Status::Firing => instruments::ALERTS_FIRED,
+                engine::Status::Resolved => instruments::ALERTS_RESOLVED,
             };
-            metrics::counter!(counter, "service" => "alert", "rule" => rule.name.clone())
+            counter
+                .counter_of(series!(instruments::SERVICE, rule.name.clone()))
                 .increment(1);
             tracing::info!(
                 alert_id = %transition.alert_id,
@@ -641,7 +645,8 @@ impl Outbox<'_> {
                 .save_alerts(&self.group_id, offsets, &states, &alerts, webhook)
                 .await;
             if result.is_ok() {
-                metrics::histogram!("db_write_duration_seconds", "service" => "alert")
+                telemetry_metrics::DB_WRITE_DURATION
+                    .histogram_of(series!(instruments::SERVICE))
                     .record(started.elapsed().as_secs_f64());
             }
             self.readiness.set(DATABASE, result.is_ok());
@@ -749,7 +754,8 @@ impl Outbox<'_> {
                 if produced.is_none() {
                     return false;
                 }
-                metrics::counter!("records_produced_total", "service" => "alert", "topic" => "alerts")
+                telemetry_metrics::RECORDS_PRODUCED
+                    .counter_of(series!(instruments::SERVICE, "alerts"))
                     .increment(1);
             }
             let ids: Vec<u64> = pending.iter().map(|entry| entry.id).collect();

@@ -102,7 +102,11 @@ async fn deliver_due(
             (Some(_), Some(_)) => "failed",
             (Some(_), None) => "given_up",
         };
-        metrics::counter!("alert_webhook_attempts_total", "service" => "alert", "result" => result)
+        crate::instruments::WEBHOOK_ATTEMPTS
+            .counter_of(telemetry_metrics::series!(
+                crate::instruments::SERVICE,
+                result
+            ))
             .increment(1);
         if let Some(failure) = failure {
             if retry_at.is_some() {

@@ -352,7 +352,7 @@ pub async fn dlq(
         .map(|entry| {
             let truncated = entry.payload.len() < entry.payload_bytes as usize;
             if truncated {
-                metrics::counter!("dlq_payloads_cut_total", "service" => "api").increment(1);
+                crate::instruments::counter(&crate::instruments::DLQ_PAYLOADS_CUT).increment(1);
             }
             let (payload, payload_encoding) = payload_text(entry.payload, truncated);
             DlqEntryBody {

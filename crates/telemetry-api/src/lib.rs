@@ -14,6 +14,7 @@
 mod assets;
 mod handlers;
 mod health;
+pub mod instruments;
 mod params;
 mod series;
 

@@ -50,7 +50,7 @@ impl ApiError {
     pub fn store(error: &telemetry_store::Error) -> Self {
         if error.is_statement_timeout() {
             tracing::warn!(%error, "A query ran into the statement timeout.");
-            metrics::counter!("queries_timed_out_total", "service" => "api").increment(1);
+            crate::instruments::counter(&crate::instruments::QUERIES_TIMED_OUT).increment(1);
             return ApiError {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 parameter: None,

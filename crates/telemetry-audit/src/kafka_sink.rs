@@ -17,9 +17,11 @@ use telemetry_core::names::headers;
 use telemetry_core::KEPT_PAYLOAD_BYTES;
 use telemetry_kafka::delivery::record_bytes;
 use telemetry_kafka::{refusal, KafkaConfig, Refusal, RenewableProducer, TopicLimits};
+use telemetry_metrics::{series, KAFKA_RECORDS_REFUSED, PRODUCE_RETRIES, RECORDS_PRODUCED};
+use telemetry_retry::RETRY_BACKOFF;
 use tokio_util::sync::CancellationToken;
 
-use telemetry_retry::RETRY_BACKOFF;
+use crate::instruments::SERVICE;
 
 use crate::Result;
 
@@ -36,6 +38,15 @@ pub(crate) struct OutgoingRecord {
     headers: OwnedHeaders,
     /// How much of the raw record's bytes a dead letter carries.
     body: Body,
+}
+
+/// What an [`OutgoingRecord`] would produce: topic, key, value and headers (UTF-8 values).
+#[cfg(test)]
+pub(crate) struct Parts<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// How much of the raw record's payload a dead letter carries.
@@ -111,6 +122,26 @@ impl OutgoingRecord {
             own: None,
             headers: record_headers,
             body: Body::Whole,
+        }
+    }
+
+    /// What it would produce, `batch` holding the raw records.
+    #[cfg(test)]
+    pub fn parts<'a>(&'a self, batch: &'a [OwnedMessage]) -> Parts<'a> {
+        let (key, value) = self.key_and_value(batch);
+        let headers = self
+            .headers
+            .iter()
+            .map(|header| {
+                let value = String::from_utf8_lossy(header.value.unwrap_or_default());
+                (header.key.to_string(), value.into_owned())
+            })
+            .collect();
+        Parts {
+            topic: &self.topic,
+            key,
+            value,
+            headers,
         }
     }
 
@@ -219,8 +250,7 @@ impl OutcomeSink {
                             failed.push(self.smaller(record, batch, refused, &error).await);
                         }
                         None => {
-                            metrics::counter!("produce_retries_total", "service" => "audit")
-                                .increment(1);
+                            crate::instruments::counter(&PRODUCE_RETRIES).increment(1);
                             self.producer.delivery_failed(&error);
                             tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
                             failed.push(record);
@@ -229,7 +259,8 @@ impl OutcomeSink {
                 }
             }
             for (kind, count) in produced {
-                metrics::counter!("records_produced_total", "service" => "audit", "topic" => kind)
+                RECORDS_PRODUCED
+                    .counter_of(series!(SERVICE, kind))
                     .increment(count);
             }
             if failed.is_empty() {
@@ -256,7 +287,8 @@ impl OutcomeSink {
         refused: Refusal,
         error: &KafkaError,
     ) -> OutgoingRecord {
-        metrics::counter!("kafka_records_refused_total", "service" => "audit", "reason" => refused.code())
+        KAFKA_RECORDS_REFUSED
+            .counter_of(series!(SERVICE, refused.code()))
             .increment(1);
         if refused == Refusal::TooLarge {
             // Refused with a batch that was too large, or a limit lowered since it was read?

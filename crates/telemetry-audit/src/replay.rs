@@ -20,7 +20,9 @@ use telemetry_kafka::KafkaConfig;
 use telemetry_store::{Store, Table};
 use tokio_util::sync::CancellationToken;
 
-use crate::{decide, load_contract, write_accepted, Error, Result, Written, DATABASE, DB_REJECTED};
+use crate::decide::decide;
+use crate::write::{write_accepted, Written};
+use crate::{load_contract, Error, Result, DATABASE, DB_REJECTED};
 
 /// How long a Kafka metadata or offset lookup may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);

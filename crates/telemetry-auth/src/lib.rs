@@ -19,6 +19,8 @@
 //! view's WebSocket) watches [`Access::revoked`] and closes when its token is removed or its
 //! devices change. A file that no longer parses keeps the tokens in force, with an error logged.
 
+pub mod instruments;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -242,7 +244,8 @@ async fn watch_tokens_file(tokens: std::sync::Weak<Tokens>, service: &'static st
         match tokio::task::spawn_blocking(move || tokens.reload_if_changed()).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                metrics::counter!("auth_tokens_reload_failures_total", "service" => service)
+                instruments::TOKENS_RELOAD_FAILURES
+                    .counter_of(telemetry_metrics::series!(service))
                     .increment(1);
                 tracing::error!(%error, file = %path.display(), "The tokens file changed but cannot be used; the tokens read before stay in force.");
             }
@@ -398,7 +401,8 @@ pub async fn require_token(State(auth): State<Auth>, mut request: Request, next:
             next.run(request).await
         }
         Err(refusal) => {
-            metrics::counter!("http_requests_unauthorized_total", "service" => auth.service, "cause" => refusal.cause())
+            instruments::HTTP_REQUESTS_UNAUTHORIZED
+                .counter_of(telemetry_metrics::series!(auth.service, refusal.cause()))
                 .increment(1);
             refusal.into_response()
         }

@@ -11,6 +11,10 @@ use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use telemetry_kafka::KafkaConfig;
+use telemetry_metrics::{
+    Metric, AUDIT_BATCH_RECORDS, DB_WRITE_DURATION, EVENTS_REJECTED, EVENTS_WRITTEN,
+    RECORDS_PRODUCED,
+};
 use telemetry_store::{Store, TelemetryStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -254,13 +258,15 @@ async fn measure(
     }
     // Where the audit service's time went: its database writes, and its batches.
     let audit = services[1].address;
-    let audit_db_write_seconds = metric_value(
-        audit,
-        "db_write_duration_seconds_sum",
-        &["service=\"audit\""],
-    )
-    .await;
-    let audit_batches = metric(audit, "audit_batch_records_count", &["service=\"audit\""]).await;
+    let audit_metrics = http_get(audit, "/metrics").await.map(|(_, body)| body);
+    let audit_db_write_seconds = audit_metrics
+        .as_deref()
+        .and_then(|text| DB_WRITE_DURATION.total_in(text, &[AUDIT]));
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let audit_batches = audit_metrics
+        .as_deref()
+        .and_then(|text| AUDIT_BATCH_RECORDS.count_in(text, &[AUDIT]))
+        .map(|count| count as u64);
     let usage: Vec<ServiceUsage> = services
         .iter()
         .zip(cpu_before)
@@ -357,12 +363,7 @@ async fn sample_progress(
             _ = ticker.tick() => false,
         };
         if stages.bridge.is_none() {
-            let produced = metric(
-                bridge,
-                "records_produced_total",
-                &["service=\"bridge\"", "topic=\"raw\""],
-            )
-            .await;
+            let produced = metric(bridge, &RECORDS_PRODUCED, &[BRIDGE, RAW]).await;
             if produced.is_some_and(|produced| produced >= events) {
                 stages.bridge = Some(started.elapsed().as_secs_f64());
             }
@@ -383,19 +384,16 @@ async fn sample_progress(
     }
 }
 
-/// The sum of the samples of `name` carrying every label of `labels` in a service's `/metrics`,
-/// as a count.
-async fn metric(address: SocketAddr, name: &str, labels: &[&str]) -> Option<u64> {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    metric_value(address, name, labels)
-        .await
-        .map(|value| value as u64)
-}
+/// The `service` label of the bridge's and the audit service's series, and the raw topic's role.
+const BRIDGE: (&str, &str) = ("service", "bridge");
+const AUDIT: (&str, &str) = ("service", "audit");
+const RAW: (&str, &str) = ("topic", "raw");
 
-/// The sum of the samples of `name` carrying every label of `labels` in a service's `/metrics`.
-async fn metric_value(address: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
+/// A counter's series carrying every label of `labels`, summed, in a service's `/metrics`.
+async fn metric(address: SocketAddr, metric: &Metric, labels: &[(&str, &str)]) -> Option<u64> {
     let (_, body) = http_get(address, "/metrics").await?;
-    telemetry_ops::metric_sum(&body, name, labels)
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    metric.total_in(&body, labels).map(|value| value as u64)
 }
 
 /// What the audit service has decided so far, from its `/metrics`: rows written (a record
@@ -403,9 +401,9 @@ async fn metric_value(address: SocketAddr, name: &str, labels: &[&str]) -> Optio
 async fn decided(audit: SocketAddr) -> Option<f64> {
     let (_, body) = http_get(audit, "/metrics").await?;
     Some(
-        ["events_written_total", "events_rejected_total"]
+        [EVENTS_WRITTEN, EVENTS_REJECTED]
             .iter()
-            .filter_map(|name| telemetry_ops::metric_sum(&body, name, &["service=\"audit\""]))
+            .filter_map(|metric| metric.total_in(&body, &[AUDIT]))
             .sum(),
     )
 }
@@ -628,12 +626,7 @@ async fn stage_by_stage(
     let deadline = Instant::now() + Duration::from_secs(part.config.drain_timeout_seconds);
     let mut bridge_seconds = None;
     while Instant::now() < deadline && !shutdown.is_cancelled() {
-        let produced = metric(
-            bridge.address,
-            "records_produced_total",
-            &["service=\"bridge\"", "topic=\"raw\""],
-        )
-        .await;
+        let produced = metric(bridge.address, &RECORDS_PRODUCED, &[BRIDGE, RAW]).await;
         if produced.is_some_and(|produced| produced >= messages) {
             bridge_seconds = Some(started.elapsed().as_secs_f64());
             break;
@@ -649,12 +642,7 @@ async fn stage_by_stage(
     // Watched on its `/metrics`: a `COUNT(*)` every 100 ms took MariaDB's time from the writes
     // being measured.
     while Instant::now() < deadline && !shutdown.is_cancelled() {
-        let written = metric(
-            audit.address,
-            "events_written_total",
-            &["service=\"audit\""],
-        )
-        .await;
+        let written = metric(audit.address, &EVENTS_WRITTEN, &[AUDIT]).await;
         if written.is_some_and(|written| written >= messages) {
             break;
         }

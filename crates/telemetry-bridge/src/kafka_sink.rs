@@ -24,6 +24,11 @@ use telemetry_kafka::{refusal, Refusal, RenewableProducer, TopicLimits};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use telemetry_metrics::{
+    series, Progress, KAFKA_RECORDS_REFUSED, PRODUCE_RETRIES, RECORDS_PRODUCED,
+};
+
+use crate::instruments::{self, SERVICE};
 use crate::mqtt_source::{Message, MqttHandle};
 use crate::websocket::{self, Frames};
 use crate::{BridgeConfig, Result};
@@ -42,6 +47,8 @@ pub(crate) struct KafkaSink {
     max_message_bytes: usize,
     /// Largest MQTT packet read whole (`TELEMETRY_MQTT_MAX_PACKET_BYTES`), for messages' reasons.
     max_packet_bytes: usize,
+    /// Counts the records Kafka acknowledged.
+    progress: Arc<Progress>,
 }
 
 /// A message whose record Kafka has confirmed.
@@ -70,7 +77,7 @@ pub(crate) struct InFlightBound {
 }
 
 impl KafkaSink {
-    pub fn new(config: &BridgeConfig) -> Result<Self> {
+    pub fn new(config: &BridgeConfig, progress: Arc<Progress>) -> Result<Self> {
         // Failed records are produced again (see `deliver`); meanwhile nothing is acknowledged
         // and the MQTT broker buffers.
         let client = config.kafka.producer_config(&[])?;
@@ -83,6 +90,7 @@ impl KafkaSink {
             bridge_id: Arc::from(config.bridge_id.as_str()),
             max_message_bytes: config.limits.max_message_bytes,
             max_packet_bytes: config.limits.mqtt_max_packet_bytes,
+            progress,
         })
     }
 
@@ -105,13 +113,14 @@ impl KafkaSink {
         // Ordered, so acknowledgements go out in the order the broker sent the messages.
         let mut in_flight: FuturesOrdered<Delivered> = FuturesOrdered::new();
         let mut in_flight_bytes = 0usize;
-        let produced =
-            metrics::counter!("records_produced_total", "service" => "bridge", "topic" => "raw");
-        let in_flight_gauge = metrics::gauge!("bridge_messages_in_flight", "service" => "bridge");
-        let in_flight_bytes_gauge =
-            metrics::gauge!("bridge_in_flight_bytes", "service" => "bridge");
-        let queued_gauge = metrics::gauge!("bridge_messages_queued", "service" => "bridge");
-        let held_back = metrics::counter!("bridge_backpressure_total", "service" => "bridge", "bound" => "in_flight");
+        let produced = Produced(
+            RECORDS_PRODUCED.counter_of(series!(SERVICE, "raw")),
+            &self.progress,
+        );
+        let in_flight_gauge = instruments::gauge(&instruments::MESSAGES_IN_FLIGHT);
+        let in_flight_bytes_gauge = instruments::gauge(&instruments::IN_FLIGHT_BYTES);
+        let queued_gauge = instruments::gauge(&instruments::MESSAGES_QUEUED);
+        let held_back = instruments::BACKPRESSURE.counter_of(series!(SERVICE, "in_flight"));
         let mut full = false;
         loop {
             #[allow(clippy::cast_precision_loss)]
@@ -179,7 +188,8 @@ impl KafkaSink {
                 let error = match sink.produce(&message, &form).await {
                     Ok(()) => {
                         if let Form::Cut { reason, .. } = &form {
-                            metrics::counter!("records_cut_total", "service" => "bridge", "reason" => reason.code())
+                            instruments::RECORDS_CUT
+                                .counter_of(series!(SERVICE, reason.code()))
                                 .increment(1);
                         }
                         return message;
@@ -188,7 +198,8 @@ impl KafkaSink {
                 };
                 match refusal(&error) {
                     Some(refused) => {
-                        metrics::counter!("kafka_records_refused_total", "service" => "bridge", "reason" => refused.code())
+                        KAFKA_RECORDS_REFUSED
+                            .counter_of(series!(SERVICE, refused.code()))
                             .increment(1);
                         match sink.smaller(&message, &form, refused, &error).await {
                             Some(next) => {
@@ -211,7 +222,7 @@ impl KafkaSink {
                         tracing::debug!(%error, mqtt_topic = %message.topic, "Producing to Kafka failed; retrying.");
                     }
                 }
-                metrics::counter!("produce_retries_total", "service" => "bridge").increment(1);
+                instruments::counter(&PRODUCE_RETRIES).increment(1);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(max_delay);
             }
@@ -380,8 +391,12 @@ impl KafkaSink {
     }
 }
 
+/// Where confirmed messages are counted: the metric and the bridge's progress.
+struct Produced<'a>(metrics::Counter, &'a Progress);
+
 /// Counts a confirmed message and acknowledges it to the MQTT broker.
-fn acknowledge(message: &Message, mqtt: &MqttHandle, produced: &metrics::Counter) {
-    produced.increment(1);
+fn acknowledge(message: &Message, mqtt: &MqttHandle, produced: &Produced<'_>) {
+    produced.0.increment(1);
+    Progress::add(&produced.1.produced, 1);
     mqtt.ack(message);
 }

@@ -18,6 +18,7 @@
 //!   `/metrics` from `telemetry-ops`.
 //! - [`Bridge`]: binds the listener ([`Bridge::bind`]) and runs until shutdown ([`Bridge::run`]).
 
+pub mod instruments;
 mod kafka_sink;
 mod mqtt_source;
 mod websocket;
@@ -221,6 +222,7 @@ pub struct Bridge {
     server: telemetry_ops::HttpServer,
     validator: std::sync::Arc<telemetry_core::Validator>,
     auth: telemetry_auth::Auth,
+    progress: std::sync::Arc<telemetry_metrics::Progress>,
 }
 
 impl Bridge {
@@ -245,7 +247,14 @@ impl Bridge {
             server,
             validator,
             auth,
+            progress: std::sync::Arc::default(),
         })
+    }
+
+    /// What this bridge has done so far: messages received (`received`) and raw records Kafka
+    /// acknowledged (`produced`).
+    pub fn progress(&self) -> std::sync::Arc<telemetry_metrics::Progress> {
+        self.progress.clone()
     }
 
     /// The address the HTTP server listens on.
@@ -261,6 +270,7 @@ impl Bridge {
             server,
             validator,
             auth,
+            progress,
         } = self;
         telemetry_kafka::ensure_topics(&config.kafka, &[&config.kafka.raw_topic]).await?;
         let readiness = telemetry_ops::Readiness::new(&[MQTT_SUBSCRIBED]);
@@ -283,13 +293,13 @@ impl Bridge {
             &config.http,
             shutdown.clone(),
         );
-        let sink = kafka_sink::KafkaSink::new(&config)?;
+        let sink = kafka_sink::KafkaSink::new(&config, progress.clone())?;
         sink.prepare().await;
         let queue = mqtt_source::ByteBound::new(
             limits.max_queued_bytes,
-            metrics::gauge!("bridge_queued_bytes", "service" => "bridge"),
+            instruments::gauge(&instruments::QUEUED_BYTES),
         );
-        let (mqtt, messages) = mqtt_source::start(&config, readiness, queue)?;
+        let (mqtt, messages) = mqtt_source::start(&config, readiness, queue, progress.clone())?;
         tracing::info!(
             mqtt_url = %config.mqtt.redacted_url(),
             mqtt_topic = %config.mqtt_topic,

@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 use telemetry_core::KEPT_PAYLOAD_BYTES;
 use telemetry_ops::Readiness;
 
+use telemetry_metrics::{series, Progress, EVENTS_RECEIVED};
+
+use crate::instruments::{self, SERVICE};
 use crate::{BridgeConfig, Error, Result, MQTT_SUBSCRIBED};
 
 /// The largest MQTT packet the bridge reads whole, unless `TELEMETRY_MQTT_MAX_PACKET_BYTES` says
@@ -175,7 +178,8 @@ impl MqttHandle {
     pub fn ack(&self, message: &Message) {
         let Some(pkid) = message.pkid else { return };
         if message.generation != self.generation.load(Ordering::Acquire) {
-            metrics::counter!("mqtt_acks_skipped_total", "service" => "bridge", "cause" => "reconnected")
+            instruments::MQTT_ACKS_SKIPPED
+                .counter_of(series!(SERVICE, "reconnected"))
                 .increment(1);
             return;
         }
@@ -213,6 +217,7 @@ pub(crate) fn start(
     config: &BridgeConfig,
     readiness: Arc<Readiness>,
     queue: Arc<ByteBound>,
+    progress: Arc<Progress>,
 ) -> Result<(MqttHandle, mpsc::UnboundedReceiver<Message>)> {
     let options = config.mqtt.options(&config.mqtt_client_id, |options| {
         options
@@ -233,6 +238,7 @@ pub(crate) fn start(
             generation: generation.clone(),
             readiness,
             queue,
+            progress,
             stop: stop.clone(),
         }
         .run(),
@@ -277,6 +283,8 @@ struct Session {
     generation: Arc<AtomicU64>,
     readiness: Arc<Readiness>,
     queue: Arc<ByteBound>,
+    /// Counts the messages received.
+    progress: Arc<Progress>,
     stop: CancellationToken,
 }
 
@@ -289,7 +297,7 @@ enum Ended {
 impl Session {
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(250);
-        let errors = metrics::counter!("mqtt_connection_errors_total", "service" => "bridge");
+        let errors = instruments::counter(&instruments::MQTT_CONNECTION_ERRORS);
         loop {
             let connected = tokio::select! {
                 () = self.stop.cancelled() => break,
@@ -388,10 +396,9 @@ impl Session {
         // When something last arrived, or reading last resumed: while reading, a connection with
         // nothing arriving for twice the keep-alive (a PINGRESP is due every keep-alive) is dead.
         let mut heard = Instant::now();
-        let received = metrics::counter!("events_received_total", "service" => "bridge");
-        let read_through =
-            metrics::counter!("mqtt_messages_read_through_total", "service" => "bridge");
-        let paused = metrics::counter!("bridge_backpressure_total", "service" => "bridge", "bound" => "queued_bytes");
+        let received = instruments::counter(&EVENTS_RECEIVED);
+        let read_through = instruments::counter(&instruments::MQTT_MESSAGES_READ_THROUGH);
+        let paused = instruments::BACKPRESSURE.counter_of(series!(SERVICE, "queued_bytes"));
         let mut reading = true;
         loop {
             let room = self.queue.has_room();
@@ -435,6 +442,7 @@ impl Session {
                     match incoming? {
                         Incoming::Publish(publication) => {
                             received.increment(1);
+                            Progress::add(&self.progress.received, 1);
                             if publication.original_bytes.is_some() {
                                 read_through.increment(1);
                             }

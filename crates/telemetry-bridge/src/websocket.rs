@@ -19,6 +19,7 @@ use telemetry_auth::{Access, Auth};
 use telemetry_core::{Cut, Metrics, Outcome, Received, Validator};
 use telemetry_ops::Readiness;
 
+use crate::instruments::{self, SERVICE};
 use crate::mqtt_source::Message;
 
 /// The live-view channel: one JSON text frame per MQTT message, shared by every client, and the
@@ -119,7 +120,7 @@ pub(crate) fn broadcast(frames: &Frames, message: &Message) {
     let shown = &bytes[..bytes.len().min(frames.max_payload_bytes)];
     let payload_cut = (shown.len() as u64) < original;
     if payload_cut {
-        metrics::counter!("websocket_frames_cut_total", "service" => "bridge").increment(1);
+        instruments::counter(&instruments::WEBSOCKET_FRAMES_CUT).increment(1);
     }
     let payload = match serde_json::from_slice::<&RawValue>(shown) {
         Ok(json) if !payload_cut => Payload::Json(json),
@@ -184,7 +185,7 @@ async fn check_origin(
     if allowed.allows(request.headers().get(axum::http::header::ORIGIN)) {
         return next.run(request).await;
     }
-    metrics::counter!("websocket_origins_refused_total", "service" => "bridge").increment(1);
+    instruments::counter(&instruments::WEBSOCKET_ORIGINS_REFUSED).increment(1);
     (
         axum::http::StatusCode::FORBIDDEN,
         axum::Json(serde_json::json!({ "error": { "parameter": "Origin", "message": "this page's origin may not open the live view (TELEMETRY_WS_ALLOWED_ORIGINS)" } })),
@@ -261,8 +262,8 @@ async fn forward(
     let scope = &access.scope;
     let revoked = access.revoked();
     tokio::pin!(revoked);
-    let clients = metrics::gauge!("websocket_clients", "service" => "bridge");
-    let skipped = metrics::counter!("websocket_frames_missed_total", "service" => "bridge");
+    let clients = instruments::gauge(&instruments::WEBSOCKET_CLIENTS);
+    let skipped = instruments::counter(&instruments::WEBSOCKET_FRAMES_MISSED);
     clients.increment(1);
     let (mut sender, mut receiver) = socket.split();
     let visible = |frame: &LiveFrame| match &frame.device_id {
@@ -292,7 +293,7 @@ async fn forward(
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break,
                         Err(_) => {
-                            metrics::counter!("websocket_clients_dropped_total", "service" => "bridge", "cause" => "write_timeout")
+                            instruments::WEBSOCKET_CLIENTS_DROPPED.counter_of(telemetry_metrics::series!(SERVICE, "write_timeout"))
                                 .increment(1);
                             tracing::info!(?write_timeout, "A live-view client did not take its frames in time; dropped it.");
                             break;
@@ -307,7 +308,7 @@ async fn forward(
                 Some(Ok(_)) => {}
             },
             () = &mut revoked => {
-                metrics::counter!("websocket_clients_dropped_total", "service" => "bridge", "cause" => "token_revoked")
+                instruments::WEBSOCKET_CLIENTS_DROPPED.counter_of(telemetry_metrics::series!(SERVICE, "token_revoked"))
                     .increment(1);
                 tracing::info!(token = access.token.as_deref().unwrap_or(""), "A live-view client's token was revoked; closed its connection.");
                 let close = WsMessage::Close(Some(axum::extract::ws::CloseFrame {

@@ -19,6 +19,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use telemetry_metrics::Metric;
+
+/// Device connections forwarded now (at most 10,000).
+pub const DEVICE_CONNECTIONS: Metric =
+    Metric::gauge("embedded_mqtt_device_connections", &["service"]);
+
+/// Everything the embedded MQTT broker records.
+pub const METRICS: &[Metric] = &[DEVICE_CONNECTIONS];
+
 /// Errors of the embedded MQTT broker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,7 +74,7 @@ impl EmbeddedMqtt {
         };
         let (broker, closed) = (self.broker, self.closed.clone());
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEVICE_CONNECTIONS));
-        let connections = metrics::gauge!("embedded_mqtt_device_connections", "service" => "up");
+        let connections = DEVICE_CONNECTIONS.gauge_of(telemetry_metrics::series!("up"));
         tokio::spawn(async move {
             loop {
                 // At the bound, the next device waits in the listener's queue.

@@ -62,13 +62,13 @@ impl ClientContext for RebalanceLogger {
                     };
                     if behind >= 0 {
                         #[allow(clippy::cast_precision_loss)]
-                        metrics::gauge!(
-                            "kafka_consumer_lag",
-                            "group" => self.group.clone(),
-                            "topic" => topic.clone(),
-                            "partition" => partition.to_string()
-                        )
-                        .set(behind as f64);
+                        crate::instruments::KAFKA_CONSUMER_LAG
+                            .gauge_of(telemetry_metrics::series!(
+                                self.group.clone(),
+                                topic.clone(),
+                                partition.to_string()
+                            ))
+                            .set(behind as f64);
                     }
                     lag.insert((topic.clone(), partition), behind);
                 }

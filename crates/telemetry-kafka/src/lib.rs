@@ -20,6 +20,7 @@
 
 mod consumer;
 pub mod delivery;
+pub mod instruments;
 
 pub use consumer::BatchConsumer;
 pub use delivery::{refusal, Refusal, TopicLimits};
@@ -619,8 +620,10 @@ impl RenewableProducer {
         }
         let (service, label) = (self.inner.service, topic.to_string());
         let registered = ProduceMeters {
-            duration: metrics::histogram!("kafka_produce_duration_seconds", "service" => service, "topic" => label.clone()),
-            errors: metrics::counter!("kafka_produce_errors_total", "service" => service, "topic" => label.clone()),
+            duration: instruments::KAFKA_PRODUCE_DURATION
+                .histogram_of(telemetry_metrics::series!(service, label.clone())),
+            errors: instruments::KAFKA_PRODUCE_ERRORS
+                .counter_of(telemetry_metrics::series!(service, label.clone())),
         };
         meters.push((label, registered.clone()));
         registered

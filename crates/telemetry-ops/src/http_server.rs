@@ -300,16 +300,15 @@ struct ServerMetrics {
 
 impl ServerMetrics {
     fn new(service: &'static str) -> Self {
+        use crate::instruments::{
+            HTTP_CONNECTIONS, HTTP_CONNECTIONS_REFUSED, HTTP_CONNECTIONS_TIMED_OUT,
+        };
         let timed_out = |cause: &'static str| {
-            metrics::counter!(
-                "http_connections_timed_out_total",
-                "service" => service,
-                "cause" => cause
-            )
+            HTTP_CONNECTIONS_TIMED_OUT.counter_of(telemetry_metrics::series!(service, cause))
         };
         ServerMetrics {
-            connections: metrics::gauge!("http_connections", "service" => service),
-            refused: metrics::counter!("http_connections_refused_total", "service" => service),
+            connections: HTTP_CONNECTIONS.gauge_of(telemetry_metrics::series!(service)),
+            refused: HTTP_CONNECTIONS_REFUSED.counter_of(telemetry_metrics::series!(service)),
             header_read_timed_out: timed_out("header_read"),
             idle_timed_out: timed_out("idle"),
         }
@@ -871,8 +870,14 @@ mod tests {
         .ok()
     }
 
-    fn metric(name: &str, labels: &[&str]) -> f64 {
-        crate::metric_sum(&crate::install_metrics().render(), name, labels).unwrap_or(0.0)
+    use crate::instruments::{
+        HTTP_CONNECTIONS, HTTP_CONNECTIONS_REFUSED, HTTP_CONNECTIONS_TIMED_OUT,
+    };
+
+    fn metric(metric: &telemetry_metrics::Metric, labels: &[(&str, &str)]) -> f64 {
+        metric
+            .total_in(&crate::install_metrics().render(), labels)
+            .unwrap_or(0.0)
     }
 
     #[tokio::test]
@@ -906,8 +911,8 @@ mod tests {
         // A request whose headers arrive in time is answered.
         let mut prompt = TcpStream::connect(server.address).await.unwrap();
         assert_eq!(request(&mut prompt, "/hello").await.0, 200);
-        let labels = ["service=\"ops-test-headers\"", "cause=\"header_read\""];
-        assert!(metric("http_connections_timed_out_total", &labels) >= 2.0);
+        let labels = [("service", "ops-test-headers"), ("cause", "header_read")];
+        assert!(metric(&HTTP_CONNECTIONS_TIMED_OUT, &labels) >= 2.0);
         server.shutdown.cancel();
         server.task.await.unwrap().unwrap();
     }
@@ -929,8 +934,8 @@ mod tests {
             .await
             .expect("the idle connection was closed");
         assert!(closed >= Duration::from_millis(900), "{closed:?}");
-        let labels = ["service=\"ops-test-idle\"", "cause=\"idle\""];
-        assert_eq!(metric("http_connections_timed_out_total", &labels), 1.0);
+        let labels = [("service", "ops-test-idle"), ("cause", "idle")];
+        assert_eq!(metric(&HTTP_CONNECTIONS_TIMED_OUT, &labels), 1.0);
         server.shutdown.cancel();
         server.task.await.unwrap().unwrap();
     }
@@ -943,8 +948,8 @@ mod tests {
         let mut second = TcpStream::connect(server.address).await.unwrap();
         assert_eq!(request(&mut first, "/hello").await.0, 200);
         assert_eq!(request(&mut second, "/hello").await.0, 200);
-        let labels = [r#"service="ops-test-cap""#];
-        assert_eq!(metric("http_connections", &labels), 2.0);
+        let labels = [("service", "ops-test-cap")];
+        assert_eq!(metric(&HTTP_CONNECTIONS, &labels), 2.0);
 
         let mut third = TcpStream::connect(server.address).await.unwrap();
         let (status, head, body) = request(&mut third, "/hello").await;
@@ -954,7 +959,7 @@ mod tests {
         assert!(closed_within(&mut third, Duration::from_secs(3))
             .await
             .is_some());
-        assert_eq!(metric("http_connections_refused_total", &labels), 1.0);
+        assert_eq!(metric(&HTTP_CONNECTIONS_REFUSED, &labels), 1.0);
 
         drop(first);
         let deadline = StdInstant::now() + Duration::from_secs(5);
@@ -973,7 +978,7 @@ mod tests {
         assert_eq!(request(&mut second, "/hello").await.0, 200, "still served");
         server.shutdown.cancel();
         server.task.await.unwrap().unwrap();
-        assert_eq!(metric("http_connections", &labels), 0.0);
+        assert_eq!(metric(&HTTP_CONNECTIONS, &labels), 0.0);
     }
 
     #[tokio::test]

@@ -10,9 +10,11 @@
 //! - [`router`]: the three routes, to serve alone or merge into a service's router.
 //! - [`HttpServer`]: bind an address, then serve a router until shutdown, within [`HttpLimits`]
 //!   (header-read and idle timeouts, a connection cap); `http_server`.
+//! - [`instruments`]: the HTTP listener's metrics, declared with `telemetry_metrics`.
 //! - [`secrets`]: URLs and TOML errors as logs may show them, without credentials.
 
 mod http_server;
+pub mod instruments;
 pub mod secrets;
 
 pub use http_server::{join, HttpLimits, HttpServer, HttpTls, ListenError};
@@ -41,31 +43,6 @@ pub fn install_metrics() -> PrometheusHandle {
             handle
         })
         .clone()
-}
-
-/// The sum of a metric's series in Prometheus text (`/metrics`, or [`install_metrics`]'s
-/// render) over the series whose labels include every one of `labels` (`service="audit"`);
-/// `None` when no series matches. For tools reading our own metrics: the load harness and
-/// `telemetry up`'s status line.
-pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !rest.starts_with('{') || !labels.iter().all(|label| rest.contains(label)) {
-            continue;
-        }
-        let Some(value) = rest
-            .rsplit(' ')
-            .next()
-            .and_then(|value| value.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        total = Some(total.unwrap_or(0.0) + value);
-    }
-    total
 }
 
 /// Named readiness checks; the service is ready when every check passes.
@@ -161,23 +138,6 @@ mod tests {
         (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
-    #[test]
-    fn metric_sums_add_the_matching_series_only() {
-        let text = "# TYPE events_rejected_total counter\n\
-                    events_rejected_total{service=\"audit\",error_code=\"a\"} 3\n\
-                    events_rejected_total{service=\"audit\",error_code=\"b\"} 4\n\
-                    events_rejected_total_other{service=\"audit\"} 100\n\
-                    events_received_total{service=\"bridge\"} 10\n\
-                    events_received_total{service=\"audit\"} 9\n";
-        let audit = ["service=\"audit\""];
-        assert_eq!(metric_sum(text, "events_rejected_total", &audit), Some(7.0));
-        assert_eq!(
-            metric_sum(text, "events_received_total", &["service=\"bridge\""]),
-            Some(10.0)
-        );
-        assert_eq!(metric_sum(text, "events_written_total", &audit), None);
-    }
-
     #[tokio::test]
     async fn readiness_follows_its_checks() {
         let readiness = Readiness::new(&["database"]);
@@ -198,5 +158,20 @@ mod tests {
         let (status, body) = get(router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains(r#"ops_test_total{cause="test"} 3"#), "{body}");
+    }
+
+    #[test]
+    fn a_declared_metric_records_each_label_with_its_value() {
+        const TEST_METRIC: telemetry_metrics::Metric =
+            telemetry_metrics::Metric::counter("metric_test_total", &["service", "cause"]);
+        let handle = install_metrics();
+        TEST_METRIC
+            .counter_of(telemetry_metrics::series!("test", String::from("because")))
+            .increment(2);
+        let text = handle.render();
+        assert!(
+            text.contains(r#"metric_test_total{service="test",cause="because"} 2"#),
+            "{text}"
+        );
     }
 }

@@ -18,6 +18,8 @@
 //! - [`run`]: serve `/healthz`, `/readyz`, `/metrics`; connect, migrate; then batch → decode →
 //!   fold → commit offsets.
 
+pub mod instruments;
+
 use std::time::Duration;
 
 use rdkafka::message::{Message, OwnedMessage};
@@ -178,7 +180,7 @@ fn decode(batch: &[OwnedMessage]) -> Vec<Event> {
             },
             Err(error) => format!("not a cleaned event: {error}"),
         };
-        metrics::counter!("rollup_records_invalid_total", "service" => "rollup").increment(1);
+        instruments::counter(&instruments::RECORDS_INVALID).increment(1);
         tracing::warn!(
             topic = message.topic(),
             partition = message.partition(),
@@ -229,7 +231,8 @@ async fn fold(
             let started = std::time::Instant::now();
             let result = store.roll_up(chunk, late_window_ms).await;
             if result.is_ok() {
-                metrics::histogram!("db_write_duration_seconds", "service" => "rollup")
+                telemetry_metrics::DB_WRITE_DURATION
+                    .histogram_of(telemetry_metrics::series!(instruments::SERVICE))
                     .record(started.elapsed().as_secs_f64());
             }
             readiness.set(
@@ -242,7 +245,7 @@ async fn fold(
     .await?;
     for (index, error) in halved.refused {
         let event = &events[index];
-        metrics::counter!("rollup_records_invalid_total", "service" => "rollup").increment(1);
+        instruments::counter(&instruments::RECORDS_INVALID).increment(1);
         tracing::error!(%error, device_id = %event.device_id, device_ts = event.device_ts,
             "The database refused a rollup; the event is left out of the rollups.");
     }
@@ -257,15 +260,11 @@ async fn fold(
 }
 
 fn count(outcome: &RollupOutcome, records: usize) {
-    metrics::counter!("events_received_total", "service" => "rollup").increment(records as u64);
-    metrics::counter!("rollup_events_folded_total", "service" => "rollup")
-        .increment(outcome.folded);
-    metrics::counter!("rollup_events_duplicate_total", "service" => "rollup")
-        .increment(outcome.duplicates);
-    metrics::counter!("rollup_events_too_late_total", "service" => "rollup")
-        .increment(outcome.too_late);
-    metrics::counter!("rollup_readings_skipped_total", "service" => "rollup")
-        .increment(outcome.skipped_readings);
+    instruments::counter(&telemetry_metrics::EVENTS_RECEIVED).increment(records as u64);
+    instruments::counter(&instruments::EVENTS_FOLDED).increment(outcome.folded);
+    instruments::counter(&instruments::EVENTS_DUPLICATE).increment(outcome.duplicates);
+    instruments::counter(&instruments::EVENTS_TOO_LATE).increment(outcome.too_late);
+    instruments::counter(&instruments::READINGS_SKIPPED).increment(outcome.skipped_readings);
     if outcome.too_late > 0 {
         tracing::info!(
             events = outcome.too_late,

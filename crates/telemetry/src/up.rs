@@ -10,11 +10,13 @@
 //! API, and last the Kafka broker.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use telemetry_embedded::ports::{self, Ports};
+use telemetry_metrics::Progress;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -261,36 +263,39 @@ struct Running {
 }
 
 /// What a clean stop waits for (bounded) before stopping a service, so that it hands on what it
-/// holds; whatever is left stays in Kafka for the next start.
-#[derive(Debug, Clone, Copy)]
+/// holds; whatever is left stays in Kafka for the next start. Read from the services' own
+/// progress counts.
+#[derive(Debug, Clone)]
 enum Drain {
     /// Nothing.
     Nothing,
-    /// The bridge: until its count of received messages has not moved for 600 ms (at most 5 s),
-    /// so it has what the embedded broker, which keeps nothing on disk, still held.
-    Received,
+    /// The bridge (its progress): until its count of received messages has not moved for
+    /// 600 ms (at most 5 s), so it has what the embedded broker, which keeps nothing on disk,
+    /// still held.
+    Received(Arc<Progress>),
     /// The audit service: until it has read as many records as the bridge produced in this run
     /// (at most 10 s).
-    CaughtUp,
+    CaughtUp(Pipeline),
+}
+
+/// The progress of the bridge and the audit service.
+#[derive(Debug, Clone)]
+struct Pipeline {
+    bridge: Arc<Progress>,
+    audit: Arc<Progress>,
 }
 
 impl Drain {
-    async fn wait(self) {
-        let metrics = telemetry_ops::install_metrics();
-        let count = |name: &str, service: &str| counter(&metrics.render(), name, service);
+    async fn wait(&self) {
         match self {
             Drain::Nothing => {}
-            Drain::Received => {
-                settle(
-                    || count("events_received_total", "bridge"),
-                    Duration::from_secs(5),
-                )
-                .await;
+            Drain::Received(bridge) => {
+                settle(|| Progress::read(&bridge.received), Duration::from_secs(5)).await;
             }
-            Drain::CaughtUp => {
-                let produced = count("records_produced_total", "bridge");
+            Drain::CaughtUp(pipeline) => {
+                let produced = Progress::read(&pipeline.bridge.produced);
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while count("events_received_total", "audit") < produced
+                while Progress::read(&pipeline.audit.received) < produced
                     && Instant::now() < deadline
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -434,13 +439,21 @@ async fn run_services(
         }
     };
     let api = telemetry_api::Api::bind(api).await?;
+    let bridge = telemetry_bridge::Bridge::bind(bridge).await?;
+    let pipeline = Pipeline {
+        bridge: bridge.progress(),
+        audit: Arc::default(),
+    };
 
-    let audit = Running::spawn("audit service", Drain::CaughtUp, |stop| async move {
-        Ok(telemetry_audit::run(audit, stop).await?)
+    let audit = Running::spawn("audit service", Drain::CaughtUp(pipeline.clone()), {
+        let progress = pipeline.audit.clone();
+        |stop| async move { Ok(telemetry_audit::run_with(audit, stop, progress).await?) }
     });
-    let bridge = Running::spawn("bridge", Drain::Received, |stop| async move {
-        Ok(telemetry_bridge::run(bridge, stop).await?)
-    });
+    let bridge = Running::spawn(
+        "bridge",
+        Drain::Received(pipeline.bridge.clone()),
+        |stop| async move { Ok(bridge.run(stop).await?) },
+    );
     let rollup = Running::spawn("rollup service", Drain::Nothing, |stop| async move {
         Ok(telemetry_rollup::run(rollup, stop).await?)
     });
@@ -489,7 +502,16 @@ async fn run_services(
             devices => println!("Simulating {devices} devices."),
         }
         println!("Ctrl-C stops everything.");
-        ended = Some(watch(&services, kafka, args.status_every_seconds, shutdown).await);
+        ended = Some(
+            watch(
+                &services,
+                &pipeline,
+                kafka,
+                args.status_every_seconds,
+                shutdown,
+            )
+            .await,
+        );
     }
     let failure = match ended {
         Some(Ended::Failed(index)) => Some(services.remove(index).failure().await),
@@ -506,7 +528,7 @@ async fn run_services(
     // after the offsets they committed with their writes); then the API (see `Drain`).
     let mut errors = Vec::new();
     for service in services {
-        if matches!(service.drain, Drain::Received) {
+        if matches!(service.drain, Drain::Received(_)) {
             // Once the bridge stops, nothing would read what the embedded broker acknowledges:
             // devices are shut out first (they send again to the next `up`).
             if let Some(mqtt) = mqtt.as_mut() {
@@ -597,7 +619,7 @@ async fn wait_ready(
 }
 
 /// Waits until `value` has not changed for 600 ms, at most `limit`.
-async fn settle(value: impl Fn() -> f64, limit: Duration) {
+async fn settle(value: impl Fn() -> u64, limit: Duration) {
     let deadline = Instant::now() + limit;
     let (mut last, mut steady) = (value(), 0);
     while steady < 3 && Instant::now() < deadline {
@@ -612,14 +634,14 @@ async fn settle(value: impl Fn() -> f64, limit: Duration) {
 /// itself.
 async fn watch(
     services: &[Running],
+    pipeline: &Pipeline,
     kafka: &mut Option<Kafka>,
     every_seconds: u64,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let metrics = telemetry_ops::install_metrics();
     let every = Duration::from_secs(every_seconds.max(1));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let mut last = (Instant::now(), 0.0);
+    let mut last = (Instant::now(), 0);
     let mut check = tokio::time::interval(Duration::from_millis(250));
     let mut next_status = Instant::now() + every;
     loop {
@@ -642,15 +664,16 @@ async fn watch(
             continue;
         }
         next_status += every;
-        let text = metrics.render();
-        let received = counter(&text, "events_received_total", "bridge");
-        let written = counter(&text, "events_written_total", "audit");
-        let rejected = counter(&text, "events_rejected_total", "audit");
+        let received = Progress::read(&pipeline.bridge.received);
+        let written = Progress::read(&pipeline.audit.written);
+        let rejected = Progress::read(&pipeline.audit.rejected);
         let now = Instant::now();
-        let rate = (received - last.1) / now.duration_since(last.0).as_secs_f64().max(0.001);
+        #[allow(clippy::cast_precision_loss)]
+        let rate = received.saturating_sub(last.1) as f64
+            / now.duration_since(last.0).as_secs_f64().max(0.001);
         last = (now, received);
         let line =
-            format!("{rate:.1} events/s in · {written:.0} rows written · {rejected:.0} to the DLQ");
+            format!("{rate:.1} events/s in · {written} rows written · {rejected} to the DLQ");
         if terminal {
             use std::io::Write as _;
             print!("\r\x1b[2K{line}");
@@ -659,12 +682,6 @@ async fn watch(
             println!("{line}");
         }
     }
-}
-
-/// The sum of a counter's series for one service, from this process's metrics; 0 before the first
-/// increment.
-fn counter(text: &str, name: &str, service: &str) -> f64 {
-    telemetry_ops::metric_sum(text, name, &[&format!("service=\"{service}\"")]).unwrap_or(0.0)
 }
 
 /// A service's settings as its own subcommand reads them with no flags: from the environment and

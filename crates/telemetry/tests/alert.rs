@@ -13,6 +13,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use telemetry_alert::instruments::{
+    DEVICES_FORGOTTEN, DEVICES_TRACKED, STATES_FORGOTTEN, STATES_HELD,
+};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -528,20 +531,21 @@ async fn a_device_silent_past_the_forget_window_is_forgotten_and_active_ones_are
     let (_, metrics) = telemetry_testkit::http_get(metrics_address, "/metrics")
         .await
         .unwrap();
-    for forgotten in [
-        "alert_devices_forgotten_total",
-        "alert_states_forgotten_total",
-    ] {
+    let alert = [("service", "alert")];
+    for forgotten in [DEVICES_FORGOTTEN, STATES_FORGOTTEN] {
         assert!(
-            telemetry_ops::metric_sum(&metrics, forgotten, &["service=\"alert\""])
+            forgotten
+                .total_in(&metrics, &alert)
                 .is_some_and(|count| count >= 1.0),
-            "{forgotten} in {metrics}"
+            "{} in {metrics}",
+            forgotten.name
         );
     }
-    for held in ["alert_devices_tracked", "alert_states_held"] {
+    for held in [DEVICES_TRACKED, STATES_HELD] {
         assert!(
-            telemetry_ops::metric_sum(&metrics, held, &["service=\"alert\""]).is_some(),
-            "{held} in {metrics}"
+            held.total_in(&metrics, &alert).is_some(),
+            "{} in {metrics}",
+            held.name
         );
     }
     active.cancel();

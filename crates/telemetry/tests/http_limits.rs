@@ -12,6 +12,9 @@ use clap::Parser;
 use serde_json::json;
 use telemetry_audit::AuditConfig;
 use telemetry_core::names::headers;
+use telemetry_ops::instruments::{
+    HTTP_CONNECTIONS, HTTP_CONNECTIONS_REFUSED, HTTP_CONNECTIONS_TIMED_OUT,
+};
 use telemetry_testkit::{
     database_url, eventually, free_port, http_get, http_get_with, kafka_brokers, produce, unique,
     TestRecord,
@@ -71,9 +74,11 @@ fn event(device: &str, seq: i64) -> TestRecord {
     }
 }
 
-fn audit_metric(name: &str) -> f64 {
+fn audit_metric(metric: &telemetry_metrics::Metric) -> f64 {
     let text = telemetry_ops::install_metrics().render();
-    telemetry_ops::metric_sum(&text, name, &["service=\"audit\""]).unwrap_or(0.0)
+    metric
+        .total_in(&text, &[("service", "audit")])
+        .unwrap_or(0.0)
 }
 
 async fn rows(pool: &sqlx::MySqlPool) -> i64 {
@@ -101,7 +106,7 @@ async fn half_open_requests_are_closed_and_connections_past_the_cap_refused_whil
     assert!(written, "the first event was written");
     // The readiness checks' connections are closed: every slot is free.
     let free = eventually(Duration::from_secs(5), || async {
-        audit_metric("http_connections") == 0.0
+        audit_metric(&HTTP_CONNECTIONS) == 0.0
     })
     .await;
     assert!(free, "no connection left open");
@@ -115,7 +120,7 @@ async fn half_open_requests_are_closed_and_connections_past_the_cap_refused_whil
         half_open.push(stream);
     }
     let taken = eventually(Duration::from_secs(2), || async {
-        audit_metric("http_connections") == CAP as f64
+        audit_metric(&HTTP_CONNECTIONS) == CAP as f64
     })
     .await;
     assert!(taken, "the half-open requests hold every slot");
@@ -127,7 +132,7 @@ async fn half_open_requests_are_closed_and_connections_past_the_cap_refused_whil
         "{head}"
     );
     assert_eq!(body, "too many connections\n");
-    assert!(audit_metric("http_connections_refused_total") >= 1.0);
+    assert!(audit_metric(&HTTP_CONNECTIONS_REFUSED) >= 1.0);
 
     // Meanwhile the service consumes from Kafka and writes to the database.
     produce(&raw_topic, &[event("pico-1", 2)]).await;
@@ -154,7 +159,7 @@ async fn half_open_requests_are_closed_and_connections_past_the_cap_refused_whil
         elapsed < HEADER_READ_TIMEOUT + Duration::from_secs(8),
         "{elapsed:?}"
     );
-    assert!(audit_metric("http_connections_timed_out_total") >= CAP as f64);
+    assert!(audit_metric(&HTTP_CONNECTIONS_TIMED_OUT) >= CAP as f64);
 
     // Ready again, on the connections it kept.
     assert!(

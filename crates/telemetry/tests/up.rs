@@ -120,7 +120,9 @@ async fn rows(data_dir: &Path) -> u64 {
 async fn audit_received(base: u16) -> f64 {
     let address = SocketAddr::from(([127, 0, 0, 1], base + 4));
     let (_, text) = http_get(address, "/metrics").await.unwrap();
-    telemetry_ops::metric_sum(&text, "events_received_total", &["service=\"audit\""]).unwrap_or(0.0)
+    telemetry_metrics::EVENTS_RECEIVED
+        .total_in(&text, &[("service", "audit")])
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

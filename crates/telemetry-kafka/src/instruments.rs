@@ -1,0 +1,20 @@
+//! The metrics the Kafka clients record (see `telemetry_metrics`).
+
+use telemetry_metrics::Metric;
+
+/// From handing a record to librdkafka to the brokers' acknowledgement, per topic.
+pub const KAFKA_PRODUCE_DURATION: Metric =
+    Metric::histogram("kafka_produce_duration_seconds", &["service", "topic"]);
+/// Produces that failed (each is produced again), per topic.
+pub const KAFKA_PRODUCE_ERRORS: Metric =
+    Metric::counter("kafka_produce_errors_total", &["service", "topic"]);
+/// Records between what a group's member has processed and the end of each partition it reads.
+pub const KAFKA_CONSUMER_LAG: Metric =
+    Metric::gauge("kafka_consumer_lag", &["group", "topic", "partition"]);
+
+/// Everything this crate records.
+pub const ALL: &[Metric] = &[
+    KAFKA_PRODUCE_DURATION,
+    KAFKA_PRODUCE_ERRORS,
+    KAFKA_CONSUMER_LAG,
+];
