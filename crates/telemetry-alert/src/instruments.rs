@@ -1,6 +1,8 @@
 //! The alerter's metrics, each declared once (see `telemetry_metrics`).
 
-use telemetry_metrics::{Metric, DB_WRITE_DURATION, EVENTS_RECEIVED, RECORDS_PRODUCED};
+use telemetry_metrics::{
+    Metric, DB_WRITE_DURATION, DB_WRITE_RETRIES, EVENTS_RECEIVED, RECORDS_PRODUCED,
+};
 
 /// The `service` label of everything the alerter records.
 pub(crate) const SERVICE: &str = "alert";
@@ -31,6 +33,7 @@ pub const ALL: &[Metric] = &[
     EVENTS_RECEIVED,
     RECORDS_PRODUCED,
     DB_WRITE_DURATION,
+    DB_WRITE_RETRIES,
     ALERTS_FIRED,
     ALERTS_RESOLVED,
     WEBHOOK_ATTEMPTS,

@@ -36,6 +36,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
+use telemetry_consumer::{DatabaseConfig, Service, Started, Writes};
 use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
@@ -100,20 +101,9 @@ pub struct AlertConfig {
     )]
     pub rules: PathBuf,
 
-    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
-    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
-    #[arg(
-        long,
-        env = "TELEMETRY_MYSQL_URL",
-        hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL,
-        hide_default_value = true
-    )]
-    pub mysql_url: String,
-
-    /// Database connections in the pool.
-    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 2)]
-    pub mysql_max_connections: u32,
+    /// The database (its pool: 2 connections unless set).
+    #[command(flatten)]
+    pub database: DatabaseConfig,
 
     /// Kafka consumer group of the alerter. A new group starts at the end of the topics.
     #[arg(long, env = "TELEMETRY_ALERT_GROUP", default_value = "telemetry-alert")]
@@ -158,9 +148,6 @@ pub struct AlertConfig {
     pub kafka: KafkaConfig,
 }
 
-/// The readiness check the alerter reports on `/readyz`: passing while database writes succeed.
-const DATABASE: &str = "database";
-
 /// Runs the alerter until `shutdown` is cancelled.
 pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()> {
     // Rules that do not load stop the service before it touches anything.
@@ -190,36 +177,30 @@ pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()>
              users other than its owner can read it: run `chmod 600` on it."
         );
     }
-    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
-    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(
-        telemetry_ops::router(readiness.clone()),
-        "alert",
-        &config.http,
-        shutdown.clone(),
-    );
-    let result = evaluate(&config, rules, &readiness, &shutdown).await;
-    shutdown.cancel();
-    telemetry_ops::join(server).await?;
-    result
+    let kafka = &config.kafka;
+    Service {
+        service: instruments::SERVICE,
+        listen: &config.listen,
+        http: &config.http,
+        database: &config.database,
+        connections: 2,
+        kafka,
+        topics: &[&kafka.cleaned_topic, &kafka.dlq_topic, &config.alerts_topic],
+    }
+    .run(shutdown, |started| evaluate(&config, rules, started))
+    .await
 }
 
-async fn evaluate(
-    config: &AlertConfig,
-    rules: Rules,
-    readiness: &telemetry_ops::Readiness,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let Some(store) =
-        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, shutdown)
-            .await?
-    else {
-        return Ok(());
-    };
-    readiness.set(DATABASE, true);
+/// Restores the states, then batch (or clock tick) after batch until shutdown.
+async fn evaluate(config: &AlertConfig, rules: Rules, started: Started) -> Result<()> {
+    let Started {
+        store,
+        writes,
+        shutdown,
+    } = started;
+    let shutdown = &shutdown;
     let kafka = &config.kafka;
     let topics = [kafka.cleaned_topic.as_str(), kafka.dlq_topic.as_str()];
-    telemetry_kafka::ensure_topics(kafka, &[topics[0], topics[1], &config.alerts_topic]).await?;
     let Some(stored) = telemetry_retry::retry("Reading the alert states", shutdown, || {
         store.alert_states()
     })
@@ -238,7 +219,7 @@ async fn evaluate(
         producer: RenewableProducer::new(kafka.producer_config(&[])?, "alert")?,
         topic: config.alerts_topic.clone(),
         group_id: config.group_id.clone(),
-        readiness,
+        writes: &writes,
         wake_webhook: Arc::new(tokio::sync::Notify::new()),
     };
     let Some(mut offsets) = start_offsets(config, &store, &topics, shutdown).await? else {
@@ -566,7 +547,7 @@ struct Outbox<'a> {
     producer: RenewableProducer,
     topic: String,
     group_id: String,
-    readiness: &'a telemetry_ops::Readiness,
+    writes: &'a Writes,
     wake_webhook: Arc<tokio::sync::Notify>,
 }
 
@@ -639,18 +620,10 @@ impl Outbox<'_> {
                     payload,
                 })
                 .collect();
-            let started = std::time::Instant::now();
-            let result = self
+            let save = self
                 .store
-                .save_alerts(&self.group_id, offsets, &states, &alerts, webhook)
-                .await;
-            if result.is_ok() {
-                telemetry_metrics::DB_WRITE_DURATION
-                    .histogram_of(series!(instruments::SERVICE))
-                    .record(started.elapsed().as_secs_f64());
-            }
-            self.readiness.set(DATABASE, result.is_ok());
-            result
+                .save_alerts(&self.group_id, offsets, &states, &alerts, webhook);
+            self.writes.attempt(save).await
         })
         .await
         .is_some();

@@ -1,15 +1,13 @@
 //! The audit service's metrics, each declared once (see `telemetry_metrics`).
 
 use telemetry_metrics::{
-    Metric, AUDIT_BATCH_RECORDS, DB_WRITE_DURATION, EVENTS_RECEIVED, EVENTS_REJECTED,
-    EVENTS_WRITTEN, KAFKA_RECORDS_REFUSED, PRODUCE_RETRIES, RECORDS_PRODUCED,
+    Metric, AUDIT_BATCH_RECORDS, DB_WRITE_DURATION, DB_WRITE_RETRIES, EVENTS_RECEIVED,
+    EVENTS_REJECTED, EVENTS_WRITTEN, KAFKA_RECORDS_REFUSED, PRODUCE_RETRIES, RECORDS_PRODUCED,
 };
 
 /// The `service` label of everything the audit service records.
 pub(crate) const SERVICE: &str = "audit";
 
-/// Database writes retried because the database was unavailable.
-pub const DB_WRITE_RETRIES: Metric = Metric::counter("db_write_retries_total", &["service"]);
 /// Payload fields the contract coerced from strings.
 pub const FIELDS_COERCED: Metric = Metric::counter("fields_coerced_total", &["service"]);
 /// Payload fields converted from other units.

@@ -35,9 +35,10 @@ mod write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use telemetry_consumer::{DatabaseConfig, Service, Started};
 use telemetry_core::{Contract, Validator};
 use telemetry_kafka::{BatchConsumer, KafkaConfig};
-use telemetry_store::{DynStore, Table};
+use telemetry_store::Table;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -69,28 +70,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Audit service settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditConfig {
-    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
-    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
-    /// Default: the development writer account of `scripts/services.sh`.
-    #[arg(
-        long,
-        env = "TELEMETRY_MYSQL_URL",
-        hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL,
-        hide_default_value = true
-    )]
-    pub mysql_url: String,
-
-    /// MySQL/MariaDB URL of the telemetry database with the owner's account (DDL on that
-    /// database): the schema is migrated with it at start-up, then the service works with
-    /// `--mysql-url`'s account (DML alone). Without it, a schema that is behind is migrated with
-    /// `--mysql-url`'s account if that may, or the service stops and asks for `telemetry migrate`.
-    #[arg(long, env = "TELEMETRY_MYSQL_OWNER_URL", hide_env_values = true)]
-    pub mysql_owner_url: Option<String>,
-
-    /// Database connections in the pool.
-    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 4)]
-    pub mysql_max_connections: u32,
+    /// The database (its pool: 4 connections unless set).
+    #[command(flatten)]
+    pub database: DatabaseConfig,
 
     /// Kafka consumer group of the audit service. Instances in one group share the partitions.
     #[arg(long, env = "TELEMETRY_AUDIT_GROUP", default_value = "telemetry-audit")]
@@ -160,9 +142,9 @@ pub struct AuditConfig {
     pub kafka: KafkaConfig,
 }
 
-/// The readiness check the audit service reports on `/readyz`: passing while database writes
-/// succeed.
-const DATABASE: &str = "database";
+/// The readiness check the audit service reports on `/readyz`: passing while the database
+/// answers.
+pub(crate) use telemetry_consumer::DATABASE;
 
 /// `error.code` of records that passed validation but that the database refused (for example a
 /// value outside a constraint an operator added).
@@ -184,41 +166,39 @@ pub async fn run_with(
 ) -> Result<()> {
     // A contract that does not load stops the service before it touches anything.
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
-    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
-    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(
-        telemetry_ops::router(readiness.clone()),
-        "audit",
-        &config.http,
-        shutdown.clone(),
-    );
-    let result = consume(&config, validator, &readiness, &progress, &shutdown).await;
-    shutdown.cancel();
-    telemetry_ops::join(server).await?;
-    result
+    let kafka = &config.kafka;
+    Service {
+        service: instruments::SERVICE,
+        listen: &config.listen,
+        http: &config.http,
+        database: &config.database,
+        connections: 4,
+        kafka,
+        topics: &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
+    }
+    .run(shutdown, |started| {
+        consume(&config, validator, &progress, started)
+    })
+    .await
 }
 
-/// The service proper: set up, then the stages until `shutdown`.
+/// The service proper: the stages, until shutdown.
 async fn consume(
     config: &AuditConfig,
     validator: Validator,
-    readiness: &telemetry_ops::Readiness,
     progress: &Arc<telemetry_metrics::Progress>,
-    shutdown: &CancellationToken,
+    started: Started,
 ) -> Result<()> {
+    let Started {
+        store,
+        writes,
+        shutdown,
+    } = started;
+    let shutdown = &shutdown;
     // Intake stops at `shutdown`; the batches in hand get the grace period to become durable.
     let abandon = abandon_after_grace(shutdown, Duration::from_secs(config.shutdown_grace_seconds));
     let _abandon_on_return = abandon.clone().drop_guard();
-    let Some(store) = open_store(config, shutdown).await? else {
-        return Ok(());
-    };
-    readiness.set(DATABASE, true);
     let kafka = &config.kafka;
-    telemetry_kafka::ensure_topics(
-        kafka,
-        &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
-    )
-    .await?;
     let source = Arc::new(
         BatchConsumer::new(kafka, &config.group_id, &[kafka.raw_topic.as_str()])?
             .with_max_batch_bytes(usize::try_from(config.batch_bytes).unwrap_or(usize::MAX)),
@@ -262,7 +242,7 @@ async fn consume(
     let writer = write::Writer {
         store: store.as_ref(),
         table: &Table::live(),
-        readiness,
+        writes: &writes,
         abandon: &abandon,
         cleaned_topic: Arc::from(kafka.cleaned_topic.as_str()),
         dlq_topic: Arc::from(kafka.dlq_topic.as_str()),
@@ -305,27 +285,6 @@ fn abandon_after_grace(shutdown: &CancellationToken, grace: Duration) -> Cancell
         }
     });
     abandon
-}
-
-/// Opens the store, migrating it first with the owner's account when one is given. `None` when
-/// `shutdown` came first.
-async fn open_store(
-    config: &AuditConfig,
-    shutdown: &CancellationToken,
-) -> Result<Option<DynStore>> {
-    if let Some(owner_url) = config
-        .mysql_owner_url
-        .as_deref()
-        .filter(|url| !url.is_empty() && !telemetry_store::is_sqlite_url(url))
-    {
-        if !telemetry_store::Store::migrate_as_owner(owner_url, shutdown).await? {
-            return Ok(None);
-        }
-    }
-    Ok(
-        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, shutdown)
-            .await?,
-    )
 }
 
 /// Loads the contract at `path`, or the one compiled into the binary.

@@ -144,6 +144,7 @@ mod tests {
     use crate::test_support::{header, sqlite_store, validator};
     use crate::write::{write_batch, Batch};
     use crate::DATABASE;
+    use telemetry_consumer::Writes;
     use telemetry_metrics::Progress;
 
     fn record(device: &str, payload: &str) -> TestRecord {
@@ -214,14 +215,17 @@ mod tests {
 
         // Write, on SQLite.
         let (_directory, store) = sqlite_store().await;
-        let (readiness, abandon) = (
-            telemetry_ops::Readiness::new(&[DATABASE]),
+        let (writes, abandon) = (
+            Writes::new(
+                crate::instruments::SERVICE,
+                telemetry_ops::Readiness::new(&[DATABASE]),
+            ),
             CancellationToken::new(),
         );
         let writer = Writer {
             store: &store,
             table: &Table::live(),
-            readiness: &readiness,
+            writes: &writes,
             abandon: &abandon,
             cleaned_topic: Arc::from(cleaned.as_str()),
             dlq_topic: Arc::from(dlq.as_str()),

@@ -20,6 +20,8 @@ use telemetry_kafka::KafkaConfig;
 use telemetry_store::{Store, Table};
 use tokio_util::sync::CancellationToken;
 
+use telemetry_consumer::Writes;
+
 use crate::decide::decide;
 use crate::write::{write_accepted, Written};
 use crate::{load_contract, Error, Result, DATABASE, DB_REJECTED};
@@ -243,7 +245,11 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
     }
 
     let devices: HashSet<&str> = config.devices.iter().map(String::as_str).collect();
-    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
+    // Counted as the audit service's writes (its label), as the live path counts them.
+    let writes = Writes::new(
+        crate::instruments::SERVICE,
+        telemetry_ops::Readiness::new(&[DATABASE]),
+    );
     let mut sequences = SequenceTracker::new();
     let mut summary = Summary {
         table: table.to_string(),
@@ -295,7 +301,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
             &mut sequences,
             &devices,
             &batch,
-            &readiness,
+            &writes,
             &shutdown,
             &mut summary,
         )
@@ -327,7 +333,7 @@ async fn handle(
     sequences: &mut SequenceTracker,
     devices: &HashSet<&str>,
     batch: &[OwnedMessage],
-    readiness: &telemetry_ops::Readiness,
+    writes: &Writes,
     shutdown: &CancellationToken,
     summary: &mut Summary,
 ) -> bool {
@@ -347,7 +353,7 @@ async fn handle(
         summary.filtered_out += (before - after) as u64;
     }
     let Some(Written { refused, inserted }) =
-        write_accepted(store, table, &decided.accepted, readiness, shutdown).await
+        write_accepted(store, table, &decided.accepted, writes, shutdown).await
     else {
         return false;
     };

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::message::{Message, OwnedMessage};
+use telemetry_consumer::Writes;
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::Validator;
 use telemetry_store::{Table, TelemetryStore};
@@ -14,15 +15,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use telemetry_metrics::{
-    series, Progress, AUDIT_BATCH_RECORDS, DB_WRITE_DURATION, EVENTS_REJECTED, EVENTS_WRITTEN,
-};
+use telemetry_metrics::{series, Progress, AUDIT_BATCH_RECORDS, EVENTS_REJECTED, EVENTS_WRITTEN};
 
 use crate::decide::Decided;
-use crate::instruments::{self, DB_WRITE_RETRIES, SERVICE};
+use crate::instruments::{self, SERVICE};
 use crate::kafka_sink::OutgoingRecord;
 use crate::produce::{self, Letter, ToProduce};
-use crate::{DATABASE, DB_REJECTED};
+use crate::DB_REJECTED;
 
 /// A batch read and decided.
 pub(crate) struct Batch {
@@ -34,7 +33,8 @@ pub(crate) struct Batch {
 pub(crate) struct Writer<'a> {
     pub store: &'a dyn TelemetryStore,
     pub table: &'a Table,
-    pub readiness: &'a telemetry_ops::Readiness,
+    /// Its writes as `/readyz` and the metrics see them.
+    pub writes: &'a Writes,
     /// Stops the writes in hand (the end of the shutdown grace period).
     pub abandon: &'a CancellationToken,
     pub cleaned_topic: Arc<str>,
@@ -99,7 +99,7 @@ pub(crate) async fn write_batch(batch: Batch, writer: &Writer<'_>) -> Option<ToP
         writer.store,
         writer.table,
         &decided.accepted,
-        writer.readiness,
+        writer.writes,
         writer.abandon,
     )
     .await?;
@@ -111,7 +111,7 @@ pub(crate) async fn write_batch(batch: Batch, writer: &Writer<'_>) -> Option<ToP
         writer.store,
         &letters,
         writer.validator,
-        writer.readiness,
+        writer.writes,
         writer.abandon,
     )
     .await
@@ -140,35 +140,22 @@ pub(crate) async fn write_accepted(
     store: &dyn TelemetryStore,
     table: &Table,
     records: &[CleanedRecord],
-    readiness: &telemetry_ops::Readiness,
+    writes: &Writes,
     shutdown: &CancellationToken,
 ) -> Option<Written> {
-    let halved = telemetry_retry::retry_halving(
-        "Writing to the database",
-        records,
-        shutdown,
-        telemetry_store::Error::is_data_error,
-        |chunk| async move {
-            let started = std::time::Instant::now();
-            let result = store.insert_events_into(table, chunk).await;
-            DB_WRITE_DURATION
-                .histogram_of(series!(SERVICE))
-                .record(started.elapsed().as_secs_f64());
-            match &result {
-                Ok(_) => {
-                    readiness.set(DATABASE, true);
-                    instruments::counter(&EVENTS_WRITTEN).increment(chunk.len() as u64);
+    let written = instruments::counter(&EVENTS_WRITTEN);
+    let halved = writes
+        .halving("Writing to the database", records, shutdown, |chunk| {
+            let written = &written;
+            async move {
+                let result = store.insert_events_into(table, chunk).await;
+                if result.is_ok() {
+                    written.increment(chunk.len() as u64);
                 }
-                Err(error) if error.is_data_error() => {}
-                Err(_) => {
-                    readiness.set(DATABASE, false);
-                    instruments::counter(&DB_WRITE_RETRIES).increment(1);
-                }
+                result
             }
-            result
-        },
-    )
-    .await?;
+        })
+        .await?;
     let mut refused = Vec::with_capacity(halved.refused.len());
     for (index, error) in halved.refused {
         tracing::warn!(%error, offset = records[index].source.offset, "The database refused a record; it goes to the DLQ.");
@@ -191,7 +178,7 @@ async fn index_dead_letters(
     store: &dyn TelemetryStore,
     letters: &[Letter<'_>],
     validator: &Validator,
-    readiness: &telemetry_ops::Readiness,
+    writes: &Writes,
     shutdown: &CancellationToken,
 ) -> bool {
     if letters.is_empty() {
@@ -215,22 +202,11 @@ async fn index_dead_letters(
             payload: letter.message.payload().unwrap_or_default(),
         })
         .collect();
-    let Some(halved) = telemetry_retry::retry_halving(
-        "Indexing rejected records",
-        &rows,
-        shutdown,
-        telemetry_store::Error::is_data_error,
-        |chunk| async move {
-            let result = store.insert_dead_letters(chunk).await;
-            match &result {
-                Ok(()) => readiness.set(DATABASE, true),
-                Err(error) if error.is_data_error() => {}
-                Err(_) => readiness.set(DATABASE, false),
-            }
-            result
-        },
-    )
-    .await
+    let Some(halved) = writes
+        .halving("Indexing rejected records", &rows, shutdown, |chunk| {
+            store.insert_dead_letters(chunk)
+        })
+        .await
     else {
         return false;
     };
@@ -256,7 +232,7 @@ mod tests {
         directory: tempfile::TempDir,
         store: telemetry_store::SqliteStore,
         validator: Validator,
-        readiness: Arc<telemetry_ops::Readiness>,
+        writes: Writes,
         abandon: CancellationToken,
         table: Table,
         progress: Progress,
@@ -269,7 +245,7 @@ mod tests {
                 directory,
                 store,
                 validator: validator(),
-                readiness: telemetry_ops::Readiness::new(&[DATABASE]),
+                writes: Writes::new(SERVICE, telemetry_ops::Readiness::new(&[crate::DATABASE])),
                 abandon: CancellationToken::new(),
                 table: Table::live(),
                 progress: Progress::default(),
@@ -280,7 +256,7 @@ mod tests {
             Writer {
                 store: &self.store,
                 table: &self.table,
-                readiness: &self.readiness,
+                writes: &self.writes,
                 abandon: &self.abandon,
                 cleaned_topic: Arc::from(CLEANED),
                 dlq_topic: Arc::from(DLQ),
@@ -342,7 +318,7 @@ mod tests {
         );
         assert_eq!(indexed[0].device_id.as_deref(), Some("pico-1"));
         assert_eq!(indexed[0].payload, br#"{"device_id":"#);
-        assert!(stage.readiness.snapshot()[DATABASE]);
+        assert!(stage.writes.is_ready());
         assert_eq!(Progress::read(&stage.progress.written), 2);
 
         let produced: Vec<_> = outgoing

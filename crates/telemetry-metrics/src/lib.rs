@@ -211,6 +211,8 @@ pub const EVENTS_REJECTED: Metric =
 pub const EVENTS_WRITTEN: Metric = Metric::counter("events_written_total", &["service"]);
 /// Records per audit batch.
 pub const AUDIT_BATCH_RECORDS: Metric = Metric::histogram("audit_batch_records", &["service"]);
+/// Database writes retried because the database was unavailable.
+pub const DB_WRITE_RETRIES: Metric = Metric::counter("db_write_retries_total", &["service"]);
 /// Time per database write.
 pub const DB_WRITE_DURATION: Metric = Metric::histogram("db_write_duration_seconds", &["service"]);
 

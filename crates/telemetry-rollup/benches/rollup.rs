@@ -128,10 +128,13 @@ fn main() {
         let group = format!("bench-rollup-{stamp}");
         let database = format!("bench_rollup_{stamp}");
         let config = RollupConfig {
-            mysql_url: std::env::var("TELEMETRY_BENCH_MYSQL_URL")
+            database: telemetry_store::DatabaseConfig {
+                mysql_url: std::env::var("TELEMETRY_BENCH_MYSQL_URL")
                 .unwrap_or_else(|_| "mysql://telemetry_test:telemetry-test@127.0.0.1:3306/".into())
                 + &database,
-            mysql_max_connections: 2,
+                mysql_owner_url: None,
+                mysql_max_connections: Some(2),
+            },
             group_id: group.clone(),
             batch_size: std::env::var("BENCH_BATCH_SIZE")
                 .ok()

@@ -1,6 +1,6 @@
 //! The rollup's metrics, each declared once (see `telemetry_metrics`).
 
-use telemetry_metrics::{Metric, DB_WRITE_DURATION, EVENTS_RECEIVED};
+use telemetry_metrics::{Metric, DB_WRITE_DURATION, DB_WRITE_RETRIES, EVENTS_RECEIVED};
 
 /// The `service` label of everything the rollup records.
 pub(crate) const SERVICE: &str = "rollup";
@@ -20,6 +20,7 @@ pub const READINGS_SKIPPED: Metric = Metric::counter("rollup_readings_skipped_to
 pub const ALL: &[Metric] = &[
     EVENTS_RECEIVED,
     DB_WRITE_DURATION,
+    DB_WRITE_RETRIES,
     EVENTS_FOLDED,
     EVENTS_DUPLICATE,
     EVENTS_TOO_LATE,

@@ -23,6 +23,7 @@ pub mod instruments;
 use std::time::Duration;
 
 use rdkafka::message::{Message, OwnedMessage};
+use telemetry_consumer::{DatabaseConfig, Service, Started, Writes};
 use telemetry_core::validate::MAX_TIMESTAMP_MS;
 use telemetry_core::Event;
 use telemetry_kafka::{BatchConsumer, KafkaConfig};
@@ -49,20 +50,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Rollup service settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RollupConfig {
-    /// MySQL/MariaDB URL of the telemetry database with the writer's account (SELECT, INSERT,
-    /// UPDATE, DELETE); `sqlite://<file>` for the embedded SQLite store of `telemetry up`.
-    #[arg(
-        long,
-        env = "TELEMETRY_MYSQL_URL",
-        hide_env_values = true,
-        default_value = telemetry_store::DEFAULT_MYSQL_URL,
-        hide_default_value = true
-    )]
-    pub mysql_url: String,
-
-    /// Database connections in the pool.
-    #[arg(long, env = "TELEMETRY_MYSQL_MAX_CONNECTIONS", default_value_t = 2)]
-    pub mysql_max_connections: u32,
+    /// The database (its pool: 2 connections unless set).
+    #[command(flatten)]
+    pub database: DatabaseConfig,
 
     /// Kafka consumer group of the rollup. Instances in one group share the partitions; a new
     /// group starts from the beginning of the cleaned topic.
@@ -108,40 +98,32 @@ pub struct RollupConfig {
     pub kafka: KafkaConfig,
 }
 
-/// The readiness check the rollup reports on `/readyz`: passing while database writes succeed.
-const DATABASE: &str = "database";
-
 /// Runs the rollup service until `shutdown` is cancelled. A batch in hand then is dropped
 /// uncommitted (its transaction rolls back) and read again on the next start.
 pub async fn run(config: RollupConfig, shutdown: CancellationToken) -> Result<()> {
-    let server = telemetry_ops::HttpServer::bind(&config.listen).await?;
-    let readiness = telemetry_ops::Readiness::new(&[DATABASE]);
-    let server = server.spawn(
-        telemetry_ops::router(readiness.clone()),
-        "rollup",
-        &config.http,
-        shutdown.clone(),
-    );
-    let result = consume(&config, &readiness, &shutdown).await;
-    shutdown.cancel();
-    telemetry_ops::join(server).await?;
-    result
+    let kafka = &config.kafka;
+    Service {
+        service: instruments::SERVICE,
+        listen: &config.listen,
+        http: &config.http,
+        database: &config.database,
+        connections: 2,
+        kafka,
+        topics: &[&kafka.cleaned_topic],
+    }
+    .run(shutdown, |started| consume(&config, started))
+    .await
 }
 
-async fn consume(
-    config: &RollupConfig,
-    readiness: &telemetry_ops::Readiness,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let Some(store) =
-        telemetry_store::open_migrated(&config.mysql_url, config.mysql_max_connections, shutdown)
-            .await?
-    else {
-        return Ok(());
-    };
-    readiness.set(DATABASE, true);
+/// Batch after batch: decode, fold, then store the offsets, until shutdown.
+async fn consume(config: &RollupConfig, started: Started) -> Result<()> {
+    let Started {
+        store,
+        writes,
+        shutdown,
+    } = started;
+    let shutdown = &shutdown;
     let kafka = &config.kafka;
-    telemetry_kafka::ensure_topics(kafka, &[&kafka.cleaned_topic]).await?;
     let consumer = BatchConsumer::new(kafka, &config.group_id, &[kafka.cleaned_topic.as_str()])?;
     let late_window_ms = i64::from(config.late_window_seconds) * 1_000;
     tracing::info!(
@@ -154,7 +136,7 @@ async fn consume(
     let batch_size = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
     while let Some(batch) = consumer.next_batch(batch_size, linger, shutdown).await {
         let events = decode(&batch);
-        let Some(outcome) = fold(&store, &events, late_window_ms, readiness, shutdown).await else {
+        let Some(outcome) = fold(&store, &events, late_window_ms, &writes, shutdown).await else {
             break; // Stopped first: the batch is read again on the next start.
         };
         count(&outcome, batch.len());
@@ -219,30 +201,14 @@ async fn fold(
     store: &DynStore,
     events: &[Event],
     late_window_ms: i64,
-    readiness: &telemetry_ops::Readiness,
+    writes: &Writes,
     shutdown: &CancellationToken,
 ) -> Option<RollupOutcome> {
-    let halved = telemetry_retry::retry_halving(
-        "Writing the rollups",
-        events,
-        shutdown,
-        telemetry_store::Error::is_data_error,
-        |chunk| async move {
-            let started = std::time::Instant::now();
-            let result = store.roll_up(chunk, late_window_ms).await;
-            if result.is_ok() {
-                telemetry_metrics::DB_WRITE_DURATION
-                    .histogram_of(telemetry_metrics::series!(instruments::SERVICE))
-                    .record(started.elapsed().as_secs_f64());
-            }
-            readiness.set(
-                DATABASE,
-                !matches!(&result, Err(error) if !error.is_data_error()),
-            );
-            result
-        },
-    )
-    .await?;
+    let halved = writes
+        .halving("Writing the rollups", events, shutdown, |chunk| {
+            store.roll_up(chunk, late_window_ms)
+        })
+        .await?;
     for (index, error) in halved.refused {
         let event = &events[index];
         instruments::counter(&instruments::RECORDS_INVALID).increment(1);

@@ -12,6 +12,7 @@
 
 mod alerts;
 mod backend;
+mod config;
 mod dead_letters;
 mod queries;
 mod rollups;
@@ -21,6 +22,7 @@ pub use alerts::{AlertEntry, AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
 pub use backend::{
     is_sqlite_url, open_bounded_reader, open_migrated, open_reader, DynStore, TelemetryStore,
 };
+pub use config::DatabaseConfig;
 pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter, MAX_INDEXED_PAYLOAD_BYTES};
 pub use queries::{
     Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary, SeriesQuery,
@@ -64,7 +66,7 @@ const ROWS_PER_STATEMENT: usize = 1_000;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The schema is behind this binary's migrations and this account may not change it.
-    #[error("the database schema is not up to date and this account may not migrate it ({0}); run `telemetry migrate` with the owner's account (TELEMETRY_MYSQL_OWNER_URL), or give the audit service TELEMETRY_MYSQL_OWNER_URL")]
+    #[error("the database schema is not up to date and this account may not migrate it ({0}); run `telemetry migrate` with the owner's account (TELEMETRY_MYSQL_OWNER_URL), or give the service TELEMETRY_MYSQL_OWNER_URL")]
     NeedsMigration(String),
     /// The account may not do what the service needs (a privilege, or the database, is missing).
     #[error(

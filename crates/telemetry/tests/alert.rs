@@ -139,8 +139,11 @@ fn rewind(group: &str, topics: &[&str]) {
 fn config(id: &str, rules: &std::path::Path, kafka: &KafkaConfig) -> AlertConfig {
     AlertConfig {
         rules: rules.to_path_buf(),
-        mysql_url: database_url(id),
-        mysql_max_connections: 2,
+        database: telemetry_store::DatabaseConfig {
+            mysql_url: database_url(id),
+            mysql_owner_url: None,
+            mysql_max_connections: Some(2),
+        },
         group_id: format!("{id}-alert"),
         alerts_topic: format!("{id}.alerts"),
         tick_ms: 200,

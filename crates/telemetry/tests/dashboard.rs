@@ -143,8 +143,11 @@ async fn the_dashboard_shows_devices_live_data_history_and_rejections() {
     let alert_task = tokio::spawn(telemetry_alert::run(
         telemetry_alert::AlertConfig {
             rules,
-            mysql_url: database_url(&id),
-            mysql_max_connections: 2,
+            database: telemetry_store::DatabaseConfig {
+                mysql_url: database_url(&id),
+                mysql_owner_url: None,
+                mysql_max_connections: Some(2),
+            },
             group_id: format!("{id}-alert"),
             alerts_topic: format!("{id}.alerts"),
             tick_ms: 500,

@@ -58,7 +58,7 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
 
     let mut tasks = Vec::new();
     let mut audit = audit_config(&id, &format!("{id}-audit"), &kafka);
-    audit.mysql_url = DEAD_MYSQL.into();
+    audit.database.mysql_url = DEAD_MYSQL.into();
     let audit_address = address(free_port());
     audit.listen = audit_address.to_string();
     tasks.push(
@@ -79,8 +79,11 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
             "database",
             telemetry_rollup::run(
                 telemetry_rollup::RollupConfig {
-                    mysql_url: DEAD_MYSQL.into(),
-                    mysql_max_connections: 1,
+                    database: telemetry_store::DatabaseConfig {
+                        mysql_url: DEAD_MYSQL.into(),
+                        mysql_owner_url: None,
+                        mysql_max_connections: Some(1),
+                    },
                     group_id: format!("{id}-rollup"),
                     batch_size: 100,
                     batch_linger_ms: 20,
@@ -106,8 +109,11 @@ async fn every_service_is_up_but_not_ready_while_its_dependency_is_down() {
             telemetry_alert::run(
                 telemetry_alert::AlertConfig {
                     rules,
-                    mysql_url: DEAD_MYSQL.into(),
-                    mysql_max_connections: 1,
+                    database: telemetry_store::DatabaseConfig {
+                        mysql_url: DEAD_MYSQL.into(),
+                        mysql_owner_url: None,
+                        mysql_max_connections: Some(1),
+                    },
                     group_id: format!("{id}-alert"),
                     alerts_topic: format!("{id}.alerts"),
                     tick_ms: 200,

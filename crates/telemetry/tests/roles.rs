@@ -149,6 +149,17 @@ async fn the_database_server_cannot_touch_files_outside_its_own() {
     assert_ne!(uid, "0", "MariaDB must not run as root");
 }
 
+/// Makes the test's database, empty, as an operator does; the server connection that made it.
+async fn empty_database(id: &str) -> MySqlConnection {
+    let server = database_url(id).replace(&format!("/test_{id}"), "");
+    let mut owner = MySqlConnection::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE `test_{id}`"))
+        .execute(&mut owner)
+        .await
+        .unwrap();
+    owner
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_services_run_with_their_roles_after_telemetry_migrate() {
     let id = unique("roles");
@@ -156,17 +167,12 @@ async fn the_services_run_with_their_roles_after_telemetry_migrate() {
     let writer_url = database_url_as("telemetry_test_writer", &id);
 
     // An empty database, as an operator makes it.
-    let server = database_url(&id).replace(&format!("/test_{id}"), "");
-    let mut owner = MySqlConnection::connect(&server).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE `test_{id}`"))
-        .execute(&mut owner)
-        .await
-        .unwrap();
+    let mut owner = empty_database(&id).await;
 
     // The audit service with the writer's account alone cannot make the schema: it stops at
     // once, saying what to do (it does not retry for ever).
     let mut audit = audit_config(&id, &format!("{id}-audit"), &kafka);
-    audit.mysql_url = writer_url.clone();
+    audit.database.mysql_url = writer_url.clone();
     let refused = tokio::time::timeout(
         Duration::from_secs(20),
         telemetry_audit::run(audit.clone(), CancellationToken::new()),
@@ -237,4 +243,56 @@ async fn the_services_run_with_their_roles_after_telemetry_migrate() {
     shutdown.cancel();
     stopped(audit_task).await;
     stopped(api_task).await;
+}
+
+/// `telemetry rollup` and `telemetry alert` on an empty database, given the owner's account for
+/// the schema and the writer's for their work, as the audit service is: each migrates with the
+/// owner's, then becomes ready. Before the shared database settings they knew only the writer's,
+/// which may not make the schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rollup_and_the_alerter_migrate_with_the_owners_account_and_work_with_the_writers() {
+    let id = unique("roles_consumers");
+    let mut owner = empty_database(&id).await;
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/alerts.toml");
+    for (service, listen, table) in [
+        ("rollup", "TELEMETRY_ROLLUP_LISTEN", "rollup_1m"),
+        ("alert", "TELEMETRY_ALERT_LISTEN", "alert_states"),
+    ] {
+        let port = telemetry_testkit::free_port();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_telemetry"))
+            .arg(service)
+            .env(
+                "TELEMETRY_MYSQL_URL",
+                database_url_as("telemetry_test_writer", &id),
+            )
+            .env("TELEMETRY_MYSQL_OWNER_URL", database_url(&id))
+            .env(listen, format!("127.0.0.1:{port}"))
+            .env("TELEMETRY_CLEANED_TOPIC", format!("{id}.cleaned"))
+            .env("TELEMETRY_DLQ_TOPIC", format!("{id}.dlq"))
+            .env("TELEMETRY_ALERTS_TOPIC", format!("{id}.alerts"))
+            .env("TELEMETRY_ALERT_RULES", &rules)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let ready = eventually(Duration::from_secs(60), || async {
+            matches!(http_get(address, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        let exited = child.try_wait().unwrap();
+        assert!(
+            ready,
+            "telemetry {service} did not become ready (exited: {exited:?})"
+        );
+        let tables: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'test_{id}'"
+        ))
+        .fetch_all(&mut owner)
+        .await
+        .unwrap();
+        assert!(tables.iter().any(|name| name == table), "{tables:?}");
+        child.kill().await.unwrap();
+    }
 }

@@ -32,8 +32,11 @@ fn rollup_config(
     late_window_seconds: u32,
 ) -> RollupConfig {
     RollupConfig {
-        mysql_url: database_url(id),
-        mysql_max_connections: 2,
+        database: telemetry_store::DatabaseConfig {
+            mysql_url: database_url(id),
+            mysql_owner_url: None,
+            mysql_max_connections: Some(2),
+        },
         group_id: group.to_string(),
         batch_size: 100,
         batch_linger_ms: 20,

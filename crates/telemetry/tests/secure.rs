@@ -147,7 +147,7 @@ async fn the_pipeline_runs_over_tls_with_credentials_to_mqtt_kafka_and_mysql() {
     let bridge_address = bridge.local_addr().unwrap();
     let bridge_task = tokio::spawn(bridge.run(shutdown.clone()));
     let mut audit = audit_config(&id, &format!("{id}-audit"), &kafka);
-    audit.mysql_url = mysql_url.clone();
+    audit.database.mysql_url = mysql_url.clone();
     let audit_task = tokio::spawn(telemetry_audit::run(audit, shutdown.clone()));
     assert!(
         eventually(Duration::from_secs(30), || async {

@@ -49,9 +49,11 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
 
 pub fn audit_config(id: &str, group: &str, kafka: &KafkaConfig) -> AuditConfig {
     AuditConfig {
-        mysql_url: database_url(id),
-        mysql_owner_url: None,
-        mysql_max_connections: 4,
+        database: telemetry_store::DatabaseConfig {
+            mysql_url: database_url(id),
+            mysql_owner_url: None,
+            mysql_max_connections: Some(4),
+        },
         group_id: group.to_string(),
         batch_size: 500,
         batch_bytes: 8 * 1024 * 1024,
