@@ -401,7 +401,8 @@ pub struct ReplayConfig {
     #[command(flatten)]
     pub filter: DlqFilter,
 
-    /// MySQL/MariaDB URL of the telemetry database.
+    /// MySQL/MariaDB URL of the telemetry database with the writer's account; `sqlite://<file>`
+    /// for `telemetry up`'s SQLite store (`<data dir>/telemetry.db`).
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -480,12 +481,11 @@ pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
     let (store, _lock) = if config.dry_run {
         (None, None)
     } else {
-        let store = telemetry_store::Store::connect(&config.mysql_url, 2).await?;
-        store.migrate().await?;
+        let store = telemetry_store::open_now(&config.mysql_url, 2).await?;
         // One DLQ replay at a time: two would produce the same pending cleaned records.
         let lock = store.lock_dlq_replay().await?;
         // What an earlier run stored but could not produce goes first.
-        summary.produced += produce_pending(&store, kafka).await?;
+        summary.produced += produce_pending(store.as_ref(), kafka).await?;
         (Some(store), Some(lock))
     };
     for record in &records {
@@ -564,13 +564,16 @@ pub async fn replay(config: &ReplayConfig) -> Result<ReplaySummary> {
         }
     }
     if let Some(store) = &store {
-        summary.produced += produce_pending(store, kafka).await?;
+        summary.produced += produce_pending(store.as_ref(), kafka).await?;
     }
     Ok(summary)
 }
 
 /// Produces the cleaned records the ledger holds and marks each once Kafka acknowledged it.
-async fn produce_pending(store: &telemetry_store::Store, kafka: &KafkaConfig) -> Result<u64> {
+async fn produce_pending(
+    store: &dyn telemetry_store::TelemetryStore,
+    kafka: &KafkaConfig,
+) -> Result<u64> {
     let pending = store.pending_cleaned().await?;
     if pending.is_empty() {
         return Ok(0);

@@ -194,6 +194,18 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Rebuilding tables (`replay`, `replay swap`) is MySQL/MariaDB's: the SQLite store of `telemetry
+/// up` is refused with what to use instead.
+fn mysql_only(url: &str) -> Result<()> {
+    if telemetry_store::is_sqlite_url(url) {
+        return Err(Error::Tool(String::from(
+            "`telemetry replay` rebuilds tables on MySQL/MariaDB only; on telemetry up's SQLite \
+             store, repair rejected records with `telemetry dlq replay`",
+        )));
+    }
+    Ok(())
+}
+
 /// Replays the range, then returns what it did. Stops early (with what was done) on `shutdown`.
 pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Summary> {
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
@@ -201,6 +213,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
         Some(name) => Table::new(name)?,
         None => Table::live(),
     };
+    mysql_only(&config.mysql_url)?;
     let store = Store::connect(&config.mysql_url, 2).await?;
     store.migrate().await?;
     store.create_table_like_live(&table).await?;
@@ -553,6 +566,7 @@ pub async fn swap(config: SwapConfig) -> Result<String> {
             Utc::now().format("%Y%m%d%H%M%S")
         ))?,
     };
+    mysql_only(&config.mysql_url)?;
     let store = Store::connect(&config.mysql_url, 1).await?;
     store.swap_into_live(&table, &keep_as).await?;
     tracing::info!(table = %table, kept_as = %keep_as, "The rebuilt table is live.");

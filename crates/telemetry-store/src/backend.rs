@@ -18,10 +18,12 @@ use chrono::{DateTime, Utc};
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::Event;
 
+use crate::dead_letters::ReplayLock;
 use crate::{
-    AlertEntry, AlertOffset, AlertStateRow, Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage,
-    DeviceSummary, NewAlert, NewDeadLetter, OutboxEntry, Resolution, Result, RollupCoverage,
-    RollupOutcome, RollupRow, SeriesQuery, SqliteStore, Store, Table,
+    AlertEntry, AlertOffset, AlertStateRow, Bucket, DeadLetterEntry, DeadLetterFilter,
+    DeadLetterReplay, DevicePage, DeviceSummary, DlqPosition, NewAlert, NewDeadLetter, OutboxEntry,
+    Resolution, Result, RollupCoverage, RollupOutcome, RollupRow, SeriesQuery, SqliteStore, Store,
+    Table,
 };
 
 /// What the audit service writes and the API reads, whatever the database.
@@ -146,6 +148,26 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
     /// Deletes outbox rows that are done (produced, webhook not waiting, the alert resolved) and
     /// older than `before`.
     async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// `telemetry dlq replay`: one replay at a time per database, until the lock is dropped
+    /// (also when the process dies); [`crate::Error::Busy`] while another holds it.
+    async fn lock_dlq_replay(&self) -> Result<ReplayLock>;
+
+    /// Replays one accepted DLQ record: notes it in the replay ledger and inserts its row in one
+    /// transaction (see [`Store::replay_dead_letter`]).
+    async fn replay_dead_letter(
+        &self,
+        position: &DlqPosition,
+        record: &CleanedRecord,
+        cleaned: &str,
+    ) -> Result<DeadLetterReplay>;
+
+    /// Replayed DLQ records whose cleaned record Kafka has not acknowledged yet: position,
+    /// device id and the cleaned record's JSON, oldest first.
+    async fn pending_cleaned(&self) -> Result<Vec<(DlqPosition, String, String)>>;
+
+    /// Notes that Kafka acknowledged the cleaned records of `positions`.
+    async fn mark_cleaned_produced(&self, positions: &[DlqPosition]) -> Result<()>;
 }
 
 /// A store shared by the tasks of a service.
@@ -170,6 +192,17 @@ pub async fn open_migrated(
     Ok(Store::connect_migrated(url, max_connections, shutdown)
         .await?
         .map(|store| Arc::new(store) as DynStore))
+}
+
+/// For tools run by hand (`telemetry dlq replay`): opens the store `url` names and brings its
+/// schema up to date at once, failing (not waiting) when MySQL is unreachable.
+pub async fn open_now(url: &str, max_connections: u32) -> Result<DynStore> {
+    if is_sqlite_url(url) {
+        return Ok(Arc::new(SqliteStore::open(url).await?));
+    }
+    let store = Store::connect(url, max_connections).await?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
 }
 
 /// For readers: opens the store `url` names without changing its schema (MySQL connects lazily;
@@ -345,5 +378,26 @@ impl TelemetryStore for Store {
 
     async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
         Store::prune_alert_outbox(self, before).await
+    }
+
+    async fn lock_dlq_replay(&self) -> Result<ReplayLock> {
+        Ok(ReplayLock::new(Store::lock_dlq_replay(self).await?))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        position: &DlqPosition,
+        record: &CleanedRecord,
+        cleaned: &str,
+    ) -> Result<DeadLetterReplay> {
+        Store::replay_dead_letter(self, position, record, cleaned).await
+    }
+
+    async fn pending_cleaned(&self) -> Result<Vec<(DlqPosition, String, String)>> {
+        Store::pending_cleaned(self).await
+    }
+
+    async fn mark_cleaned_produced(&self, positions: &[DlqPosition]) -> Result<()> {
+        Store::mark_cleaned_produced(self, positions).await
     }
 }

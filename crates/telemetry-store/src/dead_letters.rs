@@ -254,6 +254,23 @@ pub struct DlqPosition {
     pub offset: i64,
 }
 
+/// Held while a `telemetry dlq replay` runs (see [`crate::TelemetryStore::lock_dlq_replay`]):
+/// dropping it releases the lock.
+pub struct ReplayLock(#[allow(dead_code)] Box<dyn std::any::Any + Send>);
+
+impl ReplayLock {
+    /// A lock held as long as `held` lives.
+    pub(crate) fn new(held: impl std::any::Any + Send) -> Self {
+        ReplayLock(Box::new(held))
+    }
+}
+
+impl std::fmt::Debug for ReplayLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayLock")
+    }
+}
+
 /// What replaying one DLQ record into the table did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReplay {

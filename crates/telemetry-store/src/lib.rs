@@ -20,10 +20,13 @@ mod sqlite;
 
 pub use alerts::{AlertEntry, AlertOffset, AlertStateRow, NewAlert, OutboxEntry};
 pub use backend::{
-    is_sqlite_url, open_bounded_reader, open_migrated, open_reader, DynStore, TelemetryStore,
+    is_sqlite_url, open_bounded_reader, open_migrated, open_now, open_reader, DynStore,
+    TelemetryStore,
 };
 pub use config::DatabaseConfig;
-pub use dead_letters::{DeadLetterReplay, DlqPosition, NewDeadLetter, MAX_INDEXED_PAYLOAD_BYTES};
+pub use dead_letters::{
+    DeadLetterReplay, DlqPosition, NewDeadLetter, ReplayLock, MAX_INDEXED_PAYLOAD_BYTES,
+};
 pub use queries::{
     Bucket, DeadLetterEntry, DeadLetterFilter, DevicePage, DeviceSummary, SeriesQuery,
 };

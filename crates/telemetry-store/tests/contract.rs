@@ -871,3 +871,100 @@ async fn sqlite_keeps_the_alerters_state() {
     let (store, _dir) = sqlite().await;
     alerts(store.as_ref()).await;
 }
+
+/// `telemetry dlq replay`'s ledger: one replay at a time, each DLQ record stored once however
+/// often it is replayed, and its cleaned record pending until Kafka acknowledged it.
+async fn dlq_replays(store: &dyn TelemetryStore) {
+    use telemetry_store::{DeadLetterReplay, DlqPosition};
+
+    let lock = store.lock_dlq_replay().await.unwrap();
+    assert!(matches!(
+        store.lock_dlq_replay().await,
+        Err(telemetry_store::Error::Busy(_))
+    ));
+    drop(lock);
+    let _lock = store.lock_dlq_replay().await.unwrap();
+
+    let t0 = base_time().timestamp_millis();
+    let at = |offset| DlqPosition {
+        topic: "dlq".into(),
+        partition: 1,
+        offset,
+    };
+    let fixed = record("d-replay", t0, Some(1), 20.0);
+    let json = serde_json::to_string(&fixed).unwrap();
+    assert_eq!(
+        store
+            .replay_dead_letter(&at(10), &fixed, &json)
+            .await
+            .unwrap(),
+        DeadLetterReplay::Stored
+    );
+    assert_eq!(
+        store
+            .replay_dead_letter(&at(10), &fixed, &json)
+            .await
+            .unwrap(),
+        DeadLetterReplay::AlreadyReplayed
+    );
+    let pending = store.pending_cleaned().await.unwrap();
+    assert_eq!(pending, [(at(10), "d-replay".to_string(), json.clone())]);
+
+    // Sent again by the device and stored by the audit service (another raw record): its cleaned
+    // record went out then, so nothing is pending for it.
+    let resent = record("d-replay", t0 + 1_000, Some(2), 21.0);
+    store
+        .insert_events_into(&Table::live(), std::slice::from_ref(&resent))
+        .await
+        .unwrap();
+    let mut replayed = resent.clone();
+    replayed.source.offset += 1_000_000;
+    let replayed_json = serde_json::to_string(&replayed).unwrap();
+    assert_eq!(
+        store
+            .replay_dead_letter(&at(11), &replayed, &replayed_json)
+            .await
+            .unwrap(),
+        DeadLetterReplay::AlreadyStored
+    );
+    // Stored from this very raw record by `telemetry replay`: nothing produced it, it stays pending.
+    let rebuilt = record("d-replay", t0 + 2_000, Some(3), 22.0);
+    store
+        .insert_events_into(&Table::live(), std::slice::from_ref(&rebuilt))
+        .await
+        .unwrap();
+    let rebuilt_json = serde_json::to_string(&rebuilt).unwrap();
+    assert_eq!(
+        store
+            .replay_dead_letter(&at(12), &rebuilt, &rebuilt_json)
+            .await
+            .unwrap(),
+        DeadLetterReplay::AlreadyStored
+    );
+    let pending: Vec<DlqPosition> = store
+        .pending_cleaned()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(position, ..)| position)
+        .collect();
+    assert_eq!(pending, [at(10), at(12)]);
+
+    store
+        .mark_cleaned_produced(&[at(10), at(12)])
+        .await
+        .unwrap();
+    assert!(store.pending_cleaned().await.unwrap().is_empty());
+    assert_eq!(store.count_events().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn mysql_replays_dead_letters_once() {
+    dlq_replays(mysql().await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_replays_dead_letters_once() {
+    let (store, _dir) = sqlite().await;
+    dlq_replays(store.as_ref()).await;
+}

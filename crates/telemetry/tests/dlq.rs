@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{audit_config, kafka_config};
 use telemetry_audit::dlq::{self, DlqFilter, ShowConfig};
 use telemetry_core::names::headers;
-use telemetry_testkit::{produce, read_topic, unique, TestRecord};
+use telemetry_testkit::{eventually, produce, read_topic, unique, TestRecord};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,6 +132,17 @@ async fn dlq_tools_list_show_and_count_what_the_audit_service_rejected() {
     assert!(missing.is_err());
 }
 
+/// The fix of these tests, written to `path`: version 2 of the contract, humidity up to 200.
+fn fixed_contract(path: &std::path::Path) -> std::path::PathBuf {
+    let mut fixed = telemetry_core::Contract {
+        version: 2,
+        ..telemetry_core::Contract::default()
+    };
+    fixed.metrics.get_mut("humidity_pct").unwrap().max = Some(200.0);
+    std::fs::write(path, fixed.to_toml()).unwrap();
+    path.to_path_buf()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_table() {
     let id = unique("dlqreplay");
@@ -194,14 +205,7 @@ async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_t
     shutdown.cancel();
     audit.await.unwrap().unwrap();
 
-    // The fix: humidity up to 200.
-    let mut fixed = telemetry_core::Contract {
-        version: 2,
-        ..telemetry_core::Contract::default()
-    };
-    fixed.metrics.get_mut("humidity_pct").unwrap().max = Some(200.0);
-    let contract = std::env::temp_dir().join(format!("{id}-fixed.toml"));
-    std::fs::write(&contract, fixed.to_toml()).unwrap();
+    let contract = fixed_contract(&std::env::temp_dir().join(format!("{id}-fixed.toml")));
     let config = dlq::ReplayConfig {
         filter: DlqFilter {
             device: None,
@@ -291,4 +295,103 @@ async fn a_contract_fix_and_dlq_replay_move_exactly_the_fixed_records_into_the_t
     )
     .await;
     assert_eq!(dead.len(), 5);
+}
+
+/// The same repair on `telemetry up`'s SQLite store: `dlq replay --mysql-url sqlite://...` stores
+/// the fixed records once, produces their cleaned records once, and leaves the rest in the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_repairs_the_sqlite_store_of_telemetry_up() {
+    let id = unique("dlqreplay_sqlite");
+    let kafka = kafka_config(&id);
+    let directory = tempfile::tempdir().unwrap();
+    let store_url = format!(
+        "sqlite://{}",
+        directory.path().join("telemetry.db").display()
+    );
+    let ts = common::base_ts();
+    let reading = |seq: i64, humidity: f64| TestRecord {
+        key: Some(b"pico-9".to_vec()),
+        payload: format!(
+            r#"{{"device_id":"pico-9","device_ts":{},"seq":{seq},"humidity_pct":{humidity}}}"#,
+            ts + seq * 1_000
+        )
+        .into_bytes(),
+        headers: Vec::new(),
+    };
+    let not_json = TestRecord {
+        key: Some(b"pico-9".to_vec()),
+        payload: b"{oops".to_vec(),
+        headers: Vec::new(),
+    };
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+    produce(
+        &kafka.raw_topic,
+        &[
+            reading(0, 50.0),
+            reading(1, 140.0),
+            reading(2, 150.0),
+            not_json,
+        ],
+    )
+    .await;
+    let mut audit = audit_config(&id, &format!("{id}-audit"), &kafka);
+    audit.database.mysql_url = store_url.clone();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(telemetry_audit::run(audit, shutdown.clone()));
+    let dead = read_topic(&kafka.dlq_topic, 3, Duration::from_secs(60), Duration::ZERO).await;
+    assert_eq!(dead.len(), 3);
+    // The DLQ records are indexed with the batch; the audit service stops once they are.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let store = telemetry_store::open_reader(&store_url, 1).await.unwrap();
+            store.count_dead_letters().await.unwrap() == 3
+        })
+        .await
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let contract = fixed_contract(&directory.path().join("fixed.toml"));
+    let config = dlq::ReplayConfig {
+        filter: DlqFilter {
+            device: None,
+            code: None,
+            since: None,
+            until: None,
+            kafka: kafka.clone(),
+        },
+        mysql_url: store_url.clone(),
+        contract: Some(contract),
+        dry_run: false,
+    };
+    let first = dlq::replay(&config).await.unwrap();
+    assert_eq!(
+        (first.selected, first.stored, first.produced),
+        (3, 2, 2),
+        "{first}"
+    );
+    assert_eq!(first.still_rejected.get("invalid_json"), Some(&1));
+    let again = dlq::replay(&config).await.unwrap();
+    assert_eq!(
+        (again.stored, again.already_replayed, again.produced),
+        (0, 2, 0),
+        "{again}"
+    );
+
+    let store = telemetry_store::open_reader(&store_url, 1).await.unwrap();
+    assert_eq!(store.count_events().await.unwrap(), 3);
+    let cleaned = read_topic(
+        &kafka.cleaned_topic,
+        4,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(
+        cleaned.len(),
+        3,
+        "the valid event once, the two fixed ones once each"
+    );
 }

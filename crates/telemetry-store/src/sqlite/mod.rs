@@ -37,6 +37,7 @@ use crate::{
 use telemetry_core::Event;
 
 mod alerts;
+mod replays;
 mod rollups;
 
 /// The schema's versions, oldest first: `migrations/sqlite/NNNN_*.sql`, embedded. A database's
@@ -51,6 +52,10 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     ),
     (2, include_str!("../../migrations/sqlite/0002_rollups.sql")),
     (3, include_str!("../../migrations/sqlite/0003_alerts.sql")),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_dlq_replays.sql"),
+    ),
 ];
 
 /// The schema version this build writes: the last migration's.
@@ -387,6 +392,61 @@ impl From<libsql::Error> for Error {
     }
 }
 
+/// Inserts `records` into the live table on `transaction`, idempotently, noting and counting their
+/// devices; how many were new.
+async fn insert_live(transaction: &libsql::Connection, records: &[CleanedRecord]) -> Result<u64> {
+    let statement = transaction
+        .prepare(
+            "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
+             schema_version, attributes, quality, source_topic, source_partition, source_offset) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let mut sightings = Sightings::default();
+    let mut inserted = 0;
+    for record in records {
+        let event = &record.event;
+        let metrics = crate::json(&event.metrics)?;
+        let attributes = (!event.attributes.is_empty())
+            .then(|| crate::json(&event.attributes))
+            .transpose()?;
+        let quality = (!event.quality.is_clean())
+            .then(|| crate::json(&event.quality))
+            .transpose()?;
+        // The same range as the MySQL store's DATETIME conversion, so both refuse the same
+        // events (validation rules such times out before they get here).
+        crate::utc_datetime(event.device_ts)?;
+        let received_at = crate::utc_datetime(event.received_at)?;
+        let seq_key = event.seq.unwrap_or(crate::NO_SEQ);
+        let changed = statement
+            .execute(vec![
+                text(&event.device_id),
+                Value::Integer(event.device_ts),
+                optional_integer(event.seq),
+                Value::Integer(seq_key),
+                Value::Integer(event.received_at),
+                Value::Text(metrics),
+                Value::Integer(i64::from(event.schema_version)),
+                attributes.map_or(Value::Null, Value::Text),
+                quality.map_or(Value::Null, Value::Text),
+                text(&record.source.topic),
+                Value::Integer(i64::from(record.source.partition)),
+                Value::Integer(record.source.offset),
+            ])
+            .await?;
+        statement.reset();
+        sightings.saw(&event.device_id, received_at, Seen::Accepted);
+        if changed > 0 {
+            inserted += 1;
+            sightings.count(&event.device_id, received_at, Seen::Accepted);
+        }
+    }
+    drop(statement);
+    upsert_sightings(transaction, &sightings).await?;
+    Ok(inserted)
+}
+
 fn text(value: &str) -> Value {
     Value::Text(value.to_string())
 }
@@ -620,55 +680,7 @@ impl TelemetryStore for SqliteStore {
         }
         let connection = self.writer.lock().await;
         let transaction = connection.transaction().await?;
-        let statement = transaction
-            .prepare(
-                "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
-                 schema_version, attributes, quality, source_topic, source_partition, source_offset) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        let mut sightings = Sightings::default();
-        let mut inserted = 0;
-        for record in records {
-            let event = &record.event;
-            let metrics = crate::json(&event.metrics)?;
-            let attributes = (!event.attributes.is_empty())
-                .then(|| crate::json(&event.attributes))
-                .transpose()?;
-            let quality = (!event.quality.is_clean())
-                .then(|| crate::json(&event.quality))
-                .transpose()?;
-            // The same range as the MySQL store's DATETIME conversion, so both refuse the same
-            // events (validation rules such times out before they get here).
-            crate::utc_datetime(event.device_ts)?;
-            let received_at = crate::utc_datetime(event.received_at)?;
-            let seq_key = event.seq.unwrap_or(crate::NO_SEQ);
-            let changed = statement
-                .execute(vec![
-                    text(&event.device_id),
-                    Value::Integer(event.device_ts),
-                    optional_integer(event.seq),
-                    Value::Integer(seq_key),
-                    Value::Integer(event.received_at),
-                    Value::Text(metrics),
-                    Value::Integer(i64::from(event.schema_version)),
-                    attributes.map_or(Value::Null, Value::Text),
-                    quality.map_or(Value::Null, Value::Text),
-                    text(&record.source.topic),
-                    Value::Integer(i64::from(record.source.partition)),
-                    Value::Integer(record.source.offset),
-                ])
-                .await?;
-            statement.reset();
-            sightings.saw(&event.device_id, received_at, Seen::Accepted);
-            if changed > 0 {
-                inserted += 1;
-                sightings.count(&event.device_id, received_at, Seen::Accepted);
-            }
-        }
-        drop(statement);
-        upsert_sightings(&transaction, &sightings).await?;
+        let inserted = insert_live(&transaction, records).await?;
         transaction.commit().await?;
         Ok(inserted)
     }
@@ -1039,5 +1051,26 @@ impl TelemetryStore for SqliteStore {
 
     async fn prune_alert_outbox(&self, before: DateTime<Utc>) -> Result<u64> {
         self.prune_outbox(before).await
+    }
+
+    async fn lock_dlq_replay(&self) -> Result<crate::ReplayLock> {
+        self.lock_replays()
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        position: &crate::DlqPosition,
+        record: &CleanedRecord,
+        cleaned: &str,
+    ) -> Result<crate::DeadLetterReplay> {
+        self.replay_one(position, record, cleaned).await
+    }
+
+    async fn pending_cleaned(&self) -> Result<Vec<(crate::DlqPosition, String, String)>> {
+        self.pending_replays().await
+    }
+
+    async fn mark_cleaned_produced(&self, positions: &[crate::DlqPosition]) -> Result<()> {
+        self.mark_replays_produced(positions).await
     }
 }
