@@ -17,7 +17,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use telemetry_core::{SequenceTracker, Validator};
 use telemetry_kafka::KafkaConfig;
-use telemetry_store::{Store, Table};
+use telemetry_store::{Table, TelemetryStore};
 use tokio_util::sync::CancellationToken;
 
 use telemetry_consumer::Writes;
@@ -90,7 +90,8 @@ pub enum ProgressMode {
 /// Replay settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayConfig {
-    /// MySQL/MariaDB URL of the telemetry database.
+    /// MySQL/MariaDB URL of the telemetry database (`--into` and `swap` need an account that may
+    /// create and rename tables: the owner's); `sqlite://<file>` for `telemetry up`'s store.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -194,18 +195,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Rebuilding tables (`replay`, `replay swap`) is MySQL/MariaDB's: the SQLite store of `telemetry
-/// up` is refused with what to use instead.
-fn mysql_only(url: &str) -> Result<()> {
-    if telemetry_store::is_sqlite_url(url) {
-        return Err(Error::Tool(String::from(
-            "`telemetry replay` rebuilds tables on MySQL/MariaDB only; on telemetry up's SQLite \
-             store, repair rejected records with `telemetry dlq replay`",
-        )));
-    }
-    Ok(())
-}
-
 /// Replays the range, then returns what it did. Stops early (with what was done) on `shutdown`.
 pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Summary> {
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
@@ -213,11 +202,8 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
         Some(name) => Table::new(name)?,
         None => Table::live(),
     };
-    mysql_only(&config.mysql_url)?;
-    let store = Store::connect(&config.mysql_url, 2).await?;
-    store.migrate().await?;
-    store.create_table_like_live(&table).await?;
-    store.check_like_live(&table).await?;
+    let store = telemetry_store::open_now(&config.mysql_url, 2).await?;
+    store.prepare_rebuild(&table).await?;
 
     let consumer: StreamConsumer = config
         .kafka
@@ -308,7 +294,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
             continue;
         }
         if !handle(
-            &store,
+            store.as_ref(),
             &table,
             &validator,
             &mut sequences,
@@ -340,7 +326,7 @@ pub async fn run(config: ReplayConfig, shutdown: CancellationToken) -> Result<Su
 /// Validates and writes one batch; `false` if `shutdown` came first.
 #[allow(clippy::too_many_arguments)]
 async fn handle(
-    store: &Store,
+    store: &dyn TelemetryStore,
     table: &Table,
     validator: &Validator,
     sequences: &mut SequenceTracker,
@@ -532,7 +518,8 @@ impl Progress {
 /// Settings of `telemetry replay swap`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SwapConfig {
-    /// MySQL/MariaDB URL of the telemetry database.
+    /// MySQL/MariaDB URL of the telemetry database (`--into` and `swap` need an account that may
+    /// create and rename tables: the owner's); `sqlite://<file>` for `telemetry up`'s store.
     #[arg(
         long,
         env = "TELEMETRY_MYSQL_URL",
@@ -566,8 +553,7 @@ pub async fn swap(config: SwapConfig) -> Result<String> {
             Utc::now().format("%Y%m%d%H%M%S")
         ))?,
     };
-    mysql_only(&config.mysql_url)?;
-    let store = Store::connect(&config.mysql_url, 1).await?;
+    let store = telemetry_store::open_now(&config.mysql_url, 1).await?;
     store.swap_into_live(&table, &keep_as).await?;
     tracing::info!(table = %table, kept_as = %keep_as, "The rebuilt table is live.");
     Ok(keep_as.to_string())

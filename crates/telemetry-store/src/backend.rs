@@ -168,6 +168,14 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug {
 
     /// Notes that Kafka acknowledged the cleaned records of `positions`.
     async fn mark_cleaned_produced(&self, positions: &[DlqPosition]) -> Result<()>;
+
+    /// `telemetry replay --into`: creates `table` as a copy of the live table's schema when it is
+    /// missing, and checks that its columns are the live table's ([`crate::Error::NotLikeLive`]
+    /// when not). Events then go in with [`TelemetryStore::insert_events_into`].
+    async fn prepare_rebuild(&self, table: &Table) -> Result<()>;
+
+    /// `telemetry replay swap`: makes `table` the live table, the live one kept as `keep_as`.
+    async fn swap_into_live(&self, table: &Table, keep_as: &Table) -> Result<()>;
 }
 
 /// A store shared by the tasks of a service.
@@ -399,5 +407,14 @@ impl TelemetryStore for Store {
 
     async fn mark_cleaned_produced(&self, positions: &[DlqPosition]) -> Result<()> {
         Store::mark_cleaned_produced(self, positions).await
+    }
+
+    async fn prepare_rebuild(&self, table: &Table) -> Result<()> {
+        self.create_table_like_live(table).await?;
+        self.check_like_live(table).await
+    }
+
+    async fn swap_into_live(&self, table: &Table, keep_as: &Table) -> Result<()> {
+        Store::swap_into_live(self, table, keep_as).await
     }
 }

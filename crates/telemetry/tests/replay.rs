@@ -75,15 +75,8 @@ fn committed(group: &str, topic: &str) -> Vec<(i32, Offset)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_rebuilds_the_table_adds_no_duplicates_and_leaves_the_audit_offsets_alone() {
-    let id = unique("replay");
-    let kafka = kafka_config(&id);
-    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
-        .await
-        .unwrap();
-
-    // 200 events from 4 devices, and 10 malformed records, as the bridge produces them.
+/// 200 events from 4 devices, and 10 malformed records, as the bridge produces them.
+fn raw_history() -> Vec<TestRecord> {
     let mut records = Vec::new();
     for index in 0..DEVICES * PER_DEVICE {
         let device = format!("dev-{}", index % DEVICES);
@@ -107,6 +100,18 @@ async fn replay_rebuilds_the_table_adds_no_duplicates_and_leaves_the_audit_offse
             });
         }
     }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuilds_the_table_adds_no_duplicates_and_leaves_the_audit_offsets_alone() {
+    let id = unique("replay");
+    let kafka = kafka_config(&id);
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+
+    let records = raw_history();
     produce(&kafka.raw_topic, &records).await;
 
     // The audit service stores them and keeps running.
@@ -270,4 +275,60 @@ fn positions_parse_as_documented() {
         let error = bad.parse::<Position>().unwrap_err();
         assert!(error.contains(bad.trim_start_matches("offset:")), "{error}");
     }
+}
+
+/// The same rebuild on `telemetry up`'s SQLite store: into a new table, swapped in, the old one
+/// kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuilds_the_sqlite_store_of_telemetry_up() {
+    let id = unique("replay_sqlite");
+    let kafka = kafka_config(&id);
+    telemetry_kafka::ensure_topics(&kafka, &[&kafka.raw_topic])
+        .await
+        .unwrap();
+    produce(&kafka.raw_topic, &raw_history()).await;
+    let directory = tempfile::tempdir().unwrap();
+    let store_url = format!(
+        "sqlite://{}",
+        directory.path().join("telemetry.db").display()
+    );
+
+    let rebuilt = replay(ReplayConfig {
+        mysql_url: store_url.clone(),
+        into: Some("rebuilt".into()),
+        ..replay_config(&id, &kafka)
+    })
+    .await;
+    assert_eq!(
+        (
+            rebuilt.read,
+            rebuilt.inserted,
+            rebuilt.rejected.get("invalid_json")
+        ),
+        (
+            (DEVICES * PER_DEVICE + 10) as u64,
+            (DEVICES * PER_DEVICE) as u64,
+            Some(&10)
+        )
+    );
+    let store = telemetry_store::open_reader(&store_url, 1).await.unwrap();
+    assert_eq!(
+        store.count_events().await.unwrap(),
+        0,
+        "the live table is untouched"
+    );
+
+    let kept = telemetry_audit::replay::swap(SwapConfig {
+        mysql_url: store_url.clone(),
+        table: "rebuilt".into(),
+        keep_as: None,
+    })
+    .await
+    .unwrap();
+    assert!(kept.starts_with("telemetry_before_"), "{kept}");
+    let store = telemetry_store::open_reader(&store_url, 1).await.unwrap();
+    assert_eq!(
+        store.count_events().await.unwrap(),
+        (DEVICES * PER_DEVICE) as u64
+    );
 }

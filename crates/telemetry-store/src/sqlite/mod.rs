@@ -37,6 +37,7 @@ use crate::{
 use telemetry_core::Event;
 
 mod alerts;
+mod rebuild;
 mod replays;
 mod rollups;
 
@@ -395,13 +396,25 @@ impl From<libsql::Error> for Error {
 /// Inserts `records` into the live table on `transaction`, idempotently, noting and counting their
 /// devices; how many were new.
 async fn insert_live(transaction: &libsql::Connection, records: &[CleanedRecord]) -> Result<u64> {
+    insert_into(transaction, &Table::live(), records).await
+}
+
+/// Inserts `records` into `table` (the live one or a copy of it, see [`SqliteStore::rebuild_into`])
+/// on `transaction`, idempotently; the live table's devices are noted and counted. How many were new.
+async fn insert_into(
+    transaction: &libsql::Connection,
+    table: &Table,
+    records: &[CleanedRecord],
+) -> Result<u64> {
+    // A table's name is a checked identifier (`Table::new`).
     let statement = transaction
-        .prepare(
-            "INSERT INTO telemetry (device_id, device_ts, seq, seq_key, received_at, metrics, \
+        .prepare(&format!(
+            "INSERT INTO \"{}\" (device_id, device_ts, seq, seq_key, received_at, metrics, \
              schema_version, attributes, quality, source_topic, source_partition, source_offset) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
              ON CONFLICT DO NOTHING",
-        )
+            table.name()
+        ))
         .await?;
     let mut sightings = Sightings::default();
     let mut inserted = 0;
@@ -443,7 +456,9 @@ async fn insert_live(transaction: &libsql::Connection, records: &[CleanedRecord]
         }
     }
     drop(statement);
-    upsert_sightings(transaction, &sightings).await?;
+    if table.is_live() {
+        upsert_sightings(transaction, &sightings).await?;
+    }
     Ok(inserted)
 }
 
@@ -670,17 +685,12 @@ impl TelemetryStore for SqliteStore {
     }
 
     async fn insert_events_into(&self, table: &Table, records: &[CleanedRecord]) -> Result<u64> {
-        if !table.is_live() {
-            return Err(Error::Sqlite(String::from(
-                "rebuilding into another table (replay --into) needs the MySQL store",
-            )));
-        }
         if records.is_empty() {
             return Ok(0);
         }
         let connection = self.writer.lock().await;
         let transaction = connection.transaction().await?;
-        let inserted = insert_live(&transaction, records).await?;
+        let inserted = insert_into(&transaction, table, records).await?;
         transaction.commit().await?;
         Ok(inserted)
     }
@@ -1072,5 +1082,13 @@ impl TelemetryStore for SqliteStore {
 
     async fn mark_cleaned_produced(&self, positions: &[crate::DlqPosition]) -> Result<()> {
         self.mark_replays_produced(positions).await
+    }
+
+    async fn prepare_rebuild(&self, table: &Table) -> Result<()> {
+        self.rebuild_into(table).await
+    }
+
+    async fn swap_into_live(&self, table: &Table, keep_as: &Table) -> Result<()> {
+        self.swap_live(table, keep_as).await
     }
 }
