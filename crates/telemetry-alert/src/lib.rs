@@ -156,7 +156,7 @@ pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()>
     // The webhook's origin only: its URL often carries a secret (a Slack or PagerDuty key).
     let webhook = rules.webhook.as_ref().map_or_else(
         || String::from("none"),
-        |webhook| telemetry_ops::secrets::redact_url(&webhook.url),
+        |webhook| telemetry_secrets::redact_url(&webhook.url),
     );
     tracing::info!(
         path = %config.rules.display(),
@@ -167,7 +167,7 @@ pub async fn run(config: AlertConfig, shutdown: CancellationToken) -> Result<()>
     if let Some(mode) = rules
         .webhook
         .as_ref()
-        .and_then(|_| telemetry_ops::secrets::open_to_others(&config.rules))
+        .and_then(|_| telemetry_secrets::open_to_others(&config.rules))
     {
         tracing::warn!(
             file = %config.rules.display(),

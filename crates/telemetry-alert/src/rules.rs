@@ -169,7 +169,7 @@ pub struct Webhook {
 impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
-            .field("url", &telemetry_ops::secrets::redact_url(&self.url))
+            .field("url", &telemetry_secrets::redact_url(&self.url))
             .field("max_attempts", &self.max_attempts)
             .field("timeout", &self.timeout)
             .finish()
@@ -242,7 +242,7 @@ impl Rules {
         // Without the quoted line, which may be the webhook's URL.
         let file: File = toml::from_str(text).map_err(|error| RulesError::Parse {
             path: String::new(),
-            message: telemetry_ops::secrets::describe_toml_error(&error, text),
+            message: telemetry_secrets::describe_toml_error(&error, text),
         })?;
         let invalid = |message: String| RulesError::Invalid {
             path: String::new(),
@@ -383,7 +383,7 @@ fn webhook(spec: WebhookSpec) -> Result<Webhook, String> {
         // Shown by its origin only: the rest may be the receiver's secret.
         return Err(format!(
             "webhook url `{}` is not an http:// or https:// URL",
-            telemetry_ops::secrets::redact_url(&spec.url)
+            telemetry_secrets::redact_url(&spec.url)
         ));
     }
     let timeout = match spec.timeout {

@@ -35,7 +35,7 @@ pub(crate) async fn deliver(
     };
     // The URL's path, query and credentials often hold the receiver's secret (a Slack or
     // PagerDuty key): logs name its origin only.
-    let shown = telemetry_ops::secrets::redact_url(&hook.url);
+    let shown = telemetry_secrets::redact_url(&hook.url);
     loop {
         let wait = match store.webhook_queue(100).await {
             Ok(queue) => deliver_due(&store, &client, &hook, &shown, &queue).await,

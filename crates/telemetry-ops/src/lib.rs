@@ -11,11 +11,9 @@
 //! - [`HttpServer`]: bind an address, then serve a router until shutdown, within [`HttpLimits`]
 //!   (header-read and idle timeouts, a connection cap); `http_server`.
 //! - [`instruments`]: the HTTP listener's metrics, declared with `telemetry_metrics`.
-//! - [`secrets`]: URLs and TOML errors as logs may show them, without credentials.
 
 mod http_server;
 pub mod instruments;
-pub mod secrets;
 
 pub use http_server::{join, HttpLimits, HttpServer, HttpTls, ListenError};
 

@@ -178,7 +178,7 @@ pub fn parse(
         .parse()
         .map_err(|error: toml::de::Error| ConfigError::Parse {
             path: shown.to_string(),
-            message: telemetry_ops::secrets::describe_toml_error(&error, text),
+            message: telemetry_secrets::describe_toml_error(&error, text),
         })?;
     let settings = settings(root);
     let mut values = Vec::new();
@@ -404,7 +404,7 @@ pub fn exposed_secrets(
     }
     keys.sort();
     keys.dedup();
-    let mode = telemetry_ops::secrets::open_to_others(path)?;
+    let mode = telemetry_secrets::open_to_others(path)?;
     Some(ExposedSecrets {
         path: path.to_path_buf(),
         mode,
@@ -425,7 +425,7 @@ fn holds_secret(setting: &Setting, value: &str) -> bool {
             })
         })
     } else if setting.env.ends_with("_URL") {
-        telemetry_ops::secrets::url_has_password(value)
+        telemetry_secrets::url_has_password(value)
     } else {
         true
     }

@@ -140,7 +140,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     // A given MQTT URL may carry a password: the summary names its origin only.
     let summary = format!(
         "MQTT {} ({mqtt_kind}) · Kafka {kafka_brokers} ({kafka_kind}) · store {store_kind}",
-        telemetry_ops::secrets::redact_url(&mqtt_url)
+        telemetry_secrets::redact_url(&mqtt_url)
     );
     let result = run_services(
         &args,
