@@ -170,7 +170,15 @@ async fn the_scripts_start_every_service_healthy_and_stop_them_gracefully() {
         ("telemetry-rollup", "Rollup service stopped."),
         ("telemetry-alert", "Alerter stopped."),
     ] {
-        let log = std::fs::read_to_string(logs.join(format!("{app}.error.log"))).unwrap();
+        // The PM2 daemon copies an app's output to its log file on its own time: the last lines
+        // may land a moment after `pm2 stop` returned (seen once in CI, 2026-12-07).
+        let path = logs.join(format!("{app}.error.log"));
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        eventually(Duration::from_secs(5), || async {
+            read().contains(stopped_line)
+        })
+        .await;
+        let log = read();
         assert!(
             log.contains(stopped_line),
             "{app} did not stop gracefully; its log:\n{log}"
