@@ -623,7 +623,8 @@ impl Outbox<'_> {
             let save = self
                 .store
                 .save_alerts(&self.group_id, offsets, &states, &alerts, webhook);
-            self.writes.attempt(save).await
+            // Retried whole: a batch the database refuses holds the alerter up, and says so.
+            self.writes.attempt_whole(save).await
         })
         .await
         .is_some();

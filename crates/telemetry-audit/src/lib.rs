@@ -166,6 +166,13 @@ pub async fn run_with(
 ) -> Result<()> {
     // A contract that does not load stops the service before it touches anything.
     let validator = Validator::new(load_contract(config.contract.as_deref())?)?;
+    // Intake stops at `shutdown`; the batches in hand get the grace period to become durable,
+    // counted from the signal.
+    let abandon = abandon_after_grace(
+        &shutdown,
+        Duration::from_secs(config.shutdown_grace_seconds),
+    );
+    let _abandon_on_return = abandon.clone().drop_guard();
     let kafka = &config.kafka;
     Service {
         service: instruments::SERVICE,
@@ -177,7 +184,7 @@ pub async fn run_with(
         topics: &[&kafka.raw_topic, &kafka.cleaned_topic, &kafka.dlq_topic],
     }
     .run(shutdown, |started| {
-        consume(&config, validator, &progress, started)
+        consume(&config, validator, &progress, &abandon, started)
     })
     .await
 }
@@ -187,6 +194,7 @@ async fn consume(
     config: &AuditConfig,
     validator: Validator,
     progress: &Arc<telemetry_metrics::Progress>,
+    abandon: &CancellationToken,
     started: Started,
 ) -> Result<()> {
     let Started {
@@ -195,9 +203,6 @@ async fn consume(
         shutdown,
     } = started;
     let shutdown = &shutdown;
-    // Intake stops at `shutdown`; the batches in hand get the grace period to become durable.
-    let abandon = abandon_after_grace(shutdown, Duration::from_secs(config.shutdown_grace_seconds));
-    let _abandon_on_return = abandon.clone().drop_guard();
     let kafka = &config.kafka;
     let source = Arc::new(
         BatchConsumer::new(kafka, &config.group_id, &[kafka.raw_topic.as_str()])?
@@ -243,7 +248,7 @@ async fn consume(
         store: store.as_ref(),
         table: &Table::live(),
         writes: &writes,
-        abandon: &abandon,
+        abandon,
         cleaned_topic: Arc::from(kafka.cleaned_topic.as_str()),
         dlq_topic: Arc::from(kafka.dlq_topic.as_str()),
         validator: &validator,

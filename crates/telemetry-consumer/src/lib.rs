@@ -164,6 +164,21 @@ impl Writes {
         result
     }
 
+    /// [`Writes::attempt`] for a write retried whole, never split around what the database
+    /// refuses (the alerter's one transaction per batch): any failure holds the service up, so
+    /// `/readyz` fails and the write counts as one to retry, a refusal of the data too.
+    pub async fn attempt_whole<T>(
+        &self,
+        write: impl Future<Output = telemetry_store::Result<T>>,
+    ) -> telemetry_store::Result<T> {
+        let result = self.attempt(write).await;
+        if matches!(&result, Err(error) if error.is_data_error()) {
+            self.readiness.set(DATABASE, false);
+            self.retries.increment(1);
+        }
+        result
+    }
+
     /// Writes `items` with `write`, each call through [`Writes::attempt`]: retried while the
     /// database is unavailable, and split in halves around the items it refuses until each is
     /// alone ([`telemetry_retry::retry_halving`]). `None` when `shutdown` came first.
@@ -214,6 +229,14 @@ mod tests {
             .await;
         assert!(refused.is_err());
         assert!(writes.is_ready());
+        // Retried whole, a refusal holds the service up as an outage does.
+        let refused = writes
+            .attempt_whole(async {
+                Err::<(), _>(telemetry_store::Error::SqliteData("CHECK".into()))
+            })
+            .await;
+        assert!(refused.is_err());
+        assert!(!writes.is_ready());
     }
 
     #[tokio::test]

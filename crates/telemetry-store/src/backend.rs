@@ -202,14 +202,16 @@ pub async fn open_migrated(
         .map(|store| Arc::new(store) as DynStore))
 }
 
-/// For tools run by hand (`telemetry dlq replay`): opens the store `url` names and brings its
-/// schema up to date at once, failing (not waiting) when MySQL is unreachable.
+/// For tools run by hand (`telemetry dlq replay`, `replay`): opens the store `url` names, failing
+/// (not waiting) when MySQL is unreachable. A schema that is behind is migrated if the account
+/// may, or the tool stops and asks for `telemetry migrate`; a current one is left alone, so the
+/// writer's account (DML alone) will do.
 pub async fn open_now(url: &str, max_connections: u32) -> Result<DynStore> {
     if is_sqlite_url(url) {
         return Ok(Arc::new(SqliteStore::open(url).await?));
     }
     let store = Store::connect(url, max_connections).await?;
-    store.migrate().await?;
+    store.ensure_schema().await?;
     Ok(Arc::new(store))
 }
 

@@ -50,10 +50,12 @@ impl DatabaseConfig {
         connections: u32,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<Option<DynStore>> {
+        // The owner's account is MySQL's: a SQLite store (`telemetry up`'s) migrates itself, and
+        // an owner URL left in the environment must not send it to another database.
         if let Some(owner_url) = self
             .mysql_owner_url
             .as_deref()
-            .filter(|url| !url.is_empty() && !is_sqlite_url(url))
+            .filter(|url| !url.is_empty() && !is_sqlite_url(url) && !is_sqlite_url(&self.mysql_url))
         {
             if !Store::migrate_as_owner(owner_url, shutdown).await? {
                 return Ok(None);

@@ -29,29 +29,46 @@ impl SqliteStore {
             let schema = read_all(
                 &transaction,
                 "SELECT type, name, sql FROM sqlite_master \
-                 WHERE tbl_name = 'telemetry' AND sql IS NOT NULL ORDER BY type DESC, name",
+                 WHERE tbl_name = 'telemetry' AND type IN ('table', 'index') AND sql IS NOT NULL \
+                 ORDER BY type DESC, name",
                 Vec::new(),
             )
             .await?;
-            for (ordinal, row) in schema.iter().enumerate() {
-                let (kind, sql) = (string(row, 0)?, string(row, 2)?);
+            let mut taken: std::collections::HashSet<String> = read_all(
+                &transaction,
+                "SELECT name FROM sqlite_master WHERE type = 'index'",
+                Vec::new(),
+            )
+            .await?
+            .iter()
+            .map(|row| string(row, 0))
+            .collect::<Result<_>>()?;
+            for row in &schema {
+                let (kind, name, sql) = (string(row, 0)?, string(row, 1)?, string(row, 2)?);
                 let statement = match kind.as_str() {
                     "table" => sql
                         .find('(')
                         .map(|body| format!("CREATE TABLE \"{}\" {}", table.name(), &sql[body..])),
-                    "index" => sql.find(" ON ").and_then(|on| {
-                        let columns = sql[on..].find('(')? + on;
+                    // Named after the copy and the original, numbered when that name is taken:
+                    // index names are database-wide, and tables swapped out keep theirs.
+                    "index" => index_columns(&sql).map(|columns| {
                         let unique = if sql.starts_with("CREATE UNIQUE") {
                             "UNIQUE "
                         } else {
                             ""
                         };
-                        Some(format!(
-                            "CREATE {unique}INDEX \"{}_index_{ordinal}\" ON \"{}\" {}",
+                        let base = format!("{}_{}", table.name(), name.replace('"', ""));
+                        let mut index = base.clone();
+                        let mut number = 1;
+                        while taken.contains(&index) {
+                            number += 1;
+                            index = format!("{base}_{number}");
+                        }
+                        taken.insert(index.clone());
+                        format!(
+                            "CREATE {unique}INDEX \"{index}\" ON \"{}\" {columns}",
                             table.name(),
-                            table.name(),
-                            &sql[columns..]
-                        ))
+                        )
                     }),
                     _ => None,
                 };
@@ -118,5 +135,41 @@ impl SqliteStore {
             .await?;
         transaction.commit().await?;
         Ok(())
+    }
+}
+
+/// What follows the table name in an index's `CREATE` statement (its columns, and a `WHERE` when
+/// partial): from the first parenthesis after the `ON` keyword, however it is spaced or cased.
+fn index_columns(sql: &str) -> Option<&str> {
+    // ASCII lowercasing keeps byte offsets.
+    let lower = sql.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let on = (1..bytes.len().saturating_sub(2)).find(|&at| {
+        bytes[at - 1].is_ascii_whitespace()
+            && &bytes[at..at + 2] == b"on"
+            && (bytes[at + 2].is_ascii_whitespace() || bytes[at + 2] == b'"')
+    })?;
+    let columns = sql[on..].find('(')? + on;
+    Some(&sql[columns..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_columns;
+
+    #[test]
+    fn an_index_is_read_however_its_on_is_written() {
+        for sql in [
+            "CREATE INDEX i ON telemetry (received_at)",
+            "CREATE INDEX i on telemetry(received_at)",
+            "CREATE INDEX \"i\"\n  ON \"telemetry\" (received_at)",
+        ] {
+            assert_eq!(index_columns(sql), Some("(received_at)"), "{sql}");
+        }
+        assert_eq!(
+            index_columns("CREATE UNIQUE INDEX i ON telemetry (a) WHERE a > 0"),
+            Some("(a) WHERE a > 0")
+        );
+        assert_eq!(index_columns("CREATE INDEX broken"), None);
     }
 }
