@@ -32,15 +32,6 @@ pub struct DatabaseConfig {
 }
 
 impl DatabaseConfig {
-    /// The writer's settings for `url`, nothing else given.
-    pub fn writer(url: impl Into<String>) -> Self {
-        DatabaseConfig {
-            mysql_url: url.into(),
-            mysql_owner_url: None,
-            mysql_max_connections: None,
-        }
-    }
-
     /// Opens the store for writing: migrated first with the owner's account when one is given,
     /// then opened (and migrated if it may) with the writer's, `connections` in the pool unless
     /// `--mysql-max-connections` says otherwise. Retried while MySQL is unreachable; `None` when
