@@ -34,12 +34,11 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use telemetry_consumer::{DatabaseConfig, Service, Started, Writes};
 use telemetry_core::names::{headers, topics};
 use telemetry_core::Event;
-use telemetry_kafka::{BatchConsumer, KafkaConfig, RenewableProducer};
+use telemetry_kafka::{BatchConsumer, KafkaConfig, Record, RenewableProducer};
 use telemetry_metrics::series;
 use telemetry_store::{AlertOffset, AlertStateRow, DynStore, NewAlert};
 use tokio_util::sync::CancellationToken;
@@ -713,9 +712,12 @@ impl Outbox<'_> {
             }
             for entry in &pending {
                 let produced = telemetry_retry::retry("Producing an alert", shutdown, || {
-                    let record = FutureRecord::to(&self.topic)
-                        .key(entry.device_id.as_bytes())
-                        .payload(entry.payload.as_bytes());
+                    let record = Record {
+                        topic: &self.topic,
+                        key: Some(entry.device_id.as_bytes()),
+                        payload: Some(entry.payload.as_bytes()),
+                        headers: None,
+                    };
                     async move {
                         let result = self.producer.send(record).await;
                         if let Err(error) = &result {

@@ -8,15 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
 use telemetry_core::event::CleanedRecord;
 use telemetry_core::names::headers;
 use telemetry_core::KEPT_PAYLOAD_BYTES;
 use telemetry_kafka::delivery::record_bytes;
-use telemetry_kafka::{refusal, KafkaConfig, Refusal, RenewableProducer, TopicLimits};
+use telemetry_kafka::{refusal, KafkaConfig, Record, Refusal, RenewableProducer, TopicLimits};
 use telemetry_metrics::{series, KAFKA_RECORDS_REFUSED, PRODUCE_RETRIES, RECORDS_PRODUCED};
 use telemetry_retry::RETRY_BACKOFF;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +143,18 @@ impl OutgoingRecord {
         }
     }
 
+    /// The record to hand to Kafka, `batch` holding the raw records.
+    pub fn to_kafka<'a>(&'a self, batch: &'a [OwnedMessage]) -> Record<'a> {
+        let (key, payload) = self.key_and_value(batch);
+        Record {
+            topic: &self.topic,
+            key,
+            payload,
+            // A cleaned record has none: no copy of an empty list per event.
+            headers: (self.headers.count() > 0).then(|| self.headers.clone()),
+        }
+    }
+
     /// Its key and value, `batch` holding the raw records.
     fn key_and_value<'a>(
         &'a self,
@@ -230,32 +240,36 @@ impl OutcomeSink {
         let mut pending = records;
         loop {
             // While Kafka is down deliveries wait up to message.timeout.ms; shutdown does not.
-            let results = tokio::select! {
+            let deliveries = self
+                .producer
+                .send_all(pending.iter().map(|record| record.to_kafka(batch)));
+            let mut failures = tokio::select! {
                 () = shutdown.cancelled() => return false,
-                results = join_all(pending.iter().map(|record| self.produce(record, batch))) => results,
+                failed = deliveries.wait() => failed.into_iter().peekable(),
             };
             // Counted per batch and kind: a metric looked up per record was 5% of the audit's CPU.
             let mut produced: Vec<(&'static str, u64)> = Vec::with_capacity(2);
             let mut failed = Vec::new();
             let mut refused_now = false;
-            for (record, result) in pending.into_iter().zip(results) {
-                match result {
-                    Ok(()) => match produced.iter_mut().find(|(kind, _)| *kind == record.kind) {
+            for (at, record) in pending.into_iter().enumerate() {
+                let Some((_, error)) = failures.next_if(|(failed_at, _)| *failed_at == at) else {
+                    match produced.iter_mut().find(|(kind, _)| *kind == record.kind) {
                         Some((_, count)) => *count += 1,
                         None => produced.push((record.kind, 1)),
-                    },
-                    Err(error) => match refusal(&error) {
-                        Some(refused) => {
-                            refused_now = true;
-                            failed.push(self.smaller(record, batch, refused, &error).await);
-                        }
-                        None => {
-                            crate::instruments::counter(&PRODUCE_RETRIES).increment(1);
-                            self.producer.delivery_failed(&error);
-                            tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
-                            failed.push(record);
-                        }
-                    },
+                    }
+                    continue;
+                };
+                match refusal(&error) {
+                    Some(refused) => {
+                        refused_now = true;
+                        failed.push(self.smaller(record, batch, refused, &error).await);
+                    }
+                    None => {
+                        crate::instruments::counter(&PRODUCE_RETRIES).increment(1);
+                        self.producer.delivery_failed(&error);
+                        tracing::warn!(%error, topic = %record.topic, "Producing failed; retrying.");
+                        failed.push(record);
+                    }
                 }
             }
             for (kind, count) in produced {
@@ -361,23 +375,6 @@ impl OutcomeSink {
         }
         tracing::warn!(%error, offset = message.offset(), body = ?record.body, "Kafka refused a dead letter for good; producing what it takes of it.");
         record
-    }
-
-    async fn produce(
-        &self,
-        record: &OutgoingRecord,
-        batch: &[OwnedMessage],
-    ) -> Result<(), KafkaError> {
-        let (key, value) = record.key_and_value(batch);
-        let mut future_record =
-            FutureRecord::<[u8], [u8]>::to(&record.topic).headers(record.headers.clone());
-        if let Some(key) = key {
-            future_record = future_record.key(key);
-        }
-        if let Some(value) = value {
-            future_record = future_record.payload(value);
-        }
-        self.producer.send(future_record).await
     }
 
     /// Waits for anything still queued in the producer.

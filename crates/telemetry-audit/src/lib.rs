@@ -84,7 +84,7 @@ pub struct AuditConfig {
     pub batch_size: u32,
 
     /// Most bytes of records (keys and values) per batch: a batch closes at this many bytes or
-    /// `--batch-size` records, whichever comes first. Up to `--db-writers` plus four batches
+    /// `--batch-size` records, whichever comes first. Up to `--db-writers` plus five batches
     /// are in hand at once, so this bounds the service's memory for large records.
     #[arg(long, env = "TELEMETRY_AUDIT_BATCH_BYTES", default_value_t = 8 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -99,7 +99,9 @@ pub struct AuditConfig {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub db_writers: u16,
 
-    /// Longest wait for a batch to fill before it is handled anyway, in milliseconds.
+    /// Longest a batch stays open while records keep arriving, in milliseconds. A batch closes
+    /// as soon as nothing more is waiting (at a low rate, at once), when it is full, or after
+    /// this long, whichever comes first.
     #[arg(long, env = "TELEMETRY_AUDIT_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
 

@@ -16,11 +16,10 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 use telemetry_core::names::headers;
 use telemetry_core::KEPT_PAYLOAD_BYTES;
 use telemetry_kafka::delivery::record_bytes;
-use telemetry_kafka::{refusal, Refusal, RenewableProducer, TopicLimits};
+use telemetry_kafka::{refusal, Record, Refusal, RenewableProducer, TopicLimits};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,8 +50,11 @@ pub(crate) struct KafkaSink {
     progress: Arc<Progress>,
 }
 
-/// A message whose record Kafka has confirmed.
-type Delivered = BoxFuture<'static, Message>;
+/// A batch of messages whose records Kafka has confirmed.
+type Delivered = BoxFuture<'static, Vec<Message>>;
+
+/// The most messages handed to librdkafka at once.
+const MAX_BATCH: usize = 1024;
 
 /// How much of a message a record carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +103,10 @@ impl KafkaSink {
 
     /// Moves messages from MQTT to Kafka until `shutdown`, then drains what is in flight for at
     /// most `grace` and flushes the producer.
+    ///
+    /// Messages go to Kafka in batches: whatever the MQTT session has queued when one is taken
+    /// (within the in-flight bounds and [`MAX_BATCH`]) goes with it, so a burst costs one
+    /// hand-over and one wakeup, and a lone message goes at once.
     pub async fn run(
         &self,
         mut messages: mpsc::UnboundedReceiver<Message>,
@@ -112,7 +118,7 @@ impl KafkaSink {
     ) {
         // Ordered, so acknowledgements go out in the order the broker sent the messages.
         let mut in_flight: FuturesOrdered<Delivered> = FuturesOrdered::new();
-        let mut in_flight_bytes = 0usize;
+        let (mut in_flight_records, mut in_flight_bytes) = (0usize, 0usize);
         let produced = Produced(
             RECORDS_PRODUCED.counter_of(series!(SERVICE, "raw")),
             &self.progress,
@@ -125,13 +131,15 @@ impl KafkaSink {
         loop {
             #[allow(clippy::cast_precision_loss)]
             {
-                in_flight_gauge.set(in_flight.len() as f64);
+                in_flight_gauge.set(in_flight_records as f64);
                 in_flight_bytes_gauge.set(in_flight_bytes as f64);
                 queued_gauge.set(messages.len() as f64);
             }
             // One message always passes, however large, or nothing would ever move.
-            let room = in_flight.is_empty()
-                || (in_flight.len() < bound.records && in_flight_bytes < bound.bytes);
+            let has_room = |records: usize, bytes: usize| {
+                records == 0 || (records < bound.records && bytes < bound.bytes)
+            };
+            let room = has_room(in_flight_records, in_flight_bytes);
             if !room && !full {
                 held_back.increment(1);
             }
@@ -140,16 +148,30 @@ impl KafkaSink {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(delivered) = in_flight.next(), if !in_flight.is_empty() => {
-                    in_flight_bytes -= delivered.payload.len();
+                    in_flight_records -= delivered.len();
+                    for message in &delivered {
+                        in_flight_bytes -= message.payload.len();
+                    }
                     acknowledge(&delivered, mqtt, &produced);
                 }
                 received = messages.recv(), if room => match received {
-                    Some(mut message) => {
-                        // Out of the queue: its bytes count as in flight now.
-                        message.queued = None;
-                        in_flight_bytes += message.payload.len();
-                        websocket::broadcast(frames, &message);
-                        in_flight.push_back(self.deliver(message));
+                    Some(first) => {
+                        let mut records = in_flight_records + 1;
+                        let mut bytes = in_flight_bytes + first.payload.len();
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH && has_room(records, bytes) {
+                            let Ok(message) = messages.try_recv() else { break };
+                            records += 1;
+                            bytes += message.payload.len();
+                            batch.push(message);
+                        }
+                        (in_flight_records, in_flight_bytes) = (records, bytes);
+                        for message in &mut batch {
+                            // Out of the queue: its bytes count as in flight now.
+                            message.queued = None;
+                            websocket::broadcast(frames, message);
+                        }
+                        in_flight.push_back(self.clone().deliver(batch).boxed());
                     }
                     None => break,
                 },
@@ -157,7 +179,7 @@ impl KafkaSink {
         }
         // Stop intake; what the MQTT task still receives stays unacknowledged and is redelivered.
         messages.close();
-        let pending = in_flight.len();
+        let pending = in_flight_records;
         let drain = async {
             while let Some(delivered) = in_flight.next().await {
                 acknowledge(&delivered, mqtt, &produced);
@@ -174,102 +196,116 @@ impl KafkaSink {
         }
     }
 
-    /// Produces `message` until Kafka confirms it: whole if it fits, else cut. Passing failures
-    /// are retried; a final refusal makes the next attempt smaller (whole, the first bytes, no
-    /// bytes), so no message holds up the ones behind it. Each message retries on its own, so
-    /// many failing at once (a broker restart) retry together, while [`FuturesOrdered`] still
-    /// hands them back in arrival order for acknowledgement.
-    fn deliver(&self, message: Message) -> Delivered {
-        let sink = self.clone();
-        async move {
-            let (mut delay, max_delay) = RETRY_DELAY;
-            let mut form = sink.form(&message).await;
-            loop {
-                let error = match sink.produce(&message, &form).await {
-                    Ok(()) => {
-                        if let Form::Cut { reason, .. } = &form {
-                            instruments::RECORDS_CUT
-                                .counter_of(series!(SERVICE, reason.code()))
-                                .increment(1);
-                        }
-                        return message;
-                    }
-                    Err(error) => error,
-                };
+    /// Produces every message of a batch until Kafka confirmed it: whole if it fits, else cut.
+    /// Passing failures are produced again, together, with backoff; a final refusal makes that
+    /// message's next attempt smaller (whole, the first bytes, no bytes), so no message holds up
+    /// the ones behind it. Resolves to the batch, for acknowledgement in arrival order.
+    async fn deliver(self, messages: Vec<Message>) -> Vec<Message> {
+        let limit = self.limits.max_record_bytes(&self.topic).await;
+        let mut forms: Vec<Form> = messages
+            .iter()
+            .map(|message| self.form(message, limit))
+            .collect();
+        let mut pending: Vec<usize> = (0..messages.len()).collect();
+        // Failed for a passing reason: produced again after the backoff.
+        let mut later: Vec<usize> = Vec::new();
+        let (mut delay, max_delay) = RETRY_DELAY;
+        loop {
+            let failed = self
+                .producer
+                .send_all(
+                    pending
+                        .iter()
+                        .map(|&index| self.record(&messages[index], &forms[index])),
+                )
+                .wait()
+                .await;
+            let mut next_failure = 0;
+            for (at, &index) in pending.iter().enumerate() {
+                if failed
+                    .get(next_failure)
+                    .is_some_and(|(failed_at, _)| *failed_at == at)
+                {
+                    next_failure += 1;
+                    continue;
+                }
+                if let Form::Cut { reason, .. } = &forms[index] {
+                    instruments::RECORDS_CUT
+                        .counter_of(series!(SERVICE, reason.code()))
+                        .increment(1);
+                }
+            }
+            // In another form: produced again at once, on their own (with others, a cut record
+            // could again make a batch larger than the topic takes).
+            let mut now = Vec::new();
+            for (at, error) in failed {
+                let index = pending[at];
+                let message = &messages[index];
                 match refusal(&error) {
                     Some(refused) => {
                         KAFKA_RECORDS_REFUSED
                             .counter_of(series!(SERVICE, refused.code()))
                             .increment(1);
-                        match sink.smaller(&message, &form, refused, &error).await {
+                        match self.smaller(message, &forms[index], refused, &error).await {
                             Some(next) => {
                                 tracing::warn!(%error, mqtt_topic = %message.topic, bytes = message.payload.len(), "Kafka refused a record for good; producing what can be kept of it.");
-                                form = next;
+                                forms[index] = next;
+                                now.push(index);
                                 continue;
                             }
-                            None if form == Form::Whole => {
+                            None if forms[index] == Form::Whole => {
                                 // Refused as too large while it fits the limit as last read:
                                 // the batch it was in was too large, not the record.
                                 tracing::debug!(%error, "A record was refused with its batch; producing it again.");
                             }
                             None => {
-                                tracing::error!(%error, topic = %sink.topic, "The raw topic refuses even a record without payload; an operator must fix the topic. Retrying.");
+                                tracing::error!(%error, topic = %self.topic, "The raw topic refuses even a record without payload; an operator must fix the topic. Retrying.");
                             }
                         }
                     }
                     None => {
-                        sink.producer.delivery_failed(&error);
+                        self.producer.delivery_failed(&error);
                         tracing::debug!(%error, mqtt_topic = %message.topic, "Producing to Kafka failed; retrying.");
                     }
                 }
                 instruments::counter(&PRODUCE_RETRIES).increment(1);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(max_delay);
+                later.push(index);
             }
+            if !now.is_empty() {
+                pending = now;
+                continue;
+            }
+            if later.is_empty() {
+                return messages;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(max_delay);
+            pending = std::mem::take(&mut later);
+            pending.sort_unstable();
         }
-        .boxed()
     }
 
     /// The form a message goes out in first: cut if it was read through or is larger than the
-    /// bridge forwards or the raw topic takes.
-    async fn form(&self, message: &Message) -> Form {
+    /// bridge forwards or the raw topic takes (`limit`).
+    fn form(&self, message: &Message, limit: usize) -> Form {
         let size = message.payload.len();
-        if let Some(original) = message.original_bytes {
-            return self
-                .cut(
-                    message,
-                    Refusal::TooLarge,
-                    format!(
-                        "the MQTT packet was larger than the bridge reads whole \
-                         (TELEMETRY_MQTT_MAX_PACKET_BYTES = {}); {original} bytes of payload",
-                        self.max_packet_bytes
-                    ),
-                )
-                .await;
-        }
-        if size > self.max_message_bytes {
-            return self
-                .cut(
-                    message,
-                    Refusal::TooLarge,
-                    format!(
-                        "larger than TELEMETRY_MAX_MESSAGE_BYTES = {}",
-                        self.max_message_bytes
-                    ),
-                )
-                .await;
-        }
-        let limit = self.limits.max_record_bytes(&self.topic).await;
-        if self.record_bytes(message, size, None) > limit {
-            return self
-                .cut(
-                    message,
-                    Refusal::TooLarge,
-                    format!("the raw topic takes records of at most {limit} bytes"),
-                )
-                .await;
-        }
-        Form::Whole
+        let reason = if let Some(original) = message.original_bytes {
+            format!(
+                "the MQTT packet was larger than the bridge reads whole \
+                 (TELEMETRY_MQTT_MAX_PACKET_BYTES = {}); {original} bytes of payload",
+                self.max_packet_bytes
+            )
+        } else if size > self.max_message_bytes {
+            format!(
+                "larger than TELEMETRY_MAX_MESSAGE_BYTES = {}",
+                self.max_message_bytes
+            )
+        } else if self.record_bytes(message, size, None) > limit {
+            format!("the raw topic takes records of at most {limit} bytes")
+        } else {
+            return Form::Whole;
+        };
+        self.cut(message, Refusal::TooLarge, reason, limit)
     }
 
     /// The form to try after Kafka refused `form` for good; `None` to send the same again.
@@ -287,19 +323,14 @@ impl KafkaSink {
                 if self.record_bytes(message, message.payload.len(), None) <= limit {
                     return None;
                 }
-                Some(
-                    self.cut(
-                        message,
-                        refused,
-                        format!("the raw topic takes records of at most {limit} bytes"),
-                    )
-                    .await,
-                )
+                let detail = format!("the raw topic takes records of at most {limit} bytes");
+                Some(self.cut(message, refused, detail, limit))
             }
-            (Form::Whole, Refusal::Invalid) => Some(
-                self.cut(message, refused, format!("Kafka refused it: {error}"))
-                    .await,
-            ),
+            (Form::Whole, Refusal::Invalid) => {
+                let limit = self.limits.max_record_bytes(&self.topic).await;
+                let detail = format!("Kafka refused it: {error}");
+                Some(self.cut(message, refused, detail, limit))
+            }
             (Form::Cut { kept, detail, .. }, _) if *kept > 0 => Some(Form::Cut {
                 kept: 0,
                 reason: refused,
@@ -309,9 +340,8 @@ impl KafkaSink {
         }
     }
 
-    /// The message cut to what the raw topic takes, at most [`KEPT_PAYLOAD_BYTES`].
-    async fn cut(&self, message: &Message, reason: Refusal, detail: String) -> Form {
-        let limit = self.limits.max_record_bytes(&self.topic).await;
+    /// The message cut to what the raw topic takes (`limit`), at most [`KEPT_PAYLOAD_BYTES`].
+    fn cut(&self, message: &Message, reason: Refusal, detail: String, limit: usize) -> Form {
         let room = limit.saturating_sub(self.record_bytes(message, 0, Some(&detail)));
         Form::Cut {
             kept: message.payload.len().min(KEPT_PAYLOAD_BYTES).min(room),
@@ -338,9 +368,10 @@ impl KafkaSink {
         record_bytes(key, value, &header_sizes)
     }
 
-    /// Produces `message` once in `form`; resolves when Kafka confirmed or failed it.
-    async fn produce(&self, message: &Message, form: &Form) -> Result<(), KafkaError> {
-        let received_at = message.received_at.to_string();
+    /// The record of `message` in `form`.
+    fn record<'a>(&'a self, message: &'a Message, form: &'a Form) -> Record<'a> {
+        let mut received_at = itoa::Buffer::new();
+        let received_at = received_at.format(message.received_at);
         let mut record_headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header {
                 key: headers::MQTT_TOPIC,
@@ -381,22 +412,23 @@ impl KafkaSink {
                 &message.payload[..(*kept).min(message.payload.len())]
             }
         };
-        let mut record = FutureRecord::<str, [u8]>::to(&self.topic)
-            .payload(payload)
-            .headers(record_headers);
-        if let Some(device_id) = &message.device_id {
-            record = record.key(device_id.as_str());
+        Record {
+            topic: &self.topic,
+            key: message.device_id.as_ref().map(String::as_bytes),
+            payload: Some(payload),
+            headers: Some(record_headers),
         }
-        self.producer.send(record).await
     }
 }
 
 /// Where confirmed messages are counted: the metric and the bridge's progress.
 struct Produced<'a>(metrics::Counter, &'a Progress);
 
-/// Counts a confirmed message and acknowledges it to the MQTT broker.
-fn acknowledge(message: &Message, mqtt: &MqttHandle, produced: &Produced<'_>) {
-    produced.0.increment(1);
-    Progress::add(&produced.1.produced, 1);
-    mqtt.ack(message);
+/// Counts confirmed messages and acknowledges them to the MQTT broker, in order.
+fn acknowledge(messages: &[Message], mqtt: &MqttHandle, produced: &Produced<'_>) {
+    produced.0.increment(messages.len() as u64);
+    Progress::add(&produced.1.produced, messages.len() as u64);
+    for message in messages {
+        mqtt.ack(message);
+    }
 }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -25,6 +26,9 @@ pub struct BatchConsumer {
     consumer: StreamConsumer<RebalanceLogger>,
     /// A batch closes once its keys and values reach this many bytes (one record more at most).
     max_batch_bytes: usize,
+    /// Whether a batch waits out the linger to fill ([`BatchConsumer::filling`]) rather than
+    /// closing when nothing more is waiting.
+    fill: bool,
 }
 
 /// Bytes of keys and values after which a batch closes, unless the caller sets its own: records
@@ -145,7 +149,16 @@ impl BatchConsumer {
         Ok(BatchConsumer {
             consumer,
             max_batch_bytes: DEFAULT_BATCH_BYTES,
+            fill: false,
         })
+    }
+
+    /// Batches wait up to the linger to fill instead of closing when nothing more is waiting: for
+    /// a consumer whose cost is per batch and whose output does not wait on it (the rollup).
+    #[must_use]
+    pub fn filling(mut self) -> Self {
+        self.fill = true;
+        self
     }
 
     /// Closes batches once their keys and values reach `bytes` (at least one record each).
@@ -155,9 +168,10 @@ impl BatchConsumer {
         self
     }
 
-    /// Waits for a first record, then collects up to `size` records (and up to the batch byte
-    /// bound, [`BatchConsumer::with_max_batch_bytes`]) or until `linger` passed.
-    /// `None` once `shutdown` is cancelled.
+    /// Waits for a first record, then takes the records already waiting, up to `size` (and up
+    /// to the batch byte bound, [`BatchConsumer::with_max_batch_bytes`]): the batch closes when
+    /// nothing more is waiting, or at the latest after `linger` (a [`BatchConsumer::filling`]
+    /// one waits out `linger` for more). `None` once `shutdown` is cancelled.
     pub async fn next_batch(
         &self,
         size: usize,
@@ -208,21 +222,37 @@ impl BatchConsumer {
                 }
             }
         }
+        // Then whatever is already waiting: the batch closes as soon as the input goes idle (at
+        // a low rate that is at once, so an event does not wait out the linger), or when it is
+        // full, or at the latest after `linger` while records keep trickling in. A filling
+        // consumer waits out the linger for more instead.
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < size && bytes < self.max_batch_bytes {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                received = self.consumer.recv() => match received {
-                    Ok(message) => {
-                        let message = message.detach();
-                        bytes += size_of(&message);
-                        batch.push(message);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "Reading from Kafka failed; handling the batch so far.");
-                        break;
-                    }
-                },
+            let received = if self.fill {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => break,
+                    received = self.consumer.recv() => received,
+                }
+            } else {
+                // Polled once without waiting: `None` when nothing more is queued right now.
+                let Some(received) = self.consumer.recv().now_or_never() else {
+                    break;
+                };
+                received
+            };
+            match received {
+                Ok(message) => {
+                    let message = message.detach();
+                    bytes += size_of(&message);
+                    batch.push(message);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Reading from Kafka failed; handling the batch so far.");
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
             }
         }
         Some(batch)

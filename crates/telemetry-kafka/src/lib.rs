@@ -9,8 +9,9 @@
 //! - [`KafkaConfig::client_config`]: an rdkafka [`ClientConfig`] with all of that applied;
 //!   [`KafkaConfig::producer_config`] adds the settings every producer of ours shares.
 //! - [`ensure_topics`]: create missing topics, leave existing ones alone.
-//! - [`RenewableProducer`]: a producer that replaces its librdkafka instance when it stops
-//!   delivering.
+//! - [`RenewableProducer`]: a producer that hands librdkafka a whole batch of [`Record`]s and
+//!   waits once for all their acknowledgements ([`Deliveries`]), and replaces its librdkafka
+//!   instance when it stops delivering.
 //! - [`BatchConsumer`]: a consumer-group member reading in batches, committing only what its
 //!   caller declared durable.
 //! - [`received_at`]: when the bridge received a record; [`received`]: a raw record as the
@@ -21,9 +22,11 @@
 mod consumer;
 pub mod delivery;
 pub mod instruments;
+mod producer;
 
 pub use consumer::BatchConsumer;
 pub use delivery::{refusal, Refusal, TopicLimits};
+pub use producer::{Deliveries, Record, RenewableProducer};
 
 use rdkafka::message::{Headers, Message};
 use telemetry_core::names::headers;
@@ -83,16 +86,13 @@ pub fn received<M: Message>(message: &M) -> telemetry_core::Received<'_> {
     }
 }
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::ToBytes;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use telemetry_core::names::topics;
 
@@ -498,143 +498,6 @@ async fn topic_exists(config: &KafkaConfig, topic: &str) -> Result<bool> {
         .any(|topic| topic.error().is_none() && !topic.partitions().is_empty()))
 }
 
-/// Shortest life of a producer instance before a failure may replace it: the message timeout, so
-/// that while Kafka is simply down the instance is renewed at most once per timeout.
-const RENEW_AFTER: Duration = Duration::from_secs(30);
-
-/// A producer that replaces its librdkafka instance when deliveries keep failing.
-///
-/// Why: a guard. After a broker restart an idempotent librdkafka producer holds records of
-/// unknown fate until they time out, and its recovery from there depends on broker and client
-/// versions; a fresh instance (a new producer id) starts clean. Callers produce failed records
-/// again themselves, so replacing the instance loses nothing: the old one's queued records fail
-/// with a purge error and are produced again on the new one.
-#[derive(Clone)]
-pub struct RenewableProducer {
-    inner: Arc<Renewable>,
-}
-
-struct Renewable {
-    config: ClientConfig,
-    /// The `service` label of the produce metrics.
-    service: &'static str,
-    /// The produce metrics' handles by topic, registered once per topic rather than looked up
-    /// (labels hashed, topic name copied) for every record. A service produces to a few topics.
-    meters: Mutex<Vec<(String, ProduceMeters)>>,
-    /// Why a mutex: producers run on several tasks; the instance is swapped rarely.
-    current: Mutex<(FutureProducer, Instant)>,
-}
-
-/// A topic's produce metrics.
-#[derive(Clone)]
-struct ProduceMeters {
-    duration: metrics::Histogram,
-    errors: metrics::Counter,
-}
-
-impl RenewableProducer {
-    /// Creates the first instance from `config` (see [`KafkaConfig::producer_config`]), for
-    /// `service` (the label of its metrics).
-    pub fn new(config: ClientConfig, service: &'static str) -> Result<Self> {
-        let producer: FutureProducer = config.create()?;
-        Ok(RenewableProducer {
-            inner: Arc::new(Renewable {
-                config,
-                service,
-                meters: Mutex::new(Vec::new()),
-                current: Mutex::new((producer, Instant::now())),
-            }),
-        })
-    }
-
-    /// The current instance (cheap: a reference-counted handle).
-    pub fn current(&self) -> FutureProducer {
-        match self.inner.current.lock() {
-            Ok(current) => current.0.clone(),
-            Err(poisoned) => poisoned.into_inner().0.clone(),
-        }
-    }
-
-    /// Reports a failed delivery. Replaces the instance when it has lived at least
-    /// [`RENEW_AFTER`], so a broker outage renews it at most once per message timeout.
-    pub fn delivery_failed(&self, error: &KafkaError) {
-        let mut current = match self.inner.current.lock() {
-            Ok(current) => current,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if current.1.elapsed() < RENEW_AFTER {
-            return;
-        }
-        match self.inner.config.create::<FutureProducer>() {
-            Ok(fresh) => {
-                let old = std::mem::replace(&mut *current, (fresh, Instant::now())).0;
-                drop(current);
-                tracing::warn!(%error, "Kafka deliveries are failing; replaced the producer with a fresh instance.");
-                // Dropping purges its queue (those records fail and are produced again) and
-                // blocks for up to half a second: not on an async worker.
-                std::thread::spawn(move || drop(old));
-            }
-            Err(create_error) => {
-                tracing::error!(%create_error, "Could not create a fresh Kafka producer; keeping the current one.");
-            }
-        }
-    }
-
-    /// Produces `record` on the current instance; resolves when Kafka acknowledged it, or with
-    /// the error it failed with (the caller decides about retrying, and reports it through
-    /// [`RenewableProducer::delivery_failed`]).
-    pub async fn send<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), KafkaError>
-    where
-        K: ToBytes + ?Sized,
-        P: ToBytes + ?Sized,
-    {
-        let started = Instant::now();
-        let meters = self.meters(record.topic);
-        // librdkafka copies key, payload and headers, so the record's borrows end here.
-        let delivery = self
-            .current()
-            .send_result(record)
-            .map_err(|(error, _)| error)?;
-        let result = match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(error),
-            Err(_canceled) => Err(KafkaError::Canceled),
-        };
-        match &result {
-            // From handing the record over to the brokers' acknowledgement (acks=all): batching,
-            // compression, the network and replication; what Kafka adds to a record's latency.
-            Ok(()) => meters.duration.record(started.elapsed().as_secs_f64()),
-            Err(_) => meters.errors.increment(1),
-        }
-        result
-    }
-
-    /// The produce metrics of `topic`, registered on its first record.
-    fn meters(&self, topic: &str) -> ProduceMeters {
-        let mut meters = match self.inner.meters.lock() {
-            Ok(meters) => meters,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some((_, found)) = meters.iter().find(|(name, _)| name == topic) {
-            return found.clone();
-        }
-        let (service, label) = (self.inner.service, topic.to_string());
-        let registered = ProduceMeters {
-            duration: instruments::KAFKA_PRODUCE_DURATION
-                .histogram_of(telemetry_metrics::series!(service, label.clone())),
-            errors: instruments::KAFKA_PRODUCE_ERRORS
-                .counter_of(telemetry_metrics::series!(service, label.clone())),
-        };
-        meters.push((label, registered.clone()));
-        registered
-    }
-
-    /// Waits up to `timeout` for everything queued in the current instance.
-    pub fn flush(&self, timeout: Duration) -> Result<()> {
-        Ok(self.current().flush(timeout)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -714,7 +577,7 @@ mod tests {
         };
         let created = config
             .client_config(&[])
-            .and_then(|client| Ok(client.create::<FutureProducer>()?));
+            .and_then(|client| Ok(client.create::<rdkafka::producer::BaseProducer>()?));
         let message = created
             .err()
             .map(|error| error.to_string())

@@ -124,7 +124,9 @@ async fn consume(config: &RollupConfig, started: Started) -> Result<()> {
     } = started;
     let shutdown = &shutdown;
     let kafka = &config.kafka;
-    let consumer = BatchConsumer::new(kafka, &config.group_id, &[kafka.cleaned_topic.as_str()])?;
+    // Folding costs per batch and nothing waits on it: batches fill for the linger.
+    let consumer =
+        BatchConsumer::new(kafka, &config.group_id, &[kafka.cleaned_topic.as_str()])?.filling();
     let late_window_ms = i64::from(config.late_window_seconds) * 1_000;
     tracing::info!(
         cleaned_topic = %kafka.cleaned_topic,

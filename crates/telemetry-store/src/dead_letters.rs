@@ -6,7 +6,9 @@ use sqlx::{MySql, QueryBuilder};
 
 use telemetry_core::event::CleanedRecord;
 
-use crate::{is_duplicate_key, utc_datetime, Error, Result, Seen, Sightings, Store, Table};
+use crate::{
+    is_duplicate_key, literal, utc_datetime, Error, Result, Seen, Sightings, Store, Table,
+};
 
 /// Longest part of the original payload kept in the index; the DLQ topic keeps it whole.
 pub const MAX_INDEXED_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -64,6 +66,11 @@ impl Store {
             .map(|letter| utc_datetime(letter.received_at))
             .collect::<Result<Vec<_>>>()?;
         let rows: Vec<_> = letters.iter().zip(received).collect();
+        if rows.len() <= DEAD_LETTERS_PER_STATEMENT
+            && self.index_new_in_one_round_trip(&rows).await?
+        {
+            return Ok(());
+        }
         let mut sightings = Sightings::default();
         let mut transaction = self.pool.begin().await?;
         for chunk in rows.chunks(DEAD_LETTERS_PER_STATEMENT) {
@@ -93,6 +100,68 @@ impl Store {
         sightings.upsert(&mut transaction).await?;
         transaction.commit().await?;
         Ok(())
+    }
+
+    /// Indexes `rows` and notes their devices in one transaction sent as one text statement (as
+    /// the rows of a small batch, `Store::insert_events_into`). `false`, with nothing written,
+    /// when one of them is indexed already or repeats: the caller then sorts them.
+    async fn index_new_in_one_round_trip(&self, rows: &[Letter<'_, '_>]) -> Result<bool> {
+        let payload_bytes: usize = rows
+            .iter()
+            .map(|(letter, _)| letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES))
+            .sum();
+        let mut sql = String::with_capacity(512 + rows.len() * 600 + payload_bytes * 2);
+        sql.push_str(
+            "START TRANSACTION;INSERT INTO dlq_events (source_topic, source_partition, \
+             source_offset, device_id, received_at, code, message, field, rule, \
+             contract_version, payload, payload_bytes) VALUES ",
+        );
+        let mut sightings = Sightings::default();
+        for (place, (letter, received_at)) in rows.iter().enumerate() {
+            let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
+            sql.push_str(if place == 0 { "(" } else { ",(" });
+            literal::text(&mut sql, letter.source_topic);
+            sql.push(',');
+            literal::integer(&mut sql, letter.source_partition);
+            sql.push(',');
+            literal::integer(&mut sql, letter.source_offset);
+            sql.push(',');
+            literal::optional_text(&mut sql, letter.device_id);
+            sql.push(',');
+            literal::datetime(&mut sql, *received_at);
+            sql.push(',');
+            literal::text(&mut sql, letter.code);
+            sql.push(',');
+            literal::text(&mut sql, cut(letter.message, MAX_MESSAGE_CHARS));
+            sql.push(',');
+            literal::optional_text(
+                &mut sql,
+                letter.field.map(|field| cut(field, MAX_TEXT_COLUMN_CHARS)),
+            );
+            sql.push(',');
+            literal::optional_text(
+                &mut sql,
+                letter.rule.map(|rule| cut(rule, MAX_TEXT_COLUMN_CHARS)),
+            );
+            sql.push(',');
+            literal::integer(&mut sql, letter.contract_version);
+            sql.push(',');
+            literal::bytes(&mut sql, kept);
+            sql.push(',');
+            literal::integer(
+                &mut sql,
+                u32::try_from(letter.payload.len()).unwrap_or(u32::MAX),
+            );
+            sql.push(')');
+            if let Some(device_id) = letter.device_id {
+                sightings.saw(device_id, *received_at, Seen::Rejected);
+                sightings.count(device_id, *received_at, Seen::Rejected);
+            }
+        }
+        sql.push(';');
+        sightings.push_upserts(&mut sql);
+        sql.push_str("COMMIT");
+        self.transaction_in_one_round_trip(&sql).await
     }
 
     /// Deletes index rows received before `older_than`, and the oldest rows beyond `keep_rows`.
@@ -310,14 +379,8 @@ impl Store {
             Err(error) if is_duplicate_key(&error) => return Ok(DeadLetterReplay::AlreadyReplayed),
             Err(error) => return Err(error.into()),
         }
-        let inserted = self
-            .insert_in(
-                &mut transaction,
-                &Table::live(),
-                std::slice::from_ref(record),
-                true,
-            )
-            .await?;
+        let rows = [crate::Row::new(record)?];
+        let inserted = crate::insert_in(&mut transaction, &Table::live(), &rows, true).await?;
         let outcome = if inserted == 1 {
             DeadLetterReplay::Stored
         } else {

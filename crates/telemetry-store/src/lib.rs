@@ -14,6 +14,7 @@ mod alerts;
 mod backend;
 mod config;
 mod dead_letters;
+pub(crate) mod literal;
 mod queries;
 mod rollups;
 mod sqlite;
@@ -435,52 +436,119 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
+        let rows = records.iter().map(Row::new).collect::<Result<Vec<_>>>()?;
+        // A batch smaller than a full statement (every batch at a low rate, most at full rate
+        // with some rejected records) would be prepared, executed and closed afresh, with a
+        // round trip for each of its statements: it goes as one text round trip instead.
+        if rows.len() < ROWS_PER_STATEMENT {
+            if let Some(inserted) = self
+                .insert_new_in_one_round_trip(table, &rows, note_devices)
+                .await?
+            {
+                return Ok(inserted);
+            }
+        }
         let mut transaction = self.pool.begin().await?;
-        let inserted = self
-            .insert_in(&mut transaction, table, records, note_devices)
-            .await?;
+        let inserted = insert_in(&mut transaction, table, &rows, note_devices).await?;
         transaction.commit().await?;
         Ok(inserted)
     }
 
-    /// The body of [`Store::insert_events_into`], inside the caller's transaction.
-    async fn insert_in(
+    /// Writes `rows` and their devices' sightings in one transaction sent as one text statement
+    /// (`START TRANSACTION; INSERT ...; INSERT INTO devices ...; INSERT INTO device_minutes ...;
+    /// COMMIT`): one network round trip, nothing to prepare. Values are literals
+    /// ([`literal`]). `None`, with nothing written, when a row's identity is stored already or
+    /// repeats within `rows` (a redelivered batch).
+    async fn insert_new_in_one_round_trip(
         &self,
-        transaction: &mut sqlx::MySqlConnection,
         table: &Table,
-        records: &[CleanedRecord],
+        rows: &[Row<'_>],
         note_devices: bool,
-    ) -> Result<u64> {
-        let rows = records.iter().map(Row::new).collect::<Result<Vec<_>>>()?;
-        let mut sightings = Sightings::default();
-        let mut inserted = 0;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            // The common case, new events only, is one plain INSERT. A stored identity fails it
-            // (InnoDB undoes just the statement); then the chunk is sorted into new and stored.
-            let all: Vec<&Row<'_>> = chunk.iter().collect();
-            let new = match insert_rows(&mut *transaction, table, &all, false).await {
-                Ok(()) => all,
-                Err(error) if is_duplicate_key(&error) => {
-                    let new = new_rows(&mut *transaction, table, chunk).await?;
-                    insert_rows(&mut *transaction, table, &new, true).await?;
-                    new
-                }
-                Err(error) => return Err(error.into()),
-            };
-            inserted += new.len() as u64;
-            if note_devices {
-                for row in chunk {
-                    sightings.saw(&row.record.event.device_id, row.received_at, Seen::Accepted);
-                }
-                for row in new {
-                    sightings.count(&row.record.event.device_id, row.received_at, Seen::Accepted);
-                }
+    ) -> Result<Option<u64>> {
+        let mut sql = String::with_capacity(512 + rows.len() * 400);
+        sql.push_str("START TRANSACTION;");
+        push_insert_values(&mut sql, table, rows);
+        sql.push(';');
+        if note_devices {
+            let mut sightings = Sightings::default();
+            for row in rows {
+                let device_id = row.record.event.device_id.as_str();
+                sightings.saw(device_id, row.received_at, Seen::Accepted);
+                sightings.count(device_id, row.received_at, Seen::Accepted);
             }
+            sightings.push_upserts(&mut sql);
         }
-        sightings.upsert(&mut *transaction).await?;
-        Ok(inserted)
+        sql.push_str("COMMIT");
+        Ok(self
+            .transaction_in_one_round_trip(&sql)
+            .await?
+            .then_some(rows.len() as u64))
     }
 
+    /// Runs `sql`, a whole transaction as statements separated by `;` (`START TRANSACTION; ...;
+    /// COMMIT`), as one text query: one network round trip. `false`, with the transaction rolled
+    /// back, when a statement met a stored key (MySQL error 1062): the caller then takes its
+    /// path that sorts new rows from stored ones. Any other failure is rolled back and returned.
+    pub(crate) async fn transaction_in_one_round_trip(&self, sql: &str) -> Result<bool> {
+        let mut connection = self.pool.acquire().await?;
+        // A plain string is sent as COM_QUERY, the text protocol; the server stops at the first
+        // statement that fails.
+        let error = match sqlx::Executor::execute(&mut *connection, sql).await {
+            Ok(_) => return Ok(true),
+            Err(error) => error,
+        };
+        // The transaction may still be open on this connection: end it before the connection
+        // goes back to the pool, or close the connection.
+        if sqlx::Executor::execute(&mut *connection, "ROLLBACK")
+            .await
+            .is_err()
+        {
+            drop(connection.detach());
+        }
+        if is_duplicate_key(&error) {
+            return Ok(false);
+        }
+        Err(error.into())
+    }
+}
+
+/// The body of [`Store::insert_events_into`], inside the caller's transaction.
+pub(crate) async fn insert_in(
+    transaction: &mut sqlx::MySqlConnection,
+    table: &Table,
+    rows: &[Row<'_>],
+    note_devices: bool,
+) -> Result<u64> {
+    let mut sightings = Sightings::default();
+    let mut inserted = 0;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        // The common case, new events only, is one plain INSERT. A stored identity fails it
+        // (InnoDB undoes just the statement); then the chunk is sorted into new and stored.
+        let all: Vec<&Row<'_>> = chunk.iter().collect();
+        let new = match insert_rows(&mut *transaction, table, &all, false).await {
+            Ok(()) => all,
+            Err(error) if is_duplicate_key(&error) => {
+                let new = new_rows(&mut *transaction, table, chunk).await?;
+                insert_rows(&mut *transaction, table, &new, true).await?;
+                new
+            }
+            Err(error) => return Err(error.into()),
+        };
+        inserted += new.len() as u64;
+        if note_devices {
+            for row in chunk {
+                sightings.saw(&row.record.event.device_id, row.received_at, Seen::Accepted);
+            }
+            for row in new {
+                sightings.count(&row.record.event.device_id, row.received_at, Seen::Accepted);
+            }
+        }
+    }
+    sightings.upsert(&mut *transaction).await?;
+    Ok(inserted)
+}
+
+impl Store {
     /// Creates `table` as an empty copy of `telemetry` (columns, keys, checks) unless it exists.
     pub async fn create_table_like_live(&self, table: &Table) -> Result<()> {
         if table.is_live() {
@@ -744,6 +812,47 @@ async fn insert_rows(
     Ok(())
 }
 
+/// `INSERT INTO `table` (...) VALUES (...), ...` of `rows`, the values as literals.
+fn push_insert_values(sql: &mut String, table: &Table, rows: &[Row<'_>]) {
+    sql.push_str("INSERT INTO `");
+    sql.push_str(table.name());
+    sql.push_str(
+        "` (device_id, device_ts, seq, seq_key, received_at, metrics, schema_version, \
+         attributes, quality, source_topic, source_partition, source_offset) VALUES ",
+    );
+    for (place, row) in rows.iter().enumerate() {
+        let event = &row.record.event;
+        sql.push_str(if place == 0 { "(" } else { ",(" });
+        literal::text(sql, &event.device_id);
+        sql.push(',');
+        literal::datetime(sql, row.device_ts);
+        sql.push(',');
+        match event.seq {
+            Some(seq) => literal::integer(sql, seq),
+            None => sql.push_str("NULL"),
+        }
+        sql.push(',');
+        literal::integer(sql, event.seq.unwrap_or(NO_SEQ));
+        sql.push(',');
+        literal::datetime(sql, row.received_at);
+        sql.push(',');
+        literal::text(sql, &row.metrics);
+        sql.push(',');
+        literal::integer(sql, event.schema_version);
+        sql.push(',');
+        literal::optional_text(sql, row.attributes.as_deref());
+        sql.push(',');
+        literal::optional_text(sql, row.quality.as_deref());
+        sql.push(',');
+        literal::text(sql, &row.record.source.topic);
+        sql.push(',');
+        literal::integer(sql, row.record.source.partition);
+        sql.push(',');
+        literal::integer(sql, row.record.source.offset);
+        sql.push(')');
+    }
+}
+
 /// The rows of `chunk` whose identity is not stored yet, each identity once.
 async fn new_rows<'r, 'a>(
     connection: &mut sqlx::MySqlConnection,
@@ -799,6 +908,20 @@ enum Seen {
     Rejected,
 }
 
+/// How a batch's sightings merge into `devices`: times only move outwards. GREATEST is NULL when
+/// either side is: COALESCE keeps whichever time exists.
+const DEVICES_MERGE: &str = " ON DUPLICATE KEY UPDATE \
+     first_seen = LEAST(first_seen, VALUES(first_seen)), \
+     last_seen = GREATEST(last_seen, VALUES(last_seen)), \
+     last_accepted = COALESCE(GREATEST(last_accepted, VALUES(last_accepted)), \
+         last_accepted, VALUES(last_accepted)), \
+     last_rejected = COALESCE(GREATEST(last_rejected, VALUES(last_rejected)), \
+         last_rejected, VALUES(last_rejected))";
+
+/// How a batch's new records per minute add to `device_minutes`.
+const MINUTES_MERGE: &str = " ON DUPLICATE KEY UPDATE accepted = accepted + VALUES(accepted), \
+     rejected = rejected + VALUES(rejected)";
+
 /// The devices of one batch, with the times they were seen (for the `devices` table) and the
 /// records newly stored per minute of arrival (for `device_minutes`).
 #[derive(Default)]
@@ -848,6 +971,51 @@ impl<'a> Sightings<'a> {
         *latest = Some(latest.map_or(at, |latest| latest.max(at)));
     }
 
+    /// The statements of [`Sightings::upsert`] as text, each ended by `;`, the values as literals
+    /// (for a batch small enough that every one fits a statement).
+    pub(crate) fn push_upserts(&self, sql: &mut String) {
+        if !self.devices.is_empty() {
+            sql.push_str(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_accepted, last_rejected) VALUES ",
+            );
+            for (place, (device_id, sighting)) in self.devices.iter().enumerate() {
+                sql.push_str(if place == 0 { "(" } else { ",(" });
+                literal::text(sql, device_id);
+                sql.push(',');
+                literal::datetime(sql, sighting.first);
+                sql.push(',');
+                literal::datetime(sql, sighting.last);
+                sql.push(',');
+                literal::optional_datetime(sql, sighting.accepted);
+                sql.push(',');
+                literal::optional_datetime(sql, sighting.rejected);
+                sql.push(')');
+            }
+            sql.push_str(DEVICES_MERGE);
+            sql.push(';');
+        }
+        if !self.minutes.is_empty() {
+            sql.push_str(
+                "INSERT INTO device_minutes (device_id, minute, accepted, rejected) VALUES ",
+            );
+            for (place, ((device_id, minute), (accepted, rejected))) in
+                self.minutes.iter().enumerate()
+            {
+                sql.push_str(if place == 0 { "(" } else { ",(" });
+                literal::text(sql, device_id);
+                sql.push(',');
+                literal::datetime(sql, *minute);
+                sql.push(',');
+                literal::integer(sql, *accepted);
+                sql.push(',');
+                literal::integer(sql, *rejected);
+                sql.push(')');
+            }
+            sql.push_str(MINUTES_MERGE);
+            sql.push(';');
+        }
+    }
+
     /// Merges the sightings into `devices`. Only ever moves times outwards (LEAST/GREATEST), so
     /// writing the same batch again changes nothing.
     async fn upsert(&self, connection: &mut sqlx::MySqlConnection) -> Result<()> {
@@ -864,16 +1032,7 @@ impl<'a> Sightings<'a> {
                     .push_bind(sighting.accepted)
                     .push_bind(sighting.rejected);
             });
-            // GREATEST is NULL when either side is: COALESCE keeps whichever time exists.
-            upsert.push(
-                " ON DUPLICATE KEY UPDATE \
-                 first_seen = LEAST(first_seen, VALUES(first_seen)), \
-                 last_seen = GREATEST(last_seen, VALUES(last_seen)), \
-                 last_accepted = COALESCE(GREATEST(last_accepted, VALUES(last_accepted)), \
-                     last_accepted, VALUES(last_accepted)), \
-                 last_rejected = COALESCE(GREATEST(last_rejected, VALUES(last_rejected)), \
-                     last_rejected, VALUES(last_rejected))",
-            );
+            upsert.push(DEVICES_MERGE);
             upsert
                 .build()
                 .persistent(false)
@@ -895,10 +1054,7 @@ impl<'a> Sightings<'a> {
                         .push_bind(*rejected);
                 },
             );
-            upsert.push(
-                " ON DUPLICATE KEY UPDATE accepted = accepted + VALUES(accepted), \
-                 rejected = rejected + VALUES(rejected)",
-            );
+            upsert.push(MINUTES_MERGE);
             upsert
                 .build()
                 .persistent(false)
@@ -910,7 +1066,7 @@ impl<'a> Sightings<'a> {
 }
 
 /// One record with its values converted for binding.
-struct Row<'a> {
+pub(crate) struct Row<'a> {
     record: &'a CleanedRecord,
     device_ts: chrono::NaiveDateTime,
     received_at: chrono::NaiveDateTime,
@@ -920,7 +1076,7 @@ struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
-    fn new(record: &'a CleanedRecord) -> Result<Self> {
+    pub(crate) fn new(record: &'a CleanedRecord) -> Result<Self> {
         Ok(Row {
             record,
             device_ts: utc_datetime(record.event.device_ts)?,
