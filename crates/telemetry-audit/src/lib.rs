@@ -122,8 +122,8 @@ pub struct AuditConfig {
     pub dlq_index_max_rows: u64,
 
     /// How long shutdown lets the batches in hand finish (database writes, produces) before
-    /// abandoning them to be redelivered, in seconds. Up to `--db-writers` plus three batches can
-    /// be in hand: one read, those being written, two waiting for or being produced.
+    /// abandoning them to be redelivered, in seconds. Up to `--db-writers` plus five batches can
+    /// be in hand: one read, those being written, two waiting to be produced, two being produced.
     #[arg(long, env = "TELEMETRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 

@@ -17,6 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 
 use crate::{instruments, Result};
@@ -61,6 +62,9 @@ struct Renewable {
     meters: Mutex<Vec<(String, ProduceMeters)>>,
     /// Why a mutex: producers run on several tasks; the instance is swapped rarely.
     current: Mutex<(Instance, Instant)>,
+    /// The message timeout (`message.timeout.ms`) and a minute more: by then librdkafka has
+    /// reported every record it was given, delivered or failed.
+    give_up_after: Duration,
 }
 
 /// A topic's produce metrics.
@@ -121,6 +125,8 @@ impl ProducerContext for Acknowledgements {
 pub struct Deliveries {
     batch: Arc<Batch>,
     started: Instant,
+    /// When to stop waiting for reports librdkafka should have sent by then.
+    give_up_after: Duration,
     /// The topics' meters, each with the first place in the batch it applies from.
     meters: Vec<(usize, ProduceMeters)>,
     count: usize,
@@ -130,11 +136,33 @@ impl Deliveries {
     /// The records that failed, by place in the batch (ascending), with their errors; empty when
     /// Kafka acknowledged them all.
     pub async fn wait(self) -> Vec<(usize, KafkaError)> {
+        let give_up = tokio::time::Instant::from_std(self.started + self.give_up_after);
+        let mut lost = false;
         while self.batch.remaining.load(Ordering::Acquire) > 0 {
             // `notify_one` keeps a permit when nobody waits yet: no report is missed.
-            self.batch.settled.notified().await;
+            if tokio::time::timeout_at(give_up, self.batch.settled.notified())
+                .await
+                .is_err()
+            {
+                lost = true;
+                break;
+            }
         }
         let mut failed = std::mem::take(&mut *lock(&self.batch.failed));
+        if lost {
+            // librdkafka reports every record within its message timeout while the instance
+            // lives; reports can only be lost when an instance is destroyed before it could
+            // send them (a renewal's purge outlasting its half second). Which of the others
+            // arrived is not kept, so every place counts as failed and is produced again: at
+            // least once, never lost.
+            tracing::warn!(
+                records = self.count,
+                "Kafka's delivery reports of a batch did not all arrive; producing the batch again."
+            );
+            failed = (0..self.count)
+                .map(|place| (place, KafkaError::Canceled))
+                .collect();
+        }
         failed.sort_unstable_by_key(|(index, _)| *index);
         // From handing the batch to librdkafka to its last acknowledgement (acks=all): batching,
         // compression, the network and replication; what Kafka adds to a record's latency.
@@ -166,12 +194,18 @@ impl RenewableProducer {
     /// for `service` (the label of its metrics).
     pub fn new(config: ClientConfig, service: &'static str) -> Result<Self> {
         let producer = config.create_with_context(Acknowledgements)?;
+        // librdkafka's default message timeout is 300 s.
+        let message_timeout_ms = config
+            .get("message.timeout.ms")
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(300_000);
         Ok(RenewableProducer {
             inner: Arc::new(Renewable {
                 config,
                 service,
                 meters: Mutex::new(Vec::new()),
                 current: Mutex::new((producer, Instant::now())),
+                give_up_after: Duration::from_millis(message_timeout_ms) + Duration::from_secs(60),
             }),
         })
     }
@@ -184,6 +218,14 @@ impl RenewableProducer {
     /// Reports a failed delivery. Replaces the instance when it has lived at least
     /// [`RENEW_AFTER`], so a broker outage renews it at most once per message timeout.
     pub fn delivery_failed(&self, error: &KafkaError) {
+        // librdkafka's queue is full: the instance is fine, only busy (renewing it would purge
+        // everything it holds).
+        if matches!(
+            error,
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+        ) {
+            return;
+        }
         let mut current = lock(&self.inner.current);
         if current.1.elapsed() < RENEW_AFTER {
             return;
@@ -244,6 +286,7 @@ impl RenewableProducer {
         Deliveries {
             batch,
             started: Instant::now(),
+            give_up_after: self.inner.give_up_after,
             meters,
             count,
         }

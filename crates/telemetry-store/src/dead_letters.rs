@@ -20,7 +20,9 @@ pub(crate) const MAX_TEXT_COLUMN_CHARS: usize = 255;
 pub(crate) const MAX_MESSAGE_CHARS: usize = 4_096;
 
 /// Rows per INSERT: payloads may be up to 64 KiB each, so far fewer rows than for events keep a
-/// statement under the server's packet limit (16 MiB by default).
+/// statement with bound values under the server's packet limit (16 MiB by default on MariaDB).
+/// A batch goes as text (one round trip) only when its payloads are small
+/// ([`crate::TEXT_TRANSACTION_BYTES`]).
 const DEAD_LETTERS_PER_STATEMENT: usize = 100;
 
 /// Most rows one pruning statement deletes, so pruning never holds long locks.
@@ -66,8 +68,16 @@ impl Store {
             .map(|letter| utc_datetime(letter.received_at))
             .collect::<Result<Vec<_>>>()?;
         let rows: Vec<_> = letters.iter().zip(received).collect();
+        // Hexadecimal doubles the payloads: large ones go with bound values at once.
+        let payload_bytes: usize = rows
+            .iter()
+            .map(|(letter, _)| letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES))
+            .sum();
         if rows.len() <= DEAD_LETTERS_PER_STATEMENT
-            && self.index_new_in_one_round_trip(&rows).await?
+            && payload_bytes * 2 < crate::TEXT_TRANSACTION_BYTES
+            && self
+                .index_new_in_one_round_trip(&rows, payload_bytes)
+                .await?
         {
             return Ok(());
         }
@@ -105,11 +115,11 @@ impl Store {
     /// Indexes `rows` and notes their devices in one transaction sent as one text statement (as
     /// the rows of a small batch, `Store::insert_events_into`). `false`, with nothing written,
     /// when one of them is indexed already or repeats: the caller then sorts them.
-    async fn index_new_in_one_round_trip(&self, rows: &[Letter<'_, '_>]) -> Result<bool> {
-        let payload_bytes: usize = rows
-            .iter()
-            .map(|(letter, _)| letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES))
-            .sum();
+    async fn index_new_in_one_round_trip(
+        &self,
+        rows: &[Letter<'_, '_>],
+        payload_bytes: usize,
+    ) -> Result<bool> {
         let mut sql = String::with_capacity(512 + rows.len() * 600 + payload_bytes * 2);
         sql.push_str(
             "START TRANSACTION;INSERT INTO dlq_events (source_topic, source_partition, \

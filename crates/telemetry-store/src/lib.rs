@@ -66,6 +66,11 @@ pub const DEFAULT_OWNER_URL: &str =
 /// Rows per INSERT statement: well under MySQL's 65,535 placeholders per statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// The longest transaction sent as one text query: literals spell values out (hexadecimal doubles
+/// bytes), and a server refuses a packet over its `max_allowed_packet` (4 MiB on MySQL 5.7, 16 MiB
+/// on MariaDB) by closing the connection. Longer ones go with bound values.
+const TEXT_TRANSACTION_BYTES: usize = 1024 * 1024;
+
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -256,7 +261,13 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect_with(options.timezone(Some(String::from("+00:00"))))
+            // sqlx logs a statement's whole text when it is slow (at WARN), and a small batch's
+            // statement holds its values (`insert_new_in_one_round_trip`): device ids,
+            // attributes, DLQ payloads, megabytes at a time, just when the database is
+            // struggling. Slow writes show in `db_write_duration_seconds` instead.
+            .connect_with(sqlx::ConnectOptions::disable_statement_logging(
+                options.timezone(Some(String::from("+00:00"))),
+            ))
             .await?;
         Ok(Store { pool })
     }
@@ -487,9 +498,14 @@ impl Store {
 
     /// Runs `sql`, a whole transaction as statements separated by `;` (`START TRANSACTION; ...;
     /// COMMIT`), as one text query: one network round trip. `false`, with the transaction rolled
-    /// back, when a statement met a stored key (MySQL error 1062): the caller then takes its
-    /// path that sorts new rows from stored ones. Any other failure is rolled back and returned.
+    /// back, when a statement met a stored key (MySQL error 1062), and without running it when it
+    /// is longer than [`TEXT_TRANSACTION_BYTES`]: the caller then takes its path with bound
+    /// values, which sorts new rows from stored ones. Any other failure is rolled back and
+    /// returned.
     pub(crate) async fn transaction_in_one_round_trip(&self, sql: &str) -> Result<bool> {
+        if sql.len() > TEXT_TRANSACTION_BYTES {
+            return Ok(false);
+        }
         let mut connection = self.pool.acquire().await?;
         // A plain string is sent as COM_QUERY, the text protocol; the server stops at the first
         // statement that fails.
