@@ -25,6 +25,11 @@ pub(crate) const MAX_MESSAGE_CHARS: usize = 4_096;
 /// ([`crate::TEXT_TRANSACTION_BYTES`]).
 const DEAD_LETTERS_PER_STATEMENT: usize = 100;
 
+/// The columns an index entry is written with, in the order both write paths give the values
+/// (bound, `insert_letters`; literals, `Store::index_new_in_one_round_trip`).
+const LETTER_COLUMNS: &str = "(source_topic, source_partition, source_offset, device_id, \
+     received_at, code, message, field, rule, contract_version, payload, payload_bytes)";
+
 /// Most rows one pruning statement deletes, so pruning never holds long locks.
 const PRUNE_BATCH: u64 = 10_000;
 
@@ -121,11 +126,9 @@ impl Store {
         payload_bytes: usize,
     ) -> Result<bool> {
         let mut sql = String::with_capacity(512 + rows.len() * 600 + payload_bytes * 2);
-        sql.push_str(
-            "START TRANSACTION;INSERT INTO dlq_events (source_topic, source_partition, \
-             source_offset, device_id, received_at, code, message, field, rule, \
-             contract_version, payload, payload_bytes) VALUES ",
-        );
+        sql.push_str("START TRANSACTION;INSERT INTO dlq_events ");
+        sql.push_str(LETTER_COLUMNS);
+        sql.push_str(" VALUES ");
         let mut sightings = Sightings::default();
         for (place, (letter, received_at)) in rows.iter().enumerate() {
             let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
@@ -252,10 +255,8 @@ async fn insert_letters(
     } else {
         "INSERT INTO dlq_events "
     });
-    insert.push(
-        "(source_topic, source_partition, source_offset, device_id, received_at, code, message, \
-         field, rule, contract_version, payload, payload_bytes) ",
-    );
+    insert.push(LETTER_COLUMNS);
+    insert.push(" ");
     insert.push_values(letters, |mut values, (letter, received_at)| {
         let kept = &letter.payload[..letter.payload.len().min(MAX_INDEXED_PAYLOAD_BYTES)];
         values

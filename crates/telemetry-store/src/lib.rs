@@ -63,6 +63,11 @@ pub const DEFAULT_READER_URL: &str =
 pub const DEFAULT_OWNER_URL: &str =
     "mysql://telemetry_owner:telemetry-owner@127.0.0.1:3306/telemetry";
 
+/// The columns an event's row is written with, in the order both write paths give the values
+/// (bound, `insert_rows`; literals, `push_insert_values`).
+const EVENT_COLUMNS: &str = "(device_id, device_ts, seq, seq_key, received_at, metrics, \
+     schema_version, attributes, quality, source_topic, source_partition, source_offset)";
+
 /// Rows per INSERT statement: well under MySQL's 65,535 placeholders per statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -793,11 +798,7 @@ async fn insert_rows(
     if rows.is_empty() {
         return Ok(());
     }
-    let mut insert = QueryBuilder::<MySql>::new(format!(
-        "INSERT INTO `{table}` (device_id, device_ts, seq, seq_key, received_at, metrics, \
-         schema_version, attributes, quality, \
-         source_topic, source_partition, source_offset) "
-    ));
+    let mut insert = QueryBuilder::<MySql>::new(format!("INSERT INTO `{table}` {EVENT_COLUMNS} "));
     insert.push_values(rows, |mut values, row| {
         let seq = row.record.event.seq;
         values
@@ -832,10 +833,9 @@ async fn insert_rows(
 fn push_insert_values(sql: &mut String, table: &Table, rows: &[Row<'_>]) {
     sql.push_str("INSERT INTO `");
     sql.push_str(table.name());
-    sql.push_str(
-        "` (device_id, device_ts, seq, seq_key, received_at, metrics, schema_version, \
-         attributes, quality, source_topic, source_partition, source_offset) VALUES ",
-    );
+    sql.push_str("` ");
+    sql.push_str(EVENT_COLUMNS);
+    sql.push_str(" VALUES ");
     for (place, row) in rows.iter().enumerate() {
         let event = &row.record.event;
         sql.push_str(if place == 0 { "(" } else { ",(" });
