@@ -17,7 +17,7 @@
 
 mod baseline;
 mod load;
-mod measure;
+pub mod measure;
 mod pipeline;
 
 use std::path::PathBuf;

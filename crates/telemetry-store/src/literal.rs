@@ -58,7 +58,33 @@ pub(crate) fn optional_text(sql: &mut String, value: Option<&str>) {
 /// A `DATETIME(3)` literal, `'YYYY-MM-DD hh:mm:ss.fff'` (years 0 to 9999, as the store keeps
 /// them).
 pub(crate) fn datetime(sql: &mut String, time: chrono::NaiveDateTime) {
-    let _ = write!(sql, "'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f"));
+    use chrono::{Datelike as _, Timelike as _};
+    // Written digit by digit: chrono's `format` parses its pattern for every value, which was 5%
+    // of the audit service's CPU at full rate (two times per row).
+    let Ok(year) = u32::try_from(time.year()) else {
+        let _ = write!(sql, "'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f"));
+        return;
+    };
+    let nanosecond = time.nanosecond();
+    sql.push('\'');
+    for (value, width, after) in [
+        (year, 4, '-'),
+        (time.month(), 2, '-'),
+        (time.day(), 2, ' '),
+        (time.hour(), 2, ':'),
+        (time.minute(), 2, ':'),
+        // A leap second (never made from milliseconds since the epoch) as chrono writes it.
+        (time.second() + nanosecond / 1_000_000_000, 2, '.'),
+        (nanosecond % 1_000_000_000 / 1_000_000, 3, '\''),
+    ] {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(value);
+        for _ in digits.len()..width {
+            sql.push('0');
+        }
+        sql.push_str(digits);
+        sql.push(after);
+    }
 }
 
 /// [`datetime`], or `NULL`.
@@ -105,5 +131,19 @@ mod tests {
         datetime(&mut time, at);
         optional_datetime(&mut time, None);
         assert_eq!(time, "'2025-11-24 16:00:00.123'NULL");
+        // Every digit padded, at both ends of the range the store keeps, as chrono writes them.
+        for (millis, written) in [
+            (-62_167_219_200_000, "'0000-01-01 00:00:00.000'"),
+            (253_402_300_799_999, "'9999-12-31 23:59:59.999'"),
+            (1_000_000_007, "'1970-01-12 13:46:40.007'"),
+        ] {
+            let at = chrono::DateTime::from_timestamp_millis(millis)
+                .map(|at| at.naive_utc())
+                .unwrap_or_default();
+            let mut time = String::new();
+            datetime(&mut time, at);
+            assert_eq!(time, written);
+            assert_eq!(time, format!("'{}'", at.format("%Y-%m-%d %H:%M:%S%.3f")));
+        }
     }
 }

@@ -61,6 +61,13 @@ pub struct UpArgs {
     /// Seconds between status lines.
     #[arg(long, default_value_t = 2)]
     status_every_seconds: u64,
+
+    /// Measure `up` instead of running it: the simulated devices (--simulate, at
+    /// --simulate-rate) publish for this many seconds, then `up` waits until the audit service
+    /// has written everything the bridge took, prints the rate end to end and the CPU time per
+    /// event of its own process and of the embedded Kafka broker, and stops.
+    #[arg(long, value_name = "SECONDS")]
+    bench_seconds: Option<f64>,
 }
 
 /// Consumer group of the audit service under `up`.
@@ -75,6 +82,12 @@ const DEFAULT_ALERT_RULES: &str = include_str!("../../../config/alerts.toml");
 
 /// Runs everything until `shutdown`, then stops it in order.
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(seconds) = args.bench_seconds {
+        anyhow::ensure!(
+            seconds.is_finite() && seconds > 0.0 && args.simulate > 0,
+            "--bench-seconds needs a positive number of seconds and simulated devices (--simulate N)"
+        );
+    }
     let ports = Ports::from_base(args.port_base).with_context(|| {
         format!(
             "--port-base {} leaves no room for the seven ports from it",
@@ -241,6 +254,10 @@ impl Kafka {
 
     fn log_path(&self) -> PathBuf {
         PathBuf::new()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
     }
 }
 
@@ -435,6 +452,7 @@ async fn run_services(
             simulate.devices = devices;
             simulate.rate = rate;
             simulate.client_id = String::from("telemetry-up-simulator");
+            simulate.duration_seconds = args.bench_seconds;
             Some(simulate)
         }
     };
@@ -486,6 +504,7 @@ async fn run_services(
         if let Some(mqtt) = mqtt.as_mut() {
             mqtt.open_to_devices();
         }
+        let bench = args.bench_seconds.map(|_| Bench::start(kafka.as_ref()));
         if let Some(simulate) = simulate {
             services.insert(
                 0,
@@ -502,16 +521,19 @@ async fn run_services(
             devices => println!("Simulating {devices} devices."),
         }
         println!("Ctrl-C stops everything.");
-        ended = Some(
-            watch(
-                &services,
-                &pipeline,
-                kafka,
-                args.status_every_seconds,
-                shutdown,
-            )
-            .await,
-        );
+        ended = Some(match bench {
+            Some(bench) => bench.run(&services, &pipeline, kafka, shutdown).await,
+            None => {
+                watch(
+                    &services,
+                    &pipeline,
+                    kafka,
+                    args.status_every_seconds,
+                    shutdown,
+                )
+                .await
+            }
+        });
     }
     let failure = match ended {
         Some(Ended::Failed(index)) => Some(services.remove(index).failure().await),
@@ -615,6 +637,115 @@ async fn wait_ready(
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `--bench-seconds`: what `up` measures of itself while the simulated devices publish.
+struct Bench {
+    started: Instant,
+    ticks: f64,
+    /// This process and the embedded Kafka broker's, with their CPU seconds at the start.
+    processes: Vec<(&'static str, u32, f64)>,
+}
+
+impl Bench {
+    /// Starts measuring (just before the simulated devices start).
+    fn start(kafka: Option<&Kafka>) -> Self {
+        use telemetry_bench::measure::{cpu_seconds, ticks_per_second};
+        let ticks = ticks_per_second();
+        let mut processes = vec![(
+            "up (every service, the MQTT broker and the simulated devices)",
+            std::process::id(),
+        )];
+        if let Some(pid) = kafka.and_then(Kafka::pid) {
+            processes.push(("embedded Kafka broker", pid));
+        }
+        let processes = processes
+            .into_iter()
+            .map(|(name, pid)| (name, pid, cpu_seconds(pid, ticks).unwrap_or(0.0)))
+            .collect();
+        Bench {
+            started: Instant::now(),
+            ticks,
+            processes,
+        }
+    }
+
+    /// Waits for the simulated devices (the first service) to finish, then for the audit service
+    /// to have written or sent to the DLQ everything the bridge produced; prints the figures.
+    async fn run(
+        self,
+        services: &[Running],
+        pipeline: &Pipeline,
+        kafka: &mut Option<Kafka>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        use telemetry_bench::measure::{cpu_seconds, peak_rss_mb};
+        let (devices, others) = services.split_at(1);
+        while !devices.iter().all(|device| device.task.is_finished()) {
+            if let Some(ended) = self.interrupted(others, kafka, shutdown) {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let published = self.started.elapsed();
+        settle(
+            || Progress::read(&pipeline.bridge.received),
+            Duration::from_secs(5),
+        )
+        .await;
+        let taken = Progress::read(&pipeline.bridge.received);
+        let done =
+            || Progress::read(&pipeline.audit.written) + Progress::read(&pipeline.audit.rejected);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while done() < taken && Instant::now() < deadline {
+            if let Some(ended) = self.interrupted(others, kafka, shutdown) {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let (written, rejected) = (
+            Progress::read(&pipeline.audit.written),
+            Progress::read(&pipeline.audit.rejected),
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let events = taken as f64;
+        println!(
+            "bench: the bridge took {taken} events in {:.2} s; the audit service wrote {written} and sent {rejected} to the DLQ{}",
+            published.as_secs_f64(),
+            if written + rejected < taken { " (not all within 300 s)" } else { "" }
+        );
+        println!(
+            "bench: end to end {:.0} events/s (first publish to last write, {elapsed:.2} s)",
+            events / elapsed.max(0.001)
+        );
+        for (name, pid, before) in &self.processes {
+            let used = cpu_seconds(*pid, self.ticks).map_or(0.0, |now| now - before);
+            println!(
+                "bench: {name}: {used:.2} CPU s, {:.1} µs per event, peak RSS {:.0} MB",
+                used * 1e6 / events.max(1.0),
+                peak_rss_mb(*pid).unwrap_or(0.0)
+            );
+        }
+        Ended::Signal
+    }
+
+    /// Why the bench cannot go on: a signal, a service or the Kafka broker that ended.
+    fn interrupted(
+        &self,
+        services: &[Running],
+        kafka: &mut Option<Kafka>,
+        shutdown: &CancellationToken,
+    ) -> Option<Ended> {
+        if shutdown.is_cancelled() {
+            return Some(Ended::Signal);
+        }
+        // Indexes in `services` are one less than in the whole list (the devices come first).
+        match something_ended(services, kafka) {
+            Some(Ended::Failed(index)) => Some(Ended::Failed(index + 1)),
+            other => other,
+        }
     }
 }
 

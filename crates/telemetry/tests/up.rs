@@ -550,3 +550,82 @@ async fn up_runs_against_the_real_services_when_given() {
     );
     assert_eq!(rows().await, 5);
 }
+
+/// The number after `before` in `text` (e.g. "took 41 events" after "took ").
+fn number_after(text: &str, before: &str) -> u64 {
+    let (_, rest) = text
+        .split_once(before)
+        .unwrap_or_else(|| panic!("`{before}` in the bench's output:\n{text}"));
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_bench_measures_itself_stops_by_itself_and_counts_what_the_store_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base();
+    let mut command = up(base, dir.path(), 5);
+    command.args(["--bench-seconds", "2"]);
+    let output = tokio::time::timeout(Duration::from_secs(180), command.output())
+        .await
+        .expect("`up --bench-seconds 2` ends by itself")
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "`up` exits 0 after its bench:\n{text}"
+    );
+
+    let taken = number_after(&text, "the bridge took ");
+    let written = number_after(&text, "the audit service wrote ");
+    let rejected = number_after(&text, " and sent ");
+    // 5 devices at 20 events/s for 2 s, a few of them malformed.
+    assert!(
+        taken >= 20,
+        "the simulated devices published for 2 s:\n{text}"
+    );
+    assert!(
+        written + rejected >= taken,
+        "the bench waited for everything the bridge took:\n{text}"
+    );
+    assert!(!text.contains("not all within"), "{text}");
+    for figure in ["events/s", "µs per event", "embedded Kafka broker"] {
+        assert!(
+            text.contains(figure),
+            "the bench reports `{figure}`:\n{text}"
+        );
+    }
+
+    // What it counted is what the store holds: the DLQ index has every rejected record, and the
+    // table every accepted one (a duplicate the simulator sends is accepted, stored once).
+    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+    let store = telemetry_store::open_reader(&url, 1).await.unwrap();
+    assert_eq!(store.count_dead_letters().await.unwrap(), rejected);
+    let rows = store.count_events().await.unwrap();
+    assert!(
+        rows > 0 && rows <= written,
+        "{rows} rows, {written} written"
+    );
+}
+
+#[tokio::test]
+async fn a_bench_without_simulated_devices_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base();
+    let mut command = up(base, dir.path(), 0);
+    command
+        .args(["--bench-seconds", "2"])
+        .stderr(Stdio::piped());
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("refused at once")
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("--bench-seconds needs") && error.contains("--simulate N"),
+        "{error}"
+    );
+    // Nothing was started: no Kafka log in the data directory.
+    assert!(!dir.path().join("kafka").exists());
+}
