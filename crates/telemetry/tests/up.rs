@@ -87,6 +87,14 @@ async fn start_command(mut command: Command, base: u16) -> (Child, Vec<String>) 
     (child, before)
 }
 
+/// Runs `command` (an `up` that ends by itself) to its end, at most `limit`; its output.
+async fn run_to_end(mut command: Command, limit: Duration) -> std::process::Output {
+    tokio::time::timeout(limit, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("`up` ends by itself within {limit:?}"))
+        .unwrap()
+}
+
 /// SIGINT, as Ctrl-C sends; `up` must exit 0 within 30 s.
 async fn interrupt(mut child: Child) {
     let pid = child.id().unwrap().to_string();
@@ -468,10 +476,7 @@ async fn a_missing_rules_file_the_user_named_stops_up_with_its_name() {
     command
         .env("TELEMETRY_ALERT_RULES", &missing)
         .stderr(Stdio::piped());
-    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("`up` stops by itself")
-        .unwrap();
+    let output = run_to_end(command, Duration::from_secs(120)).await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("my-rules.toml"), "{stderr}");
@@ -566,10 +571,7 @@ async fn up_bench_measures_itself_stops_by_itself_and_counts_what_the_store_hold
     let base = free_base();
     let mut command = up(base, dir.path(), 5);
     command.args(["--bench-seconds", "2"]);
-    let output = tokio::time::timeout(Duration::from_secs(180), command.output())
-        .await
-        .expect("`up --bench-seconds 2` ends by itself")
-        .unwrap();
+    let output = run_to_end(command, Duration::from_secs(180)).await;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -616,10 +618,7 @@ async fn a_bench_without_simulated_devices_is_refused_before_anything_starts() {
     command
         .args(["--bench-seconds", "2"])
         .stderr(Stdio::piped());
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("refused at once")
-        .unwrap();
+    let output = run_to_end(command, Duration::from_secs(30)).await;
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(
