@@ -88,6 +88,13 @@ pub struct BridgeConfig {
     )]
     pub mqtt_client_id: String,
 
+    /// Shared subscription group: several bridges with the same group share the subscription
+    /// (`$share/<group>/<filter>`), each message going to one of them, instead of each bridge
+    /// receiving every message. Each bridge keeps its own client id and persistent session.
+    /// Default: none (this bridge receives every message of the filter).
+    #[arg(long, env = "TELEMETRY_MQTT_SHARE_GROUP", value_parser = share_group)]
+    pub mqtt_share_group: Option<String>,
+
     /// Value of the `bridge.id` header on every raw record.
     #[arg(long, env = "TELEMETRY_BRIDGE_ID", default_value = "telemetry-bridge")]
     pub bridge_id: String,
@@ -225,6 +232,27 @@ pub struct Bridge {
     progress: std::sync::Arc<telemetry_metrics::Progress>,
 }
 
+/// A shared subscription's group name as MQTT takes it: not empty, without `/`, `+` or `#`
+/// (MQTT 5.0, 4.8.2).
+fn share_group(value: &str) -> std::result::Result<String, String> {
+    if value.is_empty() || value.contains(['/', '+', '#']) {
+        Err("a shared subscription group is a non-empty name without `/`, `+` or `#`".to_string())
+    } else {
+        Ok(value.to_string())
+    }
+}
+
+impl BridgeConfig {
+    /// What the bridge subscribes to: the topic filter, or with a share group
+    /// `$share/<group>/<filter>`.
+    pub fn subscription(&self) -> String {
+        match &self.mqtt_share_group {
+            Some(group) => format!("$share/{group}/{}", self.mqtt_topic),
+            None => self.mqtt_topic.clone(),
+        }
+    }
+}
+
 impl Bridge {
     /// Checks the configuration and binds the HTTP listener.
     pub async fn bind(config: BridgeConfig) -> Result<Self> {
@@ -303,6 +331,7 @@ impl Bridge {
         tracing::info!(
             mqtt_url = %config.mqtt.redacted_url(),
             mqtt_topic = %config.mqtt_topic,
+            mqtt_share_group = config.mqtt_share_group.as_deref().unwrap_or("(none)"),
             raw_topic = %config.kafka.raw_topic,
             listen = %config.listen,
             "Bridge started."
@@ -332,4 +361,17 @@ impl Bridge {
 /// Binds and runs a bridge until `shutdown` is cancelled.
 pub async fn run(config: BridgeConfig, shutdown: CancellationToken) -> Result<()> {
     Bridge::bind(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_group_is_a_name_without_topic_separators_or_wildcards() {
+        assert_eq!(share_group("bridges-1").as_deref(), Ok("bridges-1"));
+        for bad in ["", "a/b", "fleet+", "#"] {
+            assert!(share_group(bad).is_err(), "{bad:?} was taken");
+        }
+    }
 }

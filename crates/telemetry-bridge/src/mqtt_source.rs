@@ -233,6 +233,7 @@ pub(crate) fn start(
         Session {
             options,
             filter: config.mqtt_topic.clone(),
+            subscription: config.subscription(),
             sender,
             acks: ack_receiver,
             generation: generation.clone(),
@@ -277,7 +278,10 @@ enum SessionError {
 
 struct Session {
     options: MqttOptions,
+    /// The topic filter: where in a topic the device id is.
     filter: String,
+    /// What is subscribed: the filter, or `$share/<group>/<filter>`.
+    subscription: String,
     sender: mpsc::UnboundedSender<Message>,
     acks: mpsc::UnboundedReceiver<Ack>,
     generation: Arc<AtomicU64>,
@@ -386,7 +390,7 @@ impl Session {
         mut reader: Reader,
         mut writer: Writer,
     ) -> Result<Ended, SessionError> {
-        let mut subscribe = Subscribe::new(self.filter.as_str(), QoS::AtLeastOnce);
+        let mut subscribe = Subscribe::new(self.subscription.as_str(), QoS::AtLeastOnce);
         subscribe.pkid = 1;
         writer.send(&Packet::Subscribe(subscribe)).await?;
         let generation = self.generation.load(Ordering::Acquire);
@@ -465,10 +469,10 @@ impl Session {
             .iter()
             .any(|code| matches!(code, SubscribeReasonCode::Failure));
         if refused {
-            tracing::error!(filter = %self.filter, "The MQTT broker refused the subscription.");
+            tracing::error!(filter = %self.subscription, "The MQTT broker refused the subscription.");
         } else {
             self.readiness.set(MQTT_SUBSCRIBED, true);
-            tracing::info!(filter = %self.filter, "Subscribed to MQTT telemetry.");
+            tracing::info!(filter = %self.subscription, "Subscribed to MQTT telemetry.");
         }
     }
 

@@ -8,14 +8,18 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::reachability::{Reachability, STATISTICS_INTERVAL_MS};
 use crate::{KafkaConfig, Result};
 
 /// Wait after a consumer error before reading again, so a broker outage does not spin.
@@ -43,18 +47,29 @@ const PREFETCH_KIB: &str = "16384";
 const FETCH_MAX_BYTES: &str = "8388608";
 
 /// Commits stored offsets before partitions move to another instance, logs assignments, and
-/// keeps the lag of each fetched partition from librdkafka's statistics (every 5 s unless the
+/// keeps the lag of each fetched partition from librdkafka's statistics (every second unless the
 /// caller sets `statistics.interval.ms`), also as the `kafka_consumer_lag` gauge.
 struct RebalanceLogger {
     /// The consumer group, for the `kafka_consumer_lag` gauge.
     group: String,
+    /// Whether the consumer reaches its brokers: one line per outage, not one per attempt.
+    reachability: Reachability,
     /// (topic, partition) → records between what this member processed (or, before it stored an
     /// offset, what the group committed) and the end of the partition; -1 when not known.
     lag: std::sync::Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl ClientContext for RebalanceLogger {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.reachability.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.reachability.error(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
+        self.reachability.statistics(&statistics);
         let mut lag = HashMap::new();
         for (topic, partitions) in statistics.topics {
             for (partition, state) in partitions.partitions {
@@ -88,6 +103,16 @@ impl ClientContext for RebalanceLogger {
 impl ConsumerContext for RebalanceLogger {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
+            // Lost, not revoked (the session timed out, e.g. during a Kafka outage): the group
+            // has moved on without this member, and a commit in its old generation can only be
+            // refused; the next owner resumes from the last commit that went through.
+            if consumer.assignment_lost() {
+                tracing::info!(
+                    partitions = partitions.count(),
+                    "Kafka partitions lost (the group session timed out); rejoining."
+                );
+                return;
+            }
             // The next owner resumes from the last durable batch, not from an older commit.
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(%error, "No offsets to commit before the rebalance.");
@@ -130,11 +155,16 @@ impl BatchConsumer {
             ("enable.auto.offset.store", "false"),
             ("auto.commit.interval.ms", "1000"),
             // A killed instance's partitions move to the others after this long (librdkafka's
-            // default, 45 s, stalls them that long).
-            ("session.timeout.ms", "10000"),
+            // default, 45 s, stalls them that long). It also bounds the catch-up after a Kafka
+            // outage longer than the session: the rejoin waits for the old membership, which the
+            // restarted broker reloaded, to expire (docs/architecture.md, "Recovery after a
+            // Kafka outage"). 6 s is the brokers' default lower bound
+            // (`group.min.session.timeout.ms`); three heartbeats fit in it.
+            ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "2000"),
-            // Lag per partition (the `kafka_consumer_lag` gauge, `is_caught_up`).
-            ("statistics.interval.ms", "5000"),
+            // Lag per partition (the `kafka_consumer_lag` gauge, `is_caught_up`), and whether a
+            // broker is reachable again after an outage.
+            ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
             ("queued.max.messages.kbytes", PREFETCH_KIB),
             ("fetch.max.bytes", FETCH_MAX_BYTES),
         ];
@@ -143,6 +173,7 @@ impl BatchConsumer {
             .client_config(&settings)?
             .create_with_context(RebalanceLogger {
                 group: group_id.to_string(),
+                reachability: Reachability::new("consumer", group_id),
                 lag: std::sync::Mutex::default(),
             })?;
         consumer.subscribe(topics)?;
@@ -216,10 +247,7 @@ impl BatchConsumer {
                     batch.push(message);
                     break;
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "Reading from Kafka failed; retrying.");
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                }
+                Err(error) => self.read_failed(&error).await,
             }
         }
         // Then whatever is already waiting: the batch closes as soon as the input goes idle (at
@@ -247,7 +275,7 @@ impl BatchConsumer {
                     batch.push(message);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "Reading from Kafka failed; handling the batch so far.");
+                    self.read_failed(&error).await;
                     break;
                 }
             }
@@ -256,6 +284,32 @@ impl BatchConsumer {
             }
         }
         Some(batch)
+    }
+
+    /// A read returned an error instead of a record. librdkafka queues one such error per failed
+    /// connection attempt while the brokers are down, and this consumer reads them in order,
+    /// ahead of the rebalances and records queued behind them: those about reaching the brokers
+    /// (the context has counted them: one line per outage) are passed over at once. Pausing on
+    /// each, as this did before, made the consumer work through a minute of stale errors after a
+    /// 30 s outage before it took its partitions back (docs/architecture.md, "Recovery after a
+    /// Kafka outage"). Any other error is logged and read past after a pause.
+    async fn read_failed(&self, error: &KafkaError) {
+        if let KafkaError::MessageConsumption(code) = error {
+            if matches!(
+                code,
+                RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure
+            ) {
+                return;
+            }
+        }
+        if let KafkaError::MessageConsumptionFatal(code) = error {
+            // E.g. `FencedInstanceId` with static membership (`group.instance.id` given as a
+            // `--kafka-option`; docs/architecture.md, "Recovery after a Kafka outage").
+            tracing::error!(%error, ?code, "Kafka refused this consumer for good; it reads nothing more until restarted.");
+        } else {
+            tracing::warn!(%error, "Reading from Kafka failed; reading on.");
+        }
+        tokio::time::sleep(ERROR_PAUSE).await;
     }
 
     /// Marks every record of `batch` as done: the next commit resumes after them.

@@ -13,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 
+use crate::reachability::{Reachability, STATISTICS_INTERVAL_MS};
 use crate::{instruments, Result};
 
 /// Shortest life of a producer instance before a failure may replace it: the message timeout, so
@@ -57,6 +59,8 @@ struct Renewable {
     config: ClientConfig,
     /// The `service` label of the produce metrics.
     service: &'static str,
+    /// Whether the brokers are reachable, across the instances.
+    reachability: Arc<Reachability>,
     /// The produce metrics' handles by topic, registered once per topic rather than looked up
     /// (labels hashed, topic name copied) for every record. A service produces to a few topics.
     meters: Mutex<Vec<(String, ProduceMeters)>>,
@@ -102,10 +106,25 @@ impl Batch {
     }
 }
 
-/// The producer context: counts each delivery report off its batch.
-struct Acknowledgements;
+/// The producer context: counts each delivery report off its batch, and says once per outage
+/// that the brokers are unreachable (shared by the instances a producer is renewed with).
+struct Acknowledgements {
+    reachability: Arc<Reachability>,
+}
 
-impl ClientContext for Acknowledgements {}
+impl ClientContext for Acknowledgements {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.reachability.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.reachability.error(&error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        self.reachability.statistics(&statistics);
+    }
+}
 
 impl ProducerContext for Acknowledgements {
     type DeliveryOpaque = Box<Ticket>;
@@ -192,8 +211,15 @@ impl Deliveries {
 impl RenewableProducer {
     /// Creates the first instance from `config` (see [`crate::KafkaConfig::producer_config`]),
     /// for `service` (the label of its metrics).
-    pub fn new(config: ClientConfig, service: &'static str) -> Result<Self> {
-        let producer = config.create_with_context(Acknowledgements)?;
+    pub fn new(mut config: ClientConfig, service: &'static str) -> Result<Self> {
+        // Whether a broker answers again after an outage (the reachability's "back" line).
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        }
+        let reachability = Arc::new(Reachability::new("producer", service));
+        let producer = config.create_with_context(Acknowledgements {
+            reachability: reachability.clone(),
+        })?;
         // librdkafka's default message timeout is 300 s.
         let message_timeout_ms = config
             .get("message.timeout.ms")
@@ -203,6 +229,7 @@ impl RenewableProducer {
             inner: Arc::new(Renewable {
                 config,
                 service,
+                reachability,
                 meters: Mutex::new(Vec::new()),
                 current: Mutex::new((producer, Instant::now())),
                 give_up_after: Duration::from_millis(message_timeout_ms) + Duration::from_secs(60),
@@ -230,7 +257,9 @@ impl RenewableProducer {
         if current.1.elapsed() < RENEW_AFTER {
             return;
         }
-        match self.inner.config.create_with_context(Acknowledgements) {
+        match self.inner.config.create_with_context(Acknowledgements {
+            reachability: self.inner.reachability.clone(),
+        }) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *current, (fresh, Instant::now())).0;
                 drop(current);

@@ -223,20 +223,58 @@ pub async fn publish_qos1_to(
     per_second: Option<u32>,
     acknowledged: &AtomicUsize,
 ) {
+    publish_qos1_with(
+        options_for(url, client_id),
+        messages,
+        per_second,
+        acknowledged,
+    )
+    .await;
+}
+
+/// Client options for the broker at `url` (`mqtt://[user:password@]host[:port]`).
+fn options_for(url: &str, client_id: &str) -> MqttOptions {
     let (credentials, host, port) = url_parts(url);
     let mut options = MqttOptions::new(client_id, host, port);
     if let Some((user, password)) = credentials {
         options.set_credentials(user, password);
     }
-    publish_qos1_with(options, messages, per_second, acknowledged).await;
+    options
+}
+
+/// As [`publish_qos1_to`], but as a device that outlives a broker restart: a persistent
+/// session (`clean_session = false`), and on a lost connection it reconnects and sends again what
+/// the broker had not acknowledged, as MQTT clients on devices do.
+pub async fn publish_qos1_through_restarts(
+    url: &str,
+    client_id: &str,
+    messages: &[(String, Vec<u8>)],
+    per_second: Option<u32>,
+    acknowledged: &AtomicUsize,
+) {
+    let mut options = options_for(url, client_id);
+    options.set_clean_session(false);
+    publish(options, messages, per_second, acknowledged, true).await;
 }
 
 /// [`publish_qos1_to`] with the client options made by the caller (TLS, credentials).
 pub async fn publish_qos1_with(
+    options: MqttOptions,
+    messages: &[(String, Vec<u8>)],
+    per_second: Option<u32>,
+    acknowledged: &AtomicUsize,
+) {
+    publish(options, messages, per_second, acknowledged, false).await;
+}
+
+/// Publishes `messages` with QoS 1; a lost connection is reconnected when `reconnect`, a failure
+/// otherwise (rumqttc sends the unacknowledged publishes again after reconnecting).
+async fn publish(
     mut options: MqttOptions,
     messages: &[(String, Vec<u8>)],
     per_second: Option<u32>,
     acknowledged: &AtomicUsize,
+    reconnect: bool,
 ) {
     options
         .set_keep_alive(Duration::from_secs(30))
@@ -253,6 +291,7 @@ pub async fn publish_qos1_with(
                     acknowledged.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(_) => {}
+                Err(_) if reconnect => tokio::time::sleep(Duration::from_millis(200)).await,
                 Err(error) => panic!("test MQTT publisher: {error}"),
             }
         }

@@ -32,6 +32,7 @@ pub fn bridge_config(id: &str, kafka: &KafkaConfig) -> telemetry_bridge::BridgeC
         mqtt: telemetry_bridge::MqttConnectionConfig::new(telemetry_testkit::mqtt_url()),
         mqtt_topic: format!("{id}/devices/+/telemetry"),
         mqtt_client_id: format!("{id}-bridge"),
+        mqtt_share_group: None,
         bridge_id: format!("{id}-bridge"),
         listen: "127.0.0.1:0".to_string(),
         ws_allowed_origins: vec!["http://127.0.0.1:8082".to_string()],
