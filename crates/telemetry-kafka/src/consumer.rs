@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::reachability::{Reachability, STATISTICS_INTERVAL_MS};
 use crate::{KafkaConfig, Result};
 
-/// Wait after a consumer error before reading again, so a broker outage does not spin.
+/// Wait after a consumer error (other than the brokers being unreachable, see
+/// [`BatchConsumer::read_failed`]) before waiting for a first record again.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
 /// A consumer-group member reading in batches; see the module documentation.
@@ -247,7 +248,11 @@ impl BatchConsumer {
                     batch.push(message);
                     break;
                 }
-                Err(error) => self.read_failed(&error).await,
+                Err(error) => {
+                    if self.read_failed(&error) {
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
+                }
             }
         }
         // Then whatever is already waiting: the batch closes as soon as the input goes idle (at
@@ -275,7 +280,8 @@ impl BatchConsumer {
                     batch.push(message);
                 }
                 Err(error) => {
-                    self.read_failed(&error).await;
+                    // The batch so far is handled at once, as before.
+                    self.read_failed(&error);
                     break;
                 }
             }
@@ -292,14 +298,15 @@ impl BatchConsumer {
     /// (the context has counted them: one line per outage) are passed over at once. Pausing on
     /// each, as this did before, made the consumer work through a minute of stale errors after a
     /// 30 s outage before it took its partitions back (docs/architecture.md, "Recovery after a
-    /// Kafka outage"). Any other error is logged and read past after a pause.
-    async fn read_failed(&self, error: &KafkaError) {
+    /// Kafka outage"). Any other error is logged; whether it is worth a pause before reading
+    /// on.
+    fn read_failed(&self, error: &KafkaError) -> bool {
         if let KafkaError::MessageConsumption(code) = error {
             if matches!(
                 code,
                 RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure
             ) {
-                return;
+                return false;
             }
         }
         if let KafkaError::MessageConsumptionFatal(code) = error {
@@ -309,7 +316,7 @@ impl BatchConsumer {
         } else {
             tracing::warn!(%error, "Reading from Kafka failed; reading on.");
         }
-        tokio::time::sleep(ERROR_PAUSE).await;
+        true
     }
 
     /// Marks every record of `batch` as done: the next commit resumes after them.
